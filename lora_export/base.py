@@ -1,0 +1,99 @@
+"""The base model: checks on its directory, and loading it as fp32 or as the 4-bit NF4 model QLoRA trains on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import BadInput, Problem, raise_if
+
+
+@dataclass(frozen=True)
+class Nf4Settings:
+    """How the base was quantized for QLoRA; the exporter reproduces exactly this to merge faithfully."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: str = "float32"
+    quant_storage: str = "uint8"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_base(base_dir: str | Path) -> Path:
+    """Return the base directory after checking it holds a config, safetensors weights and a tokenizer."""
+    base = Path(base_dir)
+    if not base.is_dir():
+        raise BadInput.one(str(base), "base model directory not found", "pass a Hugging Face model directory with --base")
+    problems: list[Problem] = []
+    cfg = base / "config.json"
+    if not cfg.is_file():
+        problems.append(Problem(str(base), "no config.json", "save the model with save_pretrained() into this directory"))
+    else:
+        try:
+            json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            problems.append(Problem(str(cfg), f"not valid JSON ({e})", "restore the model's config.json"))
+    if not list(base.glob("*.safetensors")):
+        hint = " (only pickle .bin files: convert them to safetensors)" if list(base.glob("*.bin")) else ""
+        problems.append(Problem(str(base), f"no .safetensors weight files{hint}",
+                                "save the model with save_pretrained(safe_serialization=True)"))
+    if not (base / "tokenizer.json").is_file() and not (base / "tokenizer_config.json").is_file():
+        problems.append(Problem(str(base), "no tokenizer files", "save the tokenizer with tokenizer.save_pretrained() here"))
+    raise_if(problems)
+    return base
+
+
+def load_tokenizer(base_dir: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_fp32(base_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, trust_remote_code=False,
+                                                use_safetensors=True).eval()
+
+
+def bnb_config(nf4: Nf4Settings):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=nf4.quant_type,
+        bnb_4bit_use_double_quant=nf4.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, nf4.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, nf4.quant_storage),
+    )
+
+
+def load_nf4(base_dir: Path, nf4: Nf4Settings):
+    """The base as QLoRA sees it: every linear layer but the output head in 4-bit NF4 via bitsandbytes.
+
+    transformers exposes no block-size option, so only bitsandbytes' default (64) is accepted for now.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if nf4.blocksize != 64:
+        raise BadInput.one("nf4.blocksize", f"block size {nf4.blocksize} is not supported yet", "use 64")
+    return AutoModelForCausalLM.from_pretrained(
+        str(base_dir), quantization_config=bnb_config(nf4), dtype=torch.float32, device_map="cpu",
+        trust_remote_code=False, use_safetensors=True,
+    ).eval()
+
+
+def quantized_module_names(model) -> list[str]:
+    import bitsandbytes as bnb
+
+    return [name for name, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)]

@@ -1,0 +1,8 @@
+"""ONNX graph backends, registered by name. A target names one in ``backend``."""
+
+from .backend import Backend
+from .genai_builder import GENAI_BUILDER
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (GENAI_BUILDER,)}
+
+__all__ = ["BACKENDS", "Backend"]

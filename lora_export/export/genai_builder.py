@@ -1,0 +1,66 @@
+"""Fused fast-path backend: onnxruntime-genai's model builder run on the merged checkpoint.
+
+The builder emits the graph ONNX Runtime runs fastest (GroupQueryAttention, SkipSimplifiedLayerNorm,
+MatMulNBits for int4) plus ``genai_config.json``, so the export loads both in a plain InferenceSession
+and in onnxruntime-genai. We run it as a subprocess: its import path hack and its console output stay
+out of our process, and its log is kept beside the export.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import BadInput, LoraExportError
+from ..quantize import SCHEMES
+from .backend import Backend
+
+ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    "Phi3ForCausalLM", "GemmaForCausalLM",
+)
+PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
+
+
+class BuildFailed(LoraExportError):
+    pass
+
+
+def build(checkpoint: Path, out_dir: Path, target, log_path: Path) -> None:
+    arch = json.loads((checkpoint / "config.json").read_text()).get("architectures", ["?"])[0]
+    if arch not in ARCHITECTURES:
+        raise BadInput.one(str(checkpoint / "config.json"), f"architecture {arch} is not supported by the "
+                           f"genai-builder backend", f"use a model of one of: {', '.join(ARCHITECTURES)}")
+    if target.execution_provider not in PROVIDERS:
+        raise BadInput.one(target.source, f"execution provider {target.execution_provider} is not supported by "
+                           "the genai-builder backend", f"use one of {', '.join(PROVIDERS)}")
+    scheme = SCHEMES[target.quantization.scheme]
+    options = {"hf_remote": "false", **scheme.builder_options(target.quantization)}
+    cmd = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-i", str(checkpoint), "-o", str(out_dir),
+        "-p", scheme.builder_precision(target.quantization, target.precision),
+        "-e", PROVIDERS[target.execution_provider],
+        "-c", str(out_dir.parent / (out_dir.name + ".cache")),
+        "--extra_options", *[f"{k}={v}" for k, v in options.items()],
+    ]
+    with open(log_path, "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    _rmtree(out_dir.parent / (out_dir.name + ".cache"))
+    if proc.returncode != 0 or not (out_dir / "model.onnx").is_file():
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:])
+        raise BuildFailed(f"the onnxruntime-genai builder failed (exit {proc.returncode}); last lines of "
+                          f"{log_path}:\n{tail}")
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+GENAI_BUILDER = Backend(name="genai-builder", architectures=ARCHITECTURES, build=build)

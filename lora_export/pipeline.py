@@ -1,0 +1,183 @@
+"""The recipe. Each stage is one visible call, in order: check inputs, merge, build the graph, validate.
+
+    lora-export export  -> export()     base + adapter -> merged fp32 -> ONNX (target precision) -> parity
+    lora-export validate -> validate()  an export dir against the adapted model as it was trained
+    lora-export bench   -> bench()      the merged export against the base export, interleaved
+
+Every output directory is written as a temporary sibling and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import bench as latency
+from . import parity
+from .adapters import load_adapter
+from .base import check_base, load_tokenizer
+from .data import load_jsonl
+from .errors import BadInput
+from .export import BACKENDS
+from .fingerprint import sha256_file
+from .merge import default_merge_base, merge
+from .reference import load_adapted
+from .runtime import OrtCausalLM, TorchCausalLM
+from .targets import load_target, parse_target
+from .tasks import encode_prompt
+from .versions import package_versions
+
+EMBEDDED = Path(__file__).resolve().parent / "embedded"
+MANIFEST = "export_manifest.json"
+PARITY_PROMPTS = 8
+PARITY_STEPS = 16
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    base: Path
+    adapter: Path
+    target: str
+    out: Path
+    merge_base: str | None = None  # None: nf4 for a QLoRA adapter, else original
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    merge_base: str
+    parity: parity.ParityReport
+
+
+def check_new_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput.one(str(out), "output directory exists and is not empty",
+                           "choose a new --out directory, or remove this one")
+
+
+@contextmanager
+def staged(out: Path):
+    """Yield a temporary sibling of ``out``; rename it to ``out`` only if the block completes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # checked empty before the work started
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export(req: ExportRequest, progress=_quiet) -> ExportResult:
+    target = load_target(req.target)
+    base = check_base(req.base)
+    adapter = load_adapter(req.adapter, base)
+    out = Path(req.out)
+    check_new_output(out)
+    merge_base = req.merge_base or default_merge_base(adapter)
+    with staged(out) as tmp, tempfile.TemporaryDirectory(prefix=f".{out.name}.merged-", dir=out.parent) as work:
+        progress(f"merging {len(adapter.targeted)} modules in fp32 into the {merge_base} base")
+        merged = merge(base, adapter, Path(work) / "checkpoint", merge_base)
+        progress(f"building the ONNX graph with {target.backend} ({target.precision}, "
+                 f"weights {target.quantization.scheme})")
+        BACKENDS[target.backend].build(merged.checkpoint, tmp, target, tmp / "build.log")
+        manifest = {
+            "schema_version": 1,
+            "base": {"path": str(base.resolve()), "files_sha256": {p.name: sha256_file(p) for p in
+                                                                   sorted(base.glob("*.safetensors"))}},
+            "adapter": {"path": str(adapter.path.resolve()),
+                        "adapter_model_sha256": sha256_file(adapter.path / "adapter_model.safetensors")},
+            "target": _target_data(req.target),
+            "merge_base": merge_base,
+            "merged_modules": len(merged.changed),
+            "max_abs_weight_change": merged.max_abs_delta,
+            "versions": package_versions(),
+        }
+        _write_manifest(tmp, manifest)
+        progress("validating parity against the adapted model as trained")
+        report = validate(tmp)
+        manifest["parity"] = {"passed": report.passed, "failures": [str(c) for c in report.failures],
+                              **{k: getattr(report.metrics, k) for k in ("max_abs_diff", "mean_kl", "top1_agreement",
+                                                                          "greedy_match")}}
+        _write_manifest(tmp, manifest)
+    return ExportResult(out=out, merge_base=merge_base, parity=report)
+
+
+def _target_data(name_or_path: str) -> dict:
+    """The target's TOML table, stored in the manifest so that validate and bench apply the same one."""
+    from .targets import tomllib
+
+    return tomllib.loads(Path(load_target(name_or_path).source).read_text())
+
+
+def _write_manifest(export_dir: Path, manifest: dict) -> None:
+    tmp = export_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(export_dir / MANIFEST)
+
+
+def read_manifest(export_dir: Path) -> dict:
+    path = Path(export_dir) / MANIFEST
+    if not path.is_file():
+        raise BadInput.one(str(export_dir), f"no {MANIFEST}: not an export directory",
+                           "pass a directory written by `lora-export export`")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadInput.one(str(path), f"not valid JSON ({e})", "re-export the model") from None
+
+
+def parity_prompts(tok, n: int = PARITY_PROMPTS) -> list[list[int]]:
+    examples = load_jsonl(EMBEDDED / "demo" / "eval.jsonl").examples[:n]
+    return [encode_prompt(tok, ex.prompt) for ex in examples]
+
+
+def validate(export_dir: Path, report_json: Path | None = None, junit: Path | None = None,
+             progress=_quiet) -> parity.ParityReport:
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
+    base = check_base(manifest["base"]["path"])
+    adapter = load_adapter(manifest["adapter"]["path"], base)
+    tok = load_tokenizer(base)
+    reference = TorchCausalLM(load_adapted(base, adapter))
+    candidate = OrtCausalLM(export_dir, target.execution_provider)
+    progress(f"comparing {PARITY_PROMPTS} prompts x {PARITY_STEPS} decode steps")
+    metrics = parity.measure(reference, candidate, parity_prompts(tok), PARITY_STEPS)
+    ref_name = "4-bit base + adapter (PyTorch)" if adapter.trained_on_4bit else "fp32 base + adapter (PyTorch)"
+    report = parity.judge(metrics, target.tolerances, target.name, ref_name)
+    parity.write_reports(report, export_dir)
+    if report_json:
+        parity.write_json(report, Path(report_json))
+    if junit:
+        parity.write_junit(report, Path(junit))
+    return report
+
+
+def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, rounds: int = 30) -> latency.BenchResult:
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
+    base = check_base(manifest["base"]["path"])
+    base_export = export_dir / "bench-base"
+    if not (base_export / "model.onnx").is_file():
+        progress(f"building the unadapted base export for {target.name} to compare against")
+        with staged(base_export) as tmp:
+            BACKENDS[target.backend].build(base, tmp, target, tmp / "build.log")
+    tok = load_tokenizer(base)
+    prompt = parity_prompts(tok, 4)
+    prompt = [t for p in prompt for t in p][:32]
+    progress(f"timing merged vs base, {rounds} interleaved rounds")
+    result = latency.bench(export_dir, base_export, prompt, target.latency.max_ratio, target.execution_provider,
+                           rounds=rounds, progress=progress)
+    latency.write_reports(result, Path(json_path) if json_path else export_dir / "bench.json", export_dir / "bench.md")
+    return result

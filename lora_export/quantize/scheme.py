@@ -1,0 +1,17 @@
+"""The shape of a quantization scheme entry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    #: (Quantization, activation precision) -> the onnxruntime-genai builder's ``--precision``
+    builder_precision: Callable[[object, str], str]
+    #: (Quantization) -> the builder's ``--extra_options`` for this scheme
+    builder_options: Callable[[object], dict]
+    #: (Quantization) -> problems with the scheme's parameters, as sentences
+    check: Callable[[object], list]

@@ -1,0 +1,123 @@
+"""Step-wise causal LMs behind one interface: an exported ONNX model in ONNX Runtime, or a PyTorch model.
+
+Both take ``(input_ids, attention_mask, past)`` and return ``(logits, past)``, so parity, task accuracy
+and the latency benchmark drive them with the same greedy loop, and the ONNX model really reads its
+KV cache on every decode step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInput
+from .export.io_spec import check_external_data, kv_input_names, kv_output_names
+
+
+class OrtCausalLM:
+    """An exported decoder in a plain ``onnxruntime.InferenceSession`` with its KV cache."""
+
+    def __init__(self, export_dir: str | Path, provider: str = "CPUExecutionProvider", threads: int = 0):
+        import onnxruntime as ort
+
+        self.dir = Path(export_dir)
+        path = self.dir / "model.onnx"
+        if not path.is_file():
+            raise BadInput.one(str(path), "no ONNX model here", "pass a directory written by `lora-export export`")
+        check_external_data(path)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=[provider])
+        except Exception as e:  # ORT raises its own exception types; name the file and stop
+            raise BadInput.one(str(path), f"ONNX Runtime cannot load this model ({e})",
+                               "re-export it with `lora-export export`") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = set(inputs)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        key0 = inputs["past_key_values.0.key"]
+        self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        self.kv_heads, self.head_dim = int(key0.shape[1]), self._head_dim(key0)
+        self.kv_dtype = np.float16 if "float16" in key0.type else np.float32
+        self._kv_in = kv_input_names(self.num_layers)
+        self._kv_out = kv_output_names(self.num_layers)
+
+    def _head_dim(self, key_input) -> int:
+        dim = key_input.shape[3]
+        if isinstance(dim, int):
+            return dim
+        cfg = json.loads((self.dir / "genai_config.json").read_text())["model"]["decoder"]
+        return int(cfg["head_size"])
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, self.kv_dtype) for _ in self._kv_in]
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past):
+        if past is None:
+            past = self.empty_past(input_ids.shape[0])
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        if "position_ids" in self.input_names:
+            pos = np.cumsum(attention_mask, axis=1) - 1
+            feed["position_ids"] = np.maximum(pos, 0)[:, -input_ids.shape[1]:].astype(np.int64)
+        feed.update(zip(self._kv_in, past))
+        outs = dict(zip(self.output_names, self.session.run(None, feed)))
+        return outs["logits"].astype(np.float32), [outs[n] for n in self._kv_out]
+
+
+class TorchCausalLM:
+    """A transformers causal LM (plain, 4-bit, or with a PEFT adapter) behind the same step interface."""
+
+    def __init__(self, model):
+        import inspect
+
+        self.model = model.eval()
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # transformers 5.x renames past_key_values to cache; use whichever this version's forward takes
+        self._cache_kw = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past):
+        import torch
+
+        with torch.no_grad():
+            out = self.model(
+                input_ids=torch.from_numpy(input_ids.astype(np.int64)),
+                attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
+                use_cache=True,
+                **{self._cache_kw: past},
+            )
+        cache = out.cache if self._cache_kw == "cache" else out.past_key_values
+        return out.logits.float().numpy(), cache
+
+
+@dataclass(frozen=True)
+class Generation:
+    tokens: list[int]  # the generated tokens (greedy, or the forced ones)
+    logits: np.ndarray  # (prompt_len + steps - 1, vocab): every position of the prompt pass, then each decode step
+
+
+def greedy(model, prompt: list[int], steps: int, forced: list[int] | None = None) -> Generation:
+    """Greedy decoding, one prompt pass then ``steps - 1`` decode steps through the KV cache.
+
+    With ``forced``, the given tokens are fed instead of the model's own choices (teacher forcing), so
+    two models can be compared position by position on the same sequence.
+    """
+    ids = np.array([prompt], dtype=np.int64)
+    mask = np.ones_like(ids)
+    logits, past = model.step(ids, mask, None)
+    rows = [logits[0]]
+    tokens: list[int] = []
+    for i in range(steps):
+        nxt = int(np.argmax(rows[-1][-1])) if forced is None else forced[i]
+        tokens.append(nxt)
+        if i == steps - 1:
+            break
+        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+        logits, past = model.step(np.array([[nxt]], dtype=np.int64), mask, past)
+        rows.append(logits[0])
+    return Generation(tokens=tokens, logits=np.concatenate(rows, axis=0))
