@@ -10,6 +10,7 @@ Every output directory is written as a temporary sibling and renamed into place 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -92,9 +93,9 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
         BACKENDS[target.backend].build(merged.checkpoint, tmp, target, tmp / "build.log")
         manifest = {
             "schema_version": 1,
-            "base": {"path": str(base.resolve()), "files_sha256": {p.name: sha256_file(p) for p in
-                                                                   sorted(base.glob("*.safetensors"))}},
-            "adapter": {"path": str(adapter.path.resolve()),
+            "base": {**_where(base, out), "files_sha256": {p.name: sha256_file(p) for p in
+                                                          sorted(base.glob("*.safetensors"))}},
+            "adapter": {**_where(adapter.path, out),
                         "adapter_model_sha256": sha256_file(adapter.path / "adapter_model.safetensors")},
             "target": _target_data(req.target),
             "merge_base": merge_base,
@@ -110,6 +111,20 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
                                                                           "greedy_match")}}
         _write_manifest(tmp, manifest)
     return ExportResult(out=out, merge_base=merge_base, parity=report)
+
+
+def _where(path: Path, out: Path) -> dict:
+    """Absolute path, and the path relative to the export: the latter survives moving both together."""
+    return {"path": str(path.resolve()), "relative_path": os.path.relpath(path.resolve(), out.resolve())}
+
+
+def _locate(entry: dict, export_dir: Path, what: str) -> Path:
+    candidates = [Path(entry["path"])] + ([export_dir / entry["relative_path"]] if "relative_path" in entry else [])
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise BadInput.one(str(export_dir / MANIFEST), f"the {what} this export was made from is gone ({entry['path']})",
+                       f"restore the {what} at that path, or re-export")
 
 
 def _target_data(name_or_path: str) -> dict:
@@ -146,8 +161,11 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
-    base = check_base(manifest["base"]["path"])
-    adapter = load_adapter(manifest["adapter"]["path"], base)
+    base = check_base(_locate(manifest["base"], export_dir, "base model"))
+    adapter = load_adapter(_locate(manifest["adapter"], export_dir, "adapter"), base)
+    if sha256_file(adapter.path / "adapter_model.safetensors") != manifest["adapter"]["adapter_model_sha256"]:
+        raise BadInput.one(str(adapter.path), "the adapter's weights changed since this export was made",
+                           "validate against the adapter that was exported, or re-export")
     tok = load_tokenizer(base)
     reference = TorchCausalLM(load_adapted(base, adapter))
     candidate = OrtCausalLM(export_dir, target.execution_provider)
@@ -167,7 +185,7 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
-    base = check_base(manifest["base"]["path"])
+    base = check_base(_locate(manifest["base"], export_dir, "base model"))
     base_export = export_dir / "bench-base"
     if not (base_export / "model.onnx").is_file():
         progress(f"building the unadapted base export for {target.name} to compare against")
