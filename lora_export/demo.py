@@ -51,17 +51,17 @@ def default_out(cwd: Path | None = None) -> Path:
 
 
 def demo(out: Path | None = None, progress=print, targets=TARGETS, training: dict | None = None,
-         bench_rounds: int = 30) -> DemoResult:
+         bench_rounds: int = 30, base_dir: Path = EMBEDDED / "base", data_dir: Path = EMBEDDED / "demo") -> DemoResult:
+    """Run the whole pipeline; ``base_dir`` and ``data_dir`` (train.jsonl, eval.jsonl) default to the embedded ones."""
     out = Path(out) if out else default_out()
     check_new_output(out)
-    base_dir = EMBEDDED / "base"
-    evalset = load_jsonl(EMBEDDED / "demo" / "eval.jsonl").examples
+    evalset = load_jsonl(data_dir / "eval.jsonl").examples
     tok = load_tokenizer(base_dir)
     rows: list[Row] = []
     passed = True
     with staged(out) as tmp:
         progress("training a QLoRA adapter on the embedded base (4-bit NF4, double quant, CPU)")
-        adapter = train(TrainConfig(base=base_dir, data=EMBEDDED / "demo" / "train.jsonl", out=tmp / "adapter",
+        adapter = train(TrainConfig(base=base_dir, data=data_dir / "train.jsonl", out=tmp / "adapter",
                                     **(training or DEMO_TRAINING))).adapter_dir
         progress(f"task accuracy of the base and the adapted model on {len(evalset)} held-out examples")
         rows.append(Row("base (PyTorch fp32)", task_accuracy(TorchCausalLM(load_fp32(base_dir)), tok, evalset).value))

@@ -1,0 +1,77 @@
+"""Adapter checks before heavy work: every problem found and reported at once, with the file and the fix."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_export.adapters import load_adapter
+from lora_export.errors import BadInput
+
+from .conftest import make_base
+
+
+@pytest.fixture
+def adapter_copy(tiny_adapter, tmp_path):
+    dst = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, dst)
+    return dst
+
+
+def test_good_adapter(tiny_adapter, tiny_base):
+    a = load_adapter(tiny_adapter, tiny_base)
+    assert a.trained_on_4bit and len(a.targeted) == 14
+
+
+def test_adapter_for_a_different_base(tiny_adapter, tmp_path):
+    other = make_base(tmp_path / "wide", hidden_size=96, intermediate_size=192)
+    with pytest.raises(BadInput) as e:
+        load_adapter(tiny_adapter, other)
+    text = str(e.value)
+    assert "do not fit" in text and "different base" in text
+    assert "weights differ from the base" in text  # the training manifest's fingerprint catches it too
+
+
+def test_pickle_only_adapter_is_refused(adapter_copy, tiny_base):
+    (adapter_copy / "adapter_model.safetensors").rename(adapter_copy / "adapter_model.bin")
+    with pytest.raises(BadInput, match="pickle"):
+        load_adapter(adapter_copy, tiny_base)
+
+
+def test_nan_in_adapter(adapter_copy, tiny_base):
+    f = adapter_copy / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(f))
+    with pytest.raises(BadInput, match="NaN or Inf"):
+        load_adapter(adapter_copy, tiny_base, check_fingerprint=False)
+
+
+def test_truncated_safetensors(adapter_copy, tiny_base):
+    f = adapter_copy / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:200])
+    with pytest.raises(BadInput, match="truncated or corrupt"):
+        load_adapter(adapter_copy, tiny_base)
+
+
+def test_malformed_config_and_unknown_type(adapter_copy, tiny_base):
+    cfg = adapter_copy / "adapter_config.json"
+    cfg.write_text("{not json")
+    with pytest.raises(BadInput, match="not valid JSON"):
+        load_adapter(adapter_copy, tiny_base)
+    cfg.write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
+    with pytest.raises(BadInput, match="PROMPT_TUNING"):
+        load_adapter(adapter_copy, tiny_base)
+
+
+def test_module_names_that_match_nothing(adapter_copy, tiny_base):
+    f = adapter_copy / "adapter_model.safetensors"
+    tensors = {k.replace("q_proj", "query_key_value"): v for k, v in load_file(str(f)).items()}
+    save_file(tensors, str(f))
+    with pytest.raises(BadInput) as e:
+        load_adapter(adapter_copy, tiny_base)
+    assert "query_key_value does not exist in the base" in str(e.value)
+    assert len(e.value.problems) == 2  # one per layer, reported together

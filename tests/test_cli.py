@@ -1,0 +1,72 @@
+"""The CLI contract: 0 success, 1 verdict failed, 2 bad input with a clear message and no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lora_export.cli import main
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_targets_list_and_show(capsys):
+    rc, out, _ = run(["targets", "list"], capsys)
+    assert rc == 0 and "ort-cpu-fp32" in out and "ort-cpu-int4" in out
+    rc, out, _ = run(["targets", "show", "ort-cpu-int4"], capsys)
+    assert rc == 0 and 'scheme = "int4"' in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["export", "--base", "/no/such/base", "--adapter", "/no/such/adapter", "--target", "ort-cpu-fp32",
+      "--out", "OUT"], "/no/such/base: base model directory not found. Fix:"),
+    (["export", "--base", "BASE", "--adapter", "/no/such/adapter", "--target", "ort-cpu-fp32", "--out", "OUT"],
+     "/no/such/adapter: adapter directory not found"),
+    (["export", "--base", "BASE", "--adapter", "ADAPTER", "--target", "no-such-target", "--out", "OUT"],
+     "no-such-target: no such target. Fix: use one of"),
+    (["train", "--base", "BASE", "--data", "/no/data.jsonl", "--out", "OUT"], "/no/data.jsonl: dataset file not found"),
+    (["validate", "BASE"], "not an export directory"),
+    (["bench", "/no/such/export"], "not an export directory"),
+    (["targets", "show"], "no target named"),
+    (["export", "--base", "BASE"], "the following arguments are required"),
+])
+def test_bad_input_exits_2_with_a_message_and_no_traceback(argv, fragment, tiny_base, tiny_adapter, tmp_path, capsys):
+    argv = [a.replace("BASE", str(tiny_base)).replace("ADAPTER", str(tiny_adapter)).replace("OUT", str(tmp_path / "o"))
+            for a in argv]
+    try:
+        rc, _, err = run(argv, capsys)
+    except SystemExit as e:  # argparse usage errors
+        rc, err = e.code, capsys.readouterr().err
+    assert rc == 2
+    assert fragment in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_shows_the_traceback(capsys):
+    from lora_export.errors import BadInput
+
+    with pytest.raises(BadInput):
+        main(["--debug", "validate", "/no/such/export"])
+
+
+def test_console_script_exit_code_and_stderr(tmp_path):
+    exe = [sys.executable, "-m", "lora_export.cli"]
+    p = subprocess.run([*exe, "validate", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "Fix:" in p.stderr
+
+
+def test_validate_and_bench_on_an_export(fp32_export, tmp_path, capsys):
+    rc, out, _ = run(["validate", str(fp32_export.out)], capsys)
+    assert rc == 0 and "PASS" in out
+    rc, out, _ = run(["bench", str(fp32_export.out), "--json", str(tmp_path / "b.json"), "--rounds", "6"], capsys)
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert rc == (0 if result["within_budget"] else 1)
+    assert result["graphs_identical"] is True  # zero overhead by construction: same graph as the base export
+    assert result["merged"]["decode_ms_median"] > 0 and result["verdict"] in ("zero overhead", "overhead", "inconclusive")
+    assert (fp32_export.out / "bench.md").is_file() and "merged/base" in out

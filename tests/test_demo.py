@@ -1,0 +1,48 @@
+"""The demo's path: on a tiny model built from a config (fast), and once for real on the embedded default."""
+
+import json
+import os
+import subprocess
+import sys
+
+from lora_export.demo import default_out, demo
+
+from .conftest import EMBEDDED
+
+
+def test_demo_path_on_a_tiny_model(tiny_base, tmp_path):
+    out = tmp_path / "demo"
+    r = demo(out, progress=lambda m: None, base_dir=tiny_base, data_dir=EMBEDDED / "demo", bench_rounds=6,
+             training=dict(rank=8, alpha=16, steps=30, lr=3e-3, batch_size=8, seed=0))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["adapter", "export-ort-cpu-fp32", "export-ort-cpu-int4", "summary.json", "summary.md"]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # nothing staged is left beside it
+    rows = {row.model.split(" (")[0]: row for row in r.rows}
+    assert set(rows) == {"base", "adapted", "export ort-cpu-fp32", "export ort-cpu-int4"}
+    assert rows["export ort-cpu-fp32"].parity == "PASS" and rows["export ort-cpu-fp32"].max_abs_diff <= 1e-4
+    assert rows["export ort-cpu-int4"].latency_ratio > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["passed"] == r.passed
+
+
+def test_default_out_never_overwrites(tmp_path):
+    assert default_out(tmp_path).name == "lora-export-demo-1"
+    (tmp_path / "lora-export-demo-1").mkdir()
+    assert default_out(tmp_path).name == "lora-export-demo-2"
+
+
+def test_lora_export_demo_end_to_end(tmp_path):
+    """`lora-export demo` with no arguments, as a newcomer runs it: the adapter must visibly learn the task."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "lora_export.cli", "demo"], cwd=tmp_path, capture_output=True,
+                       text=True, env=env, timeout=600)
+    out = tmp_path / "lora-export-demo-1"
+    assert p.returncode in (0, 1), p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert p.returncode == (0 if summary["passed"] else 1)
+    rows = {r["model"].split(" (")[0]: r for r in summary["rows"]}
+    assert rows["base"]["accuracy"] < 0.3 < 0.7 < rows["adapted"]["accuracy"]
+    assert rows["export ort-cpu-fp32"]["accuracy"] == rows["adapted"]["accuracy"]
+    assert rows["export ort-cpu-fp32"]["parity"] == "PASS"
+    assert "| model | task accuracy |" in p.stdout
+    assert "[0:" in p.stderr  # progress lines while it works
