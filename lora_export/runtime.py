@@ -17,11 +17,20 @@ from .errors import BadInput
 from .export.io_spec import check_external_data, kv_input_names, kv_output_names
 
 
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BadInput.one("onnxruntime", "ONNX Runtime is not installed",
+                           'pip install "lora-export[cpu]" (or "lora-export[gpu]" for CUDA), not both') from None
+    return onnxruntime
+
+
 class OrtCausalLM:
     """An exported decoder in a plain ``onnxruntime.InferenceSession`` with its KV cache."""
 
     def __init__(self, export_dir: str | Path, provider: str = "CPUExecutionProvider", threads: int = 0):
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         self.dir = Path(export_dir)
         path = self.dir / "model.onnx"
@@ -32,6 +41,10 @@ class OrtCausalLM:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        if provider not in ort.get_available_providers():
+            raise BadInput.one(str(path), f"{provider} is not available in this ONNX Runtime "
+                               f"({', '.join(ort.get_available_providers())})",
+                               'for CUDA install "lora-export[gpu]" in a fresh environment; else use a CPU target')
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=[provider])
         except Exception as e:  # ORT raises its own exception types; name the file and stop

@@ -8,6 +8,7 @@ out of our process, and its log is kept beside the export.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -36,6 +37,9 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path) -> None:
     if target.execution_provider not in PROVIDERS:
         raise BadInput.one(target.source, f"execution provider {target.execution_provider} is not supported by "
                            "the genai-builder backend", f"use one of {', '.join(PROVIDERS)}")
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise BadInput.one("onnxruntime-genai", "the graph builder is not installed",
+                           'pip install "lora-export[cpu]" (or "lora-export[gpu]" for CUDA)')
     scheme = SCHEMES[target.quantization.scheme]
     options = {"hf_remote": "false", **scheme.builder_options(target.quantization)}
     cmd = [
