@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .base import load_fp32, load_tokenizer
 from .data import load_jsonl
-from .pipeline import EMBEDDED, ExportRequest, bench, check_new_output, export, staged
+from .outputs import check_new_output, staged
+from .pipeline import EMBEDDED, ExportRequest, bench, export
 from .runtime import OrtCausalLM, TorchCausalLM
 from .tasks import task_accuracy
 from .train import TrainConfig, train
@@ -62,7 +63,7 @@ def demo(out: Path | None = None, progress=print, targets=TARGETS, training: dic
     with staged(out) as tmp:
         progress("training a QLoRA adapter on the embedded base (4-bit NF4, double quant, CPU)")
         adapter = train(TrainConfig(base=base_dir, data=data_dir / "train.jsonl", out=tmp / "adapter",
-                                    **(training or DEMO_TRAINING))).adapter_dir
+                                    **(training or DEMO_TRAINING)), log=lambda m: progress(f"  {m}")).adapter_dir
         progress(f"task accuracy of the base and the adapted model on {len(evalset)} held-out examples")
         rows.append(Row("base (PyTorch fp32)", task_accuracy(TorchCausalLM(load_fp32(base_dir)), tok, evalset).value))
         from .adapters import load_adapter

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from .errors import BadInput
 from .export import BACKENDS
 from .fingerprint import sha256_file
 from .merge import default_merge_base, merge
+from .outputs import check_new_output, staged
 from .reference import load_adapted
 from .runtime import OrtCausalLM, TorchCausalLM
 from .targets import load_target, parse_target
@@ -56,26 +55,6 @@ class ExportResult:
     out: Path
     merge_base: str
     parity: parity.ParityReport
-
-
-def check_new_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BadInput.one(str(out), "output directory exists and is not empty",
-                           "choose a new --out directory, or remove this one")
-
-
-@contextmanager
-def staged(out: Path):
-    """Yield a temporary sibling of ``out``; rename it to ``out`` only if the block completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()  # checked empty before the work started
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export(req: ExportRequest, progress=_quiet) -> ExportResult:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import base as base_model
@@ -18,6 +17,7 @@ from .base import Nf4Settings
 from .data import load_jsonl
 from .errors import BadInput, Problem, raise_if
 from .fingerprint import fingerprint
+from .outputs import output_problem, staged
 from .versions import package_versions
 
 MANIFEST = "training_manifest.json"
@@ -57,10 +57,8 @@ def _check(cfg: TrainConfig) -> None:
         problems.append(Problem("--steps", f"steps must be positive, got {cfg.steps}", "use --steps 100 or more"))
     if cfg.lr <= 0:
         problems.append(Problem("--lr", f"learning rate must be positive, got {cfg.lr}", "use --lr 2e-4 to 2e-3"))
-    out = Path(cfg.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        problems.append(Problem(str(out), "output directory exists and is not empty",
-                                "choose a new --out directory, or remove this one"))
+    if problem := output_problem(cfg.out):
+        problems.append(problem)
     raise_if(problems)
 
 
@@ -112,7 +110,10 @@ def _lora_targets(model, spec: str):
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
-    """Train a QLoRA adapter and write it, complete, to ``cfg.out`` (written in a temporary sibling first)."""
+    """Train a QLoRA adapter and write it, complete, to ``cfg.out`` (written in a temporary sibling first).
+
+    ``log`` receives one line per stage; the Trainer shows its own progress bar with the loss.
+    """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments, set_seed
@@ -121,6 +122,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     base_dir = base_model.check_base(cfg.base)
     data = load_jsonl(cfg.data)
     set_seed(cfg.seed)
+    log(f"loading {base_dir} in 4-bit {cfg.nf4.quant_type} (double quant: {cfg.nf4.double_quant})")
     tok = base_model.load_tokenizer(base_dir)
     model = base_model.load_nf4(base_dir, cfg.nf4)
     quantized = base_model.quantized_module_names(model)
@@ -132,12 +134,10 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     model = get_peft_model(model, lora)
     rows = _tokenize(data.examples, tok, cfg.max_length)
 
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    log(f"training {cfg.steps} steps on {len(rows)} examples from {data.path}")
+    with staged(Path(cfg.out)) as staging:
         args = TrainingArguments(
-            output_dir=str(staging / "trainer"), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+            output_dir=str(staging / ".trainer"), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
             learning_rate=cfg.lr, lr_scheduler_type="linear", warmup_steps=min(10, cfg.steps // 10),
             logging_steps=max(1, cfg.steps // 10), save_strategy="no", report_to=[], seed=cfg.seed,
             data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
@@ -145,9 +145,9 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         )
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=_collate(tok.pad_token_id))
         trainer.train()
+        shutil.rmtree(staging / ".trainer", ignore_errors=True)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        model.save_pretrained(str(staging / "adapter"), safe_serialization=True)
-        adapter = staging / "adapter"
+        model.save_pretrained(str(staging), safe_serialization=True)
         manifest = {
             "schema": 1,
             "kind": "qlora",
@@ -160,16 +160,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                          "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None},
             "versions": package_versions(),
         }
-        (adapter / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tok.save_pretrained(str(adapter))
-        if out.exists():
-            out.rmdir()  # checked empty above
-        adapter.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return TrainResult(adapter_dir=out, final_loss=losses[-1], first_loss=losses[0], steps=cfg.steps)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        tok.save_pretrained(str(staging))
+    return TrainResult(adapter_dir=Path(cfg.out), final_loss=losses[-1], first_loss=losses[0], steps=cfg.steps)
 
-
-def config_dict(cfg: TrainConfig) -> dict:
-    d = asdict(cfg)
-    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}

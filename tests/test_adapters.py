@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from lora_export.adapters import load_adapter

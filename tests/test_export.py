@@ -9,7 +9,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from lora_export.base import load_fp32
 from lora_export.errors import BadInput
@@ -80,8 +79,8 @@ def test_failed_build_leaves_nothing(tiny_base, tiny_adapter, tmp_path, monkeypa
 def test_int4_export_quantizes_the_body_keeps_lm_head_int8_and_keeps_the_adapter(tiny_base, tiny_adapter, tmp_path):
     from lora_export import parity
     from lora_export.adapters import load_adapter
-    from lora_export.pipeline import parity_prompts
     from lora_export.base import load_tokenizer
+    from lora_export.pipeline import parity_prompts
     from lora_export.reference import load_adapted
 
     r = export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-int4", out=tmp_path / "int4"))
