@@ -125,14 +125,14 @@ def measure(merged, base, prompt: list[int], new_tokens: int, rounds: int, warmu
     return samples
 
 
-def bench(merged_dir: Path, base_dir: Path, prompt: list[int], max_ratio: float, provider: str,
+def bench(merged_dir: Path, base_dir: Path, prompt: list[int], max_ratio: float, providers,
           new_tokens: int = 64, rounds: int = 30, threads: int = 1, progress=None) -> BenchResult:
     """Time merged against base. One intra-op thread by default: what is compared is the work each graph
     does, and on a small CPU, thread hand-offs at sub-millisecond kernel times would drown the ratio."""
     from .runtime import OrtCausalLM
 
-    merged = OrtCausalLM(merged_dir, provider, threads=threads)
-    base = OrtCausalLM(base_dir, provider, threads=threads)
+    merged = OrtCausalLM(merged_dir, providers, threads=threads)
+    base = OrtCausalLM(base_dir, providers, threads=threads)
     for attempt in range(2):
         n = rounds * (attempt + 1)
         s = measure(merged, base, prompt, new_tokens, n)

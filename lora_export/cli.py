@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("export_dir", type=Path)
     v.add_argument("--report", type=Path, help="also write the JSON report here")
     v.add_argument("--junit", type=Path, help="also write JUnit XML here")
+    v.add_argument("--prompts", type=Path, help="JSONL of prompt (or text) records; default: the embedded eval set")
 
     b = sub.add_parser("bench", help="latency of the merged export against the base export")
     b.add_argument("export_dir", type=Path)
@@ -110,7 +111,7 @@ def _run(args) -> int:
     if args.command == "validate":
         from .pipeline import validate
 
-        return _verdict(validate(args.export_dir, args.report, args.junit, progress=say), "")
+        return _verdict(validate(args.export_dir, args.report, args.junit, args.prompts, progress=say), "")
     if args.command == "bench":
         from .bench import markdown
         from .pipeline import bench

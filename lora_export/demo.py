@@ -32,6 +32,7 @@ class Row:
     max_abs_diff: float | None = None
     mean_kl: float | None = None
     top1: float | None = None
+    retention: float | None = None
     latency_ratio: float | None = None
     latency_verdict: str = ""
 
@@ -80,9 +81,10 @@ def demo(out: Path | None = None, progress=print, targets=TARGETS, training: dic
             b = bench(tmp / f"export-{name}", progress=lambda m, n=name: progress(f"  {n}: {m}"), rounds=bench_rounds)
             progress(f"  {name}: task accuracy of the export in ONNX Runtime")
             acc = task_accuracy(OrtCausalLM(tmp / f"export-{name}"), tok, evalset).value
-            m = result.parity.metrics
+            m = result.parity.stages["total"]
             rows.append(Row(f"export {name} (ONNX Runtime)", acc, "PASS" if result.parity.passed else "FAIL",
-                            m.max_abs_diff, m.mean_kl, m.top1_agreement, b.decode_ratio.median, b.verdict))
+                            m.max_abs_diff, m.mean_kl, m.top1_agreement, result.parity.adapter_retention,
+                            b.decode_ratio.median, b.verdict))
             passed &= result.parity.passed and b.within_budget
         (tmp / "summary.md").write_text(summary_markdown(rows))
         (tmp / "summary.json").write_text(json.dumps({"passed": passed, "rows": [r.__dict__ for r in rows]}, indent=2))
@@ -96,10 +98,10 @@ def _fmt(x, spec: str) -> str:
 
 
 def summary_markdown(rows: list[Row]) -> str:
-    lines = ["| model | task accuracy | parity | max abs logit diff | mean KL | top-1 | merged/base decode | latency |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | task accuracy | parity | max abs logit diff | mean KL | top-1 | adapter kept | "
+             "merged/base decode | latency |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.model} | {r.accuracy:.1%} | {r.parity} | {_fmt(r.max_abs_diff, '.2e')} | "
-                     f"{_fmt(r.mean_kl, '.2e')} | {_fmt(r.top1, '.1%')} | {_fmt(r.latency_ratio, '.3f')} | "
-                     f"{r.latency_verdict} |")
+                     f"{_fmt(r.mean_kl, '.2e')} | {_fmt(r.top1, '.1%')} | {_fmt(r.retention, '.1%')} | "
+                     f"{_fmt(r.latency_ratio, '.3f')} | {r.latency_verdict} |")
     return "\n".join(lines) + "\n"

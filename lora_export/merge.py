@@ -42,7 +42,8 @@ def nf4_round_trip(model, names: list[str], nf4: Nf4Settings) -> None:
         w.data.copy_(bnbf.dequantize_4bit(q, state).to(w.dtype))
 
 
-def merge(base_dir: Path, adapter: Adapter, out_dir: Path, merge_base: str) -> MergeResult:
+def merged_model(base_dir: Path, adapter: Adapter, merge_base: str):
+    """The merged model in memory (fp32), after the sanity checks. Returns (model, changed modules, max |dW|)."""
     import torch
     from peft import PeftModel
 
@@ -72,9 +73,13 @@ def merge(base_dir: Path, adapter: Adapter, out_dir: Path, merge_base: str) -> M
     if bad:
         raise BadInput.one(str(adapter.path), f"the merged weights hold NaN or Inf ({bad[0]})",
                            "check the adapter's scaling (lora_alpha) and weights")
-
     merged.config.__dict__.pop("quantization_config", None)
+    return merged.eval(), tuple(sorted(deltas)), max(deltas.values())
+
+
+def merge(base_dir: Path, adapter: Adapter, out_dir: Path, merge_base: str) -> MergeResult:
+    """Merge and save the checkpoint (safetensors, tokenizer, no quantization_config) to ``out_dir``."""
+    merged, changed, max_delta = merged_model(base_dir, adapter, merge_base)
     merged.save_pretrained(str(out_dir), safe_serialization=True)
     load_tokenizer(base_dir).save_pretrained(str(out_dir))
-    return MergeResult(checkpoint=out_dir, merge_base=merge_base, changed=tuple(sorted(deltas)),
-                       max_abs_delta=max(deltas.values()))
+    return MergeResult(checkpoint=out_dir, merge_base=merge_base, changed=changed, max_abs_delta=max_delta)

@@ -18,12 +18,12 @@ from pathlib import Path
 from . import bench as latency
 from . import parity
 from .adapters import load_adapter
-from .base import check_base, load_tokenizer
+from .base import check_base, load_fp32, load_tokenizer
 from .data import load_jsonl
 from .errors import BadInput
 from .export import BACKENDS
 from .fingerprint import sha256_file
-from .merge import default_merge_base, merge
+from .merge import default_merge_base, merge, merged_model
 from .outputs import check_new_output, staged
 from .reference import load_adapted
 from .runtime import OrtCausalLM, TorchCausalLM
@@ -34,7 +34,6 @@ from .versions import package_versions
 EMBEDDED = Path(__file__).resolve().parent / "embedded"
 MANIFEST = "export_manifest.json"
 PARITY_PROMPTS = 8
-PARITY_STEPS = 16
 
 
 def _quiet(msg: str) -> None:
@@ -85,9 +84,10 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
         _write_manifest(tmp, manifest)
         progress("validating parity against the adapted model as trained")
         report = validate(tmp)
+        total = report.stages["total"]
         manifest["parity"] = {"passed": report.passed, "failures": [str(c) for c in report.failures],
-                              **{k: getattr(report.metrics, k) for k in ("max_abs_diff", "mean_kl", "top1_agreement",
-                                                                          "greedy_match")}}
+                              "max_abs_diff": total.max_abs_diff, "mean_kl": total.mean_kl,
+                              "top1_agreement": total.top1_agreement, "adapter_retention": report.adapter_retention}
         _write_manifest(tmp, manifest)
     return ExportResult(out=out, merge_base=merge_base, parity=report)
 
@@ -130,13 +130,23 @@ def read_manifest(export_dir: Path) -> dict:
         raise BadInput.one(str(path), f"not valid JSON ({e})", "re-export the model") from None
 
 
-def parity_prompts(tok, n: int = PARITY_PROMPTS) -> list[list[int]]:
-    examples = load_jsonl(EMBEDDED / "demo" / "eval.jsonl").examples[:n]
-    return [encode_prompt(tok, ex.prompt) for ex in examples]
+def load_prompts(tok, path: Path | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of the parity prompts, and of whole records (prompt + completion) for long contexts.
+
+    From a user's JSONL (prompt/completion or text records) or the embedded eval set.
+    """
+    examples = load_jsonl(path or EMBEDDED / "demo" / "eval.jsonl").examples
+    if len(examples) < 4:
+        raise BadInput.one(str(path), f"only {len(examples)} prompts; parity needs at least 4",
+                           "add prompts to the file (8 are used)")
+    prompts = [encode_prompt(tok, ex.prompt or ex.completion) for ex in examples[:PARITY_PROMPTS]]
+    documents = [encode_prompt(tok, ex.prompt + ex.completion) for ex in examples[: 4 * PARITY_PROMPTS]]
+    return prompts, documents
 
 
 def validate(export_dir: Path, report_json: Path | None = None, junit: Path | None = None,
-             progress=_quiet) -> parity.ParityReport:
+             prompts: Path | None = None, progress=_quiet) -> parity.ParityReport:
+    """Parity of an export against the adapted model as trained, with the target's tolerances."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
@@ -146,12 +156,17 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
         raise BadInput.one(str(adapter.path), "the adapter's weights changed since this export was made",
                            "validate against the adapter that was exported, or re-export")
     tok = load_tokenizer(base)
+    candidate = OrtCausalLM(export_dir, target.execution_providers)
     reference = TorchCausalLM(load_adapted(base, adapter))
-    candidate = OrtCausalLM(export_dir, target.execution_provider)
-    progress(f"comparing {PARITY_PROMPTS} prompts x {PARITY_STEPS} decode steps")
-    metrics = parity.measure(reference, candidate, parity_prompts(tok), PARITY_STEPS)
+    merged = TorchCausalLM(merged_model(base, adapter, manifest["merge_base"])[0])
+    unadapted = TorchCausalLM(load_fp32(base))
+    steps = max(parity.MIN_STEPS, target.tolerances.greedy_tokens)
+    max_positions = getattr(unadapted.model.config, "max_position_embeddings", 2048)
+    shapes = parity.make_shapes(*load_prompts(tok, prompts), max_positions, steps)
+    per_shape, stages, retention = parity.measure(reference, candidate, shapes, steps, merged=merged,
+                                                  base=unadapted, progress=progress)
     ref_name = "4-bit base + adapter (PyTorch)" if adapter.trained_on_4bit else "fp32 base + adapter (PyTorch)"
-    report = parity.judge(metrics, target.tolerances, target.name, ref_name)
+    report = parity.judge(per_shape, stages, retention, target.tolerances, target.name, ref_name, steps)
     parity.write_reports(report, export_dir)
     if report_json:
         parity.write_json(report, Path(report_json))
@@ -171,10 +186,9 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
         with staged(base_export) as tmp:
             BACKENDS[target.backend].build(base, tmp, target, tmp / "build.log")
     tok = load_tokenizer(base)
-    prompt = parity_prompts(tok, 4)
-    prompt = [t for p in prompt for t in p][:32]
+    prompt = [t for p in load_prompts(tok)[1] for t in p][:32]
     progress(f"timing merged vs base, {rounds} interleaved rounds")
-    result = latency.bench(export_dir, base_export, prompt, target.latency.max_ratio, target.execution_provider,
+    result = latency.bench(export_dir, base_export, prompt, target.latency.max_ratio, target.execution_providers,
                            rounds=rounds, progress=progress)
     latency.write_reports(result, Path(json_path) if json_path else export_dir / "bench.json", export_dir / "bench.md")
     return result

@@ -29,7 +29,9 @@ def import_onnxruntime():
 class OrtCausalLM:
     """An exported decoder in a plain ``onnxruntime.InferenceSession`` with its KV cache."""
 
-    def __init__(self, export_dir: str | Path, provider: str = "CPUExecutionProvider", threads: int = 0):
+    padding_side = "right"  # GroupQueryAttention: each row's length is the sum of its attention mask
+
+    def __init__(self, export_dir: str | Path, providers=("CPUExecutionProvider",), threads: int = 0):
         ort = import_onnxruntime()
 
         self.dir = Path(export_dir)
@@ -41,12 +43,14 @@ class OrtCausalLM:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        if provider not in ort.get_available_providers():
-            raise BadInput.one(str(path), f"{provider} is not available in this ONNX Runtime "
-                               f"({', '.join(ort.get_available_providers())})",
+        providers = [providers] if isinstance(providers, str) else list(providers)
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise BadInput.one(str(path), f"{', '.join(missing)} not available in this ONNX Runtime "
+                               f"(it has {', '.join(ort.get_available_providers())})",
                                'for CUDA install "lora-export[gpu]" in a fresh environment; else use a CPU target')
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=[provider])
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # ORT raises its own exception types; name the file and stop
             raise BadInput.one(str(path), f"ONNX Runtime cannot load this model ({e})",
                                "re-export it with `lora-export export`") from None
@@ -86,6 +90,8 @@ class OrtCausalLM:
 class TorchCausalLM:
     """A transformers causal LM (plain, 4-bit, or with a PEFT adapter) behind the same step interface."""
 
+    padding_side = "left"
+
     def __init__(self, model):
         import inspect
 
@@ -97,10 +103,13 @@ class TorchCausalLM:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past):
         import torch
 
+        mask = torch.from_numpy(attention_mask.astype(np.int64))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]  # left padding shifts positions
         with torch.no_grad():
             out = self.model(
                 input_ids=torch.from_numpy(input_ids.astype(np.int64)),
-                attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
+                attention_mask=mask,
+                position_ids=positions,
                 use_cache=True,
                 **{self._cache_kw: past},
             )
@@ -111,26 +120,49 @@ class TorchCausalLM:
 @dataclass(frozen=True)
 class Generation:
     tokens: list[int]  # the generated tokens (greedy, or the forced ones)
-    logits: np.ndarray  # (prompt_len + steps - 1, vocab): every position of the prompt pass, then each decode step
+    logits: np.ndarray  # (prompt_len + steps - 1, vocab): every real prompt position, then each decode step
+
+
+def _mask(lengths: np.ndarray, width: int, side: str) -> np.ndarray:
+    cols = np.arange(width)[None]
+    keep = cols < lengths[:, None] if side == "right" else cols >= (width - lengths)[:, None]
+    return keep.astype(np.int64)
+
+
+def generate(model, prompts: list[list[int]], steps: int, forced: list[list[int]] | None = None,
+             pad_id: int = 0) -> list[Generation]:
+    """Greedy decoding of a batch: one prompt pass, then ``steps - 1`` decode steps through the KV cache.
+
+    Prompts of different lengths are padded on the side the model expects (``model.padding_side``):
+    PyTorch models take the usual left padding; the fused ONNX graph takes right padding, since its
+    GroupQueryAttention reads each row's length from the attention mask's sum and appends new keys right
+    after it. Each row's logits are returned for its real tokens only, so models that pad differently
+    compare position by position. With ``forced``, the given tokens are fed instead of each model's own
+    choices (teacher forcing).
+    """
+    side = getattr(model, "padding_side", "left")
+    lengths = np.array([len(p) for p in prompts])
+    width = int(lengths.max())
+    mask = _mask(lengths, width, side)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    ids[mask.astype(bool)] = np.concatenate(prompts)
+    logits, past = model.step(ids, mask, None)
+    rows = [[logits[b][mask[b].astype(bool)]] for b in range(len(prompts))]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for i in range(steps):
+        nxt = [int(np.argmax(r[-1][-1])) if forced is None else forced[b][i] for b, r in enumerate(rows)]
+        for b, t in enumerate(nxt):
+            tokens[b].append(t)
+        if i == steps - 1:
+            break
+        lengths = lengths + 1
+        mask = _mask(lengths, mask.shape[1] + 1, side)
+        logits, past = model.step(np.array(nxt, dtype=np.int64)[:, None], mask, past)
+        for b, r in enumerate(rows):
+            r.append(logits[b])
+    return [Generation(tokens=t, logits=np.concatenate(r, axis=0)) for t, r in zip(tokens, rows)]
 
 
 def greedy(model, prompt: list[int], steps: int, forced: list[int] | None = None) -> Generation:
-    """Greedy decoding, one prompt pass then ``steps - 1`` decode steps through the KV cache.
-
-    With ``forced``, the given tokens are fed instead of the model's own choices (teacher forcing), so
-    two models can be compared position by position on the same sequence.
-    """
-    ids = np.array([prompt], dtype=np.int64)
-    mask = np.ones_like(ids)
-    logits, past = model.step(ids, mask, None)
-    rows = [logits[0]]
-    tokens: list[int] = []
-    for i in range(steps):
-        nxt = int(np.argmax(rows[-1][-1])) if forced is None else forced[i]
-        tokens.append(nxt)
-        if i == steps - 1:
-            break
-        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-        logits, past = model.step(np.array([[nxt]], dtype=np.int64), mask, past)
-        rows.append(logits[0])
-    return Generation(tokens=tokens, logits=np.concatenate(rows, axis=0))
+    """Greedy decoding of one prompt (batch 1); see ``generate``."""
+    return generate(model, [prompt], steps, None if forced is None else [forced])[0]

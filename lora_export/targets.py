@@ -1,13 +1,15 @@
 """Deployment targets: TOML profiles under ``targets/`` that fix everything an export needs.
 
 A target is loaded, checked against the schema below (every problem in a file reported at once), and
-turned into a frozen ``Target``. ``lora-export targets list|show`` reads the same files.
+turned into a frozen ``Target``. Parity tolerances default by precision (``DEFAULT_TOLERANCES``); a
+target's ``[tolerances]`` table overrides them field by field. ``lora-export targets list|show`` reads the
+same files.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import BadInput, Problem, raise_if
@@ -30,21 +32,35 @@ class Quantization:
     block_size: int = 32
     symmetric: bool = True
     lm_head: str = "int8"  # precision kept for the output projection when the body is quantized
+    sensitive_layers: str = "int4"  # "int8": llama.cpp's mixed strategy (first/last eighth, every third qkv/down)
+    accuracy_level: int = 0  # MatMulNBits compute type: 1 fp32, 2 fp16, 3 bf16, 4 int8 activations; 0 the default
 
 
 @dataclass(frozen=True)
 class Tolerances:
-    """Parity thresholds. A field left as None is not checked."""
+    """Parity thresholds. A field left as None (or 0 for greedy_tokens) is not checked."""
 
     max_abs_diff: float | None = None
-    mean_kl: float | None = None
+    mean_kl: float | None = None  # KL(reference || export), mean over compared positions
     top1_agreement: float | None = None
-    greedy_match: bool = False  # the greedy continuation must be identical to the reference's
+    greedy_tokens: int = 0  # this many greedily generated tokens must be identical to the reference's
+    min_adapter_retention: float | None = None  # 1 - KL(adapted || export) / KL(adapted || base)
+
+
+# Defaults by precision class (the quantization scheme when weights are quantized, else the precision).
+DEFAULT_TOLERANCES: dict[str, Tolerances] = {
+    "fp32": Tolerances(max_abs_diff=1e-4, greedy_tokens=64),
+    "fp16": Tolerances(mean_kl=1e-3, top1_agreement=0.995),
+    "bf16": Tolerances(mean_kl=1e-3, top1_agreement=0.995),
+    "int8": Tolerances(mean_kl=0.01, top1_agreement=0.98),
+    "int4": Tolerances(mean_kl=0.05, top1_agreement=0.92, min_adapter_retention=0.8),
+    "nf4": Tolerances(mean_kl=0.05, top1_agreement=0.92, min_adapter_retention=0.8),
+}
 
 
 @dataclass(frozen=True)
 class LatencyBudget:
-    max_ratio: float = 1.10  # merged / base median decode latency must stay below this
+    max_ratio: float = 1.10  # merged / base median decode latency must stay at or below this
 
 
 @dataclass(frozen=True)
@@ -52,50 +68,65 @@ class Target:
     name: str
     description: str
     runtime: str
-    execution_provider: str
+    execution_providers: tuple[str, ...]  # in priority order, as ONNX Runtime takes them
     precision: str
     backend: str
     opset: int
     quantization: Quantization
     tolerances: Tolerances
     latency: LatencyBudget
-    source: str
+    source: str = field(default="", compare=False)
+
+    @property
+    def precision_class(self) -> str:
+        return self.quantization.scheme if self.quantization.scheme != "none" else self.precision
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-_SECTIONS = {
-    "": {"name": str, "description": str, "runtime": str, "execution_provider": str, "precision": str,
+_SCHEMA = {
+    "": {"name": str, "description": str, "runtime": str, "execution_providers": list, "precision": str,
          "backend": str, "opset": int},
-    "quantization": {"scheme": str, "block_size": int, "symmetric": bool, "lm_head": str},
-    "tolerances": {"max_abs_diff": float, "mean_kl": float, "top1_agreement": float, "greedy_match": bool},
+    "quantization": {"scheme": str, "block_size": int, "symmetric": bool, "lm_head": str, "sensitive_layers": str,
+                     "accuracy_level": int},
+    "tolerances": {"max_abs_diff": float, "mean_kl": float, "top1_agreement": float, "greedy_tokens": int,
+                   "min_adapter_retention": float},
     "latency": {"max_ratio": float},
 }
-_REQUIRED = ("name", "runtime", "execution_provider", "precision", "backend")
+_REQUIRED = ("name", "runtime", "execution_providers", "precision", "backend")
 
 
-def _check_types(where: str, data: dict, problems: list[Problem]) -> None:
-    for section, fields in _SECTIONS.items():
+def _type_ok(value, want) -> bool:
+    if isinstance(value, bool):
+        return want is bool
+    if want is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, want)
+
+
+def _typed(where: str, data: dict, problems: list[Problem]) -> dict[str, dict]:
+    """Every field of known name and right type, by section; problems for the rest."""
+    good: dict[str, dict] = {}
+    for section, fields in _SCHEMA.items():
         table = data if section == "" else data.get(section, {})
-        label = f"[{section}]" if section else "top level"
+        label = f"[{section}]" if section else "the top level"
+        good[section] = {}
         if not isinstance(table, dict):
-            problems.append(Problem(where, f"{label} must be a table", f"write it as [{section}] with key = value lines"))
+            problems.append(Problem(where, f"{section} must be a table", f"write it as [{section}] with key = value lines"))
             continue
         for key, value in table.items():
-            if section == "" and key in _SECTIONS:
+            if section == "" and key in _SCHEMA:
                 continue
             if key not in fields:
                 problems.append(Problem(where, f"unknown field '{key}' in {label}",
                                         f"remove it; known fields there: {', '.join(fields)}"))
-                continue
-            want = fields[key]
-            ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-            if want is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok:
-                problems.append(Problem(where, f"'{key}' in {label} must be {want.__name__}, got {value!r}",
-                                        f"give {key} a {want.__name__} value"))
+            elif not _type_ok(value, fields[key]):
+                problems.append(Problem(where, f"'{key}' in {label} must be {fields[key].__name__}, got {value!r}",
+                                        f"give {key} a {fields[key].__name__} value"))
+            else:
+                good[section][key] = float(value) if fields[key] is float else value
+    return good
 
 
 def parse_target(data: dict, where: str) -> Target:
@@ -104,48 +135,54 @@ def parse_target(data: dict, where: str) -> Target:
     from .quantize import SCHEMES
 
     problems: list[Problem] = []
-    _check_types(where, data, problems)
+    good = _typed(where, data, problems)
+    top = good[""]
     for key in _REQUIRED:
         if key not in data:
             problems.append(Problem(where, f"missing required field '{key}'", f"add {key} = ... at the top level"))
-    raise_if(problems)
 
-    q = Quantization(**data.get("quantization", {}))
-    t = Tolerances(**{k: (float(v) if isinstance(v, int) and k != "greedy_match" else v)
-                      for k, v in data.get("tolerances", {}).items()})
-    lat = LatencyBudget(**{k: float(v) for k, v in data.get("latency", {}).items()})
-    if data["runtime"] not in RUNTIMES:
-        problems.append(Problem(where, f"unknown runtime '{data['runtime']}'", f"use one of {', '.join(RUNTIMES)}"))
-    if data["execution_provider"] not in PROVIDERS:
-        problems.append(Problem(where, f"unknown execution_provider '{data['execution_provider']}'",
-                                f"use one of {', '.join(PROVIDERS)}"))
-    if data["precision"] not in PRECISIONS:
-        problems.append(Problem(where, f"unknown precision '{data['precision']}'", f"use one of {', '.join(PRECISIONS)}"))
-    if data["backend"] not in BACKENDS:
-        problems.append(Problem(where, f"unknown backend '{data['backend']}'", f"use one of {', '.join(BACKENDS)}"))
-    if q.scheme not in SCHEMES:
-        problems.append(Problem(where, f"unknown quantization scheme '{q.scheme}'", f"use one of {', '.join(SCHEMES)}"))
-    elif q.scheme != "none":
-        problems += [Problem(where, p, "change [quantization] accordingly") for p in SCHEMES[q.scheme].check(q)]
-    if data["precision"] in ("fp16", "bf16") and data["execution_provider"] == "CPUExecutionProvider":
-        problems.append(Problem(where, f"precision {data['precision']} is not supported on CPUExecutionProvider",
-                                "use precision = \"fp32\" on the CPU, or a CUDA execution provider"))
-    if not any(v is not None and v is not False for v in asdict(t).values()):
-        problems.append(Problem(where, "[tolerances] sets no check, so parity could never fail",
-                                "set at least one of max_abs_diff, mean_kl, top1_agreement, greedy_match"))
+    def one_of(key, allowed, section=""):
+        value = (good[section] if section else top).get(key)
+        if value is not None and value not in allowed:
+            problems.append(Problem(where, f"unknown {key} '{value}'", f"use one of {', '.join(allowed)}"))
+
+    one_of("runtime", RUNTIMES)
+    one_of("precision", PRECISIONS)
+    one_of("backend", tuple(BACKENDS))
+    one_of("scheme", tuple(SCHEMES), "quantization")
+    providers = top.get("execution_providers")
+    if providers is not None:
+        unknown = [p for p in providers if p not in PROVIDERS]
+        if unknown or not providers:
+            problems.append(Problem(where, f"execution_providers {providers!r} has unknown or no entries",
+                                    f"list one or more of {', '.join(PROVIDERS)}"))
+        elif top.get("precision") in ("fp16", "bf16") and providers[0] == "CPUExecutionProvider":
+            problems.append(Problem(where, f"precision {top['precision']} is not supported on CPUExecutionProvider",
+                                    'use precision = "fp32" on the CPU, or a CUDA execution provider'))
+    quant = Quantization(**good["quantization"])
+    if quant.scheme in SCHEMES:
+        problems += [Problem(where, p, "change [quantization] accordingly") for p in SCHEMES[quant.scheme].check(quant)]
+
+    tol = good["tolerances"]
     for key in ("mean_kl", "max_abs_diff"):
-        if getattr(t, key) is not None and getattr(t, key) < 0:
+        if tol.get(key, 0) < 0:
             problems.append(Problem(where, f"tolerances.{key} is negative", "use a value >= 0"))
-    if t.top1_agreement is not None and not 0 <= t.top1_agreement <= 1:
-        problems.append(Problem(where, "tolerances.top1_agreement must lie in [0, 1]", "write it as a fraction, e.g. 0.92"))
-    if lat.max_ratio <= 0:
+    for key in ("top1_agreement", "min_adapter_retention"):
+        if not 0 <= tol.get(key, 0) <= 1:
+            problems.append(Problem(where, f"tolerances.{key} must lie in [0, 1]", "write it as a fraction, e.g. 0.92"))
+    if tol.get("greedy_tokens", 0) < 0:
+        problems.append(Problem(where, "tolerances.greedy_tokens is negative", "use a token count such as 64, or 0"))
+    if good["latency"].get("max_ratio", 1.0) <= 0:
         problems.append(Problem(where, "latency.max_ratio must be positive", "use a ratio such as 1.10"))
     raise_if(problems)
-    return Target(
-        name=data["name"], description=data.get("description", ""), runtime=data["runtime"],
-        execution_provider=data["execution_provider"], precision=data["precision"], backend=data["backend"],
-        opset=data.get("opset", 21), quantization=q, tolerances=t, latency=lat, source=where,
+
+    target = Target(
+        name=top["name"], description=top.get("description", ""), runtime=top["runtime"],
+        execution_providers=tuple(providers), precision=top["precision"], backend=top["backend"],
+        opset=top.get("opset", 21), quantization=quant, tolerances=Tolerances(), latency=LatencyBudget(**good["latency"]),
+        source=where,
     )
+    return replace(target, tolerances=replace(DEFAULT_TOLERANCES[target.precision_class], **tol))
 
 
 def load_target(name_or_path: str | Path) -> Target:

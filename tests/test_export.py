@@ -80,16 +80,19 @@ def test_int4_export_quantizes_the_body_keeps_lm_head_int8_and_keeps_the_adapter
     from lora_export import parity
     from lora_export.adapters import load_adapter
     from lora_export.base import load_tokenizer
-    from lora_export.pipeline import parity_prompts
+    from lora_export.pipeline import load_prompts
     from lora_export.reference import load_adapted
 
     r = export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-int4", out=tmp_path / "int4"))
     graph = onnx.load(str(r.out / "model.onnx"), load_external_data=False).graph
     nbits = {n.name: {a.name: a.i for a in n.attribute}.get("bits") for n in graph.node if n.op_type == "MatMulNBits"}
     assert nbits.pop("/lm_head/MatMul_Q8") == 8
-    assert len(nbits) == 2 * 5 and set(nbits.values()) == {4}  # per layer: fused qkv, o, gate, up, down
+    assert len(nbits) == 2 * 5  # per layer: fused qkv, o, gate, up, down
+    assert sorted(nbits.values()).count(4) >= 5 and set(nbits.values()) <= {4, 8}  # sensitive layers at int8
     # adapter retention: the int4 export stays far closer to the adapted model than the base is
     trained = TorchCausalLM(load_adapted(tiny_base, load_adapter(tiny_adapter, tiny_base)))
-    prompts = parity_prompts(load_tokenizer(tiny_base), 4)
-    base_kl = parity.measure(trained, TorchCausalLM(load_fp32(tiny_base)), prompts, 8).mean_kl
-    assert r.parity.metrics.mean_kl < 0.25 * base_kl, (r.parity.metrics.mean_kl, base_kl)
+    prompts = load_prompts(load_tokenizer(tiny_base))[0][:4]
+    shape = parity.Shape("b1", tuple((tuple(p),) for p in prompts))
+    _, stages, retention = parity.measure(trained, TorchCausalLM(load_fp32(tiny_base)), [shape], 8)
+    assert r.parity.adapter_retention > 0.75, r.parity.adapter_retention
+    assert r.parity.stages["total"].mean_kl < 0.25 * stages["total"].mean_kl

@@ -5,6 +5,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import onnx
+import pytest
 from onnx import numpy_helper
 
 from lora_export.cli import main
@@ -32,7 +33,8 @@ def test_good_export_passes(fp32_export, tmp_path, capsys):
     rc = main(["validate", str(fp32_export.out), "--junit", str(tmp_path / "p.xml"), "--report", str(tmp_path / "p.json")])
     assert rc == 0, capsys.readouterr()
     suite = ET.parse(tmp_path / "p.xml").getroot()
-    assert suite.get("failures") == "0" and int(suite.get("tests")) == 2
+    # one test case per metric and shape: 3 shapes x (max_abs_diff, greedy_identical_tokens)
+    assert suite.get("failures") == "0" and int(suite.get("tests")) == 6
 
 
 def test_perturbed_export_fails_naming_the_metric(fp32_export, tmp_path, capsys):
@@ -41,17 +43,48 @@ def test_perturbed_export_fails_naming_the_metric(fp32_export, tmp_path, capsys)
     rc = main(["validate", str(bad), "--junit", str(tmp_path / "p.xml")])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "parity FAILED: max_abs_diff" in err and "needs <= 0.0001" in err
+    assert "parity FAILED: b1-short/max_abs_diff" in err and "needs <= 0.0001" in err
     suite = ET.parse(tmp_path / "p.xml").getroot()
-    failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None]
-    assert "max_abs_diff" in failed and suite.get("failures") == str(len(failed))
+    failed = [(c.get("classname").rsplit(".", 1)[-1], c.get("name")) for c in suite.iter("testcase")
+              if c.find("failure") is not None]
+    assert ("b2-padded", "max_abs_diff") in failed and suite.get("failures") == str(len(failed))
 
 
-def test_targets_tolerances_are_the_ones_applied(fp32_export, tmp_path):
+def test_report_schema_and_stages(fp32_export):
     import json
 
     report = json.loads((fp32_export.out / "parity.json").read_text())
-    assert report["schema_version"] == 1
-    checks = {c["metric"]: c for c in report["checks"]}
-    assert checks["max_abs_diff"]["threshold"] == 1e-4 and checks["greedy_match"]["threshold"] == 1.0
-    assert report["metrics"]["positions"] > report["metrics"]["prompts"]  # decode steps were compared too
+    assert report["schema_version"] == 2 and report["passed"] is True
+    assert set(report["shapes"]) == {"b1-short", "b1-long", "b2-padded"}
+    assert report["steps"] == 64  # fp32: a 64-token greedy continuation must be identical
+    for m in report["shapes"].values():
+        assert m["greedy_min_identical"] == 64 and m["positions"] > 64 * m["sequences"]
+    # merging into the nf4 base reproduces the trained model; the adapter changed the model a lot more
+    assert report["stages"]["merge"]["max_abs_diff"] < 1e-4
+    assert report["stages"]["adapter"]["mean_kl"] > 1e3 * report["stages"]["total"]["mean_kl"]
+    assert report["adapter_retention"] > 0.999
+
+
+def test_a_targets_tolerances_are_the_ones_applied(tiny_base, tiny_adapter, tmp_path, capsys):
+    strict = tmp_path / "strict.toml"
+    strict.write_text('name = "strict"\nruntime = "onnxruntime"\nexecution_providers = ["CPUExecutionProvider"]\n'
+                      'precision = "fp32"\nbackend = "genai-builder"\n[tolerances]\nmax_abs_diff = 1e-12\n')
+    rc = main(["export", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--target", str(strict),
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "max_abs_diff" in err and "needs <= 1e-12" in err
+    assert (tmp_path / "out" / "model.onnx").is_file()  # the export is complete; its verdict is the exit code
+
+
+def test_metrics_on_synthetic_logits():
+    from lora_export.parity import compare
+    from lora_export.runtime import Generation
+
+    rng = np.random.default_rng(0)
+    ref = [Generation([1, 2], rng.normal(0, 3, (5, 50)))]
+    same = compare(ref, ref, own=ref)
+    assert same.max_abs_diff == 0 and same.mean_kl == 0 and same.top1_agreement == 1 and same.rel_l2 == 0
+    assert same.cosine == pytest.approx(1) and same.greedy_min_identical == 2
+    shifted = compare(ref, [Generation([1, 3], ref[0].logits + 5.0)], own=[Generation([1, 3], ref[0].logits)])
+    assert shifted.max_abs_diff == pytest.approx(5) and shifted.mean_kl == pytest.approx(0, abs=1e-12)
+    assert shifted.greedy_min_identical == 1  # softmax ignores the shift; the second greedy token differs

@@ -34,9 +34,9 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path) -> None:
     if arch not in ARCHITECTURES:
         raise BadInput.one(str(checkpoint / "config.json"), f"architecture {arch} is not supported by the "
                            f"genai-builder backend", f"use a model of one of: {', '.join(ARCHITECTURES)}")
-    if target.execution_provider not in PROVIDERS:
-        raise BadInput.one(target.source, f"execution provider {target.execution_provider} is not supported by "
-                           "the genai-builder backend", f"use one of {', '.join(PROVIDERS)}")
+    if not any(p in PROVIDERS for p in target.execution_providers):
+        raise BadInput.one(target.source, f"execution providers {', '.join(target.execution_providers)} are not "
+                           "supported by the genai-builder backend", f"include one of {', '.join(PROVIDERS)}")
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise BadInput.one("onnxruntime-genai", "the graph builder is not installed",
                            'pip install "lora-export[cpu]" (or "lora-export[gpu]" for CUDA)')
@@ -46,7 +46,7 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path) -> None:
         sys.executable, "-m", "onnxruntime_genai.models.builder",
         "-i", str(checkpoint), "-o", str(out_dir),
         "-p", scheme.builder_precision(target.quantization, target.precision),
-        "-e", PROVIDERS[target.execution_provider],
+        "-e", _builder_ep(target),
         "-c", str(out_dir.parent / (out_dir.name + ".cache")),
         "--extra_options", *[f"{k}={v}" for k, v in options.items()],
     ]
@@ -59,6 +59,15 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path) -> None:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:])
         raise BuildFailed(f"the onnxruntime-genai builder failed (exit {proc.returncode}); last lines of "
                           f"{log_path}:\n{tail}")
+    scheme.post_process(out_dir, target.quantization)
+
+
+def _builder_ep(target) -> str:
+    """The builder's -e: TensorRT runs the CUDA graph (nodes it cannot take fall back to CUDA)."""
+    for provider in target.execution_providers:
+        if provider in PROVIDERS:
+            return PROVIDERS[provider]
+    raise AssertionError("checked in build()")
 
 
 def _rmtree(path: Path) -> None:

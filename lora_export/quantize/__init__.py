@@ -1,9 +1,10 @@
 """Weight quantization schemes, registered by name. Targets name one in ``[quantization] scheme``."""
 
-from .int4 import INT4
+from .int4 import INT4, INT8
+from .nf4 import NF4_SCHEME
 from .none import NONE
 from .scheme import Scheme
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (NONE, INT4)}
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (NONE, INT8, INT4, NF4_SCHEME)}
 
 __all__ = ["SCHEMES", "Scheme"]

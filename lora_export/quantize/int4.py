@@ -1,39 +1,61 @@
-"""int4 block-wise weight-only quantization for ONNX Runtime's MatMulNBits.
+"""int4 and int8 block-wise weight-only quantization for ONNX Runtime's MatMulNBits.
 
 The quantization itself is ONNX Runtime's own ``MatMulNBitsQuantizer`` (round-to-nearest, per block),
-run by the onnxruntime-genai builder on the merged fp32 weights. The output projection is kept at int8
-by default: an int4 lm_head is a known cause of repetition (FACTS.md, failure 9).
+run by the onnxruntime-genai builder on the merged fp32 weights. For int4 the output projection is kept
+at int8 by default: an int4 lm_head is a known cause of repetition (FACTS.md, failure 9).
+``sensitive_layers = "int8"`` also keeps the most quantization-sensitive MatMuls at int8 (llama.cpp's mixed
+strategy: the first and last eighth of the layers and every third layer's qkv and down projections).
 """
 
 from .scheme import Scheme
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-LM_HEAD = ("int8", "int4", "fp32")
+LM_HEAD = ("int8", "int4", "unquantized")
+SENSITIVE = ("int4", "int8")
+
+
+def _common(q) -> dict:
+    opts = {"block_size": str(q.block_size), "is_symmetric": str(q.symmetric).lower()}
+    if q.accuracy_level:
+        opts["accuracy_level"] = str(q.accuracy_level)
+    return opts
 
 
 def _options(q) -> dict:
-    opts = {"block_size": str(q.block_size), "is_symmetric": str(q.symmetric).lower()}
+    opts = _common(q)
+    mixed = []
     # The builder shares a tied embedding with lm_head; a shared matrix cannot be int4 on one side and
-    # int8/fp32 on the other (it emits an invalid graph), so the two are stored separately then.
+    # int8/unquantized on the other (it emits an invalid graph), so the two are stored separately then.
     if q.lm_head == "int8":
-        opts.update(matmul_mixed_precision="last_matmul:int8", shared_embeddings="false")
-    elif q.lm_head == "fp32":
+        mixed.append("last_matmul:int8")
+        opts["shared_embeddings"] = "false"
+    elif q.lm_head == "unquantized":
         opts.update(nodes_to_exclude="/lm_head/MatMul", shared_embeddings="false")
+    if q.sensitive_layers == "int8":
+        mixed.append("mixed_layers:int8")
+    if mixed:
+        opts["matmul_mixed_precision"] = ",".join(mixed)
     return opts
 
 
 def _check(q) -> list[str]:
     problems = []
     if q.block_size not in BLOCK_SIZES:
-        problems.append(f"int4 block_size {q.block_size} is not supported (use one of {BLOCK_SIZES})")
+        problems.append(f"block_size {q.block_size} is not supported for MatMulNBits (use one of {BLOCK_SIZES})")
     if q.lm_head not in LM_HEAD:
         problems.append(f"lm_head = '{q.lm_head}' is not one of {LM_HEAD}")
+    if q.accuracy_level not in (0, 1, 2, 3, 4):
+        problems.append(f"accuracy_level {q.accuracy_level} is not one of 0 (default), 1, 2, 3, 4")
+    if q.sensitive_layers not in SENSITIVE:
+        problems.append(f"sensitive_layers = '{q.sensitive_layers}' is not one of {SENSITIVE}")
     return problems
 
 
-INT4 = Scheme(
-    name="int4",
-    builder_precision=lambda q, precision: "int4",
-    builder_options=_options,
-    check=_check,
+INT4 = Scheme(name="int4", builder_precision=lambda q, precision: "int4", builder_options=_options, check=_check)
+
+INT8 = Scheme(
+    name="int8",
+    builder_precision=lambda q, precision: "int8",
+    builder_options=_common,
+    check=lambda q: [p for p in _check(q) if "lm_head" not in p and "sensitive" not in p],
 )

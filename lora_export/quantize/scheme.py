@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
+
+
+def _nothing(model_dir: Path, quantization) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -15,3 +20,5 @@ class Scheme:
     builder_options: Callable[[object], dict]
     #: (Quantization) -> problems with the scheme's parameters, as sentences
     check: Callable[[object], list]
+    #: (export dir, Quantization) -> None: rewrites model.onnx after the builder, for schemes it lacks
+    post_process: Callable[[Path, object], None] = _nothing
