@@ -126,7 +126,7 @@ def measure(merged, base, prompt: list[int], new_tokens: int, rounds: int, warmu
 
 
 def bench(merged_dir: Path, base_dir: Path, prompt: list[int], max_ratio: float, providers,
-          new_tokens: int = 64, rounds: int = 30, threads: int = 1, progress=None) -> BenchResult:
+          new_tokens: int = 64, rounds: int = 100, threads: int = 1, progress=None) -> BenchResult:
     """Time merged against base. One intra-op thread by default: what is compared is the work each graph
     does, and on a small CPU, thread hand-offs at sub-millisecond kernel times would drown the ratio."""
     from .runtime import OrtCausalLM

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="latency of the merged export against the base export")
     b.add_argument("export_dir", type=Path)
     b.add_argument("--json", type=Path, help="also write the JSON results here")
-    b.add_argument("--rounds", type=int, default=30, help="interleaved rounds (doubled once if inconclusive)")
+    b.add_argument("--rounds", type=int, default=100, help="interleaved rounds (doubled once if inconclusive)")
 
     g = sub.add_parser("targets", help="list or show deployment targets")
     g.add_argument("action", nargs="?", choices=["list", "show"], default="list")

@@ -53,7 +53,7 @@ def default_out(cwd: Path | None = None) -> Path:
 
 
 def demo(out: Path | None = None, progress=print, targets=TARGETS, training: dict | None = None,
-         bench_rounds: int = 30, base_dir: Path = EMBEDDED / "base", data_dir: Path = EMBEDDED / "demo") -> DemoResult:
+         bench_rounds: int = 100, base_dir: Path = EMBEDDED / "base", data_dir: Path = EMBEDDED / "demo") -> DemoResult:
     """Run the whole pipeline; ``base_dir`` and ``data_dir`` (train.jsonl, eval.jsonl) default to the embedded ones."""
     out = Path(out) if out else default_out()
     check_new_output(out)

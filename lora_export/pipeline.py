@@ -175,7 +175,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     return report
 
 
-def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, rounds: int = 30) -> latency.BenchResult:
+def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, rounds: int = 100) -> latency.BenchResult:
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")

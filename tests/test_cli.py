@@ -70,3 +70,22 @@ def test_validate_and_bench_on_an_export(fp32_export, tmp_path, capsys):
     assert result["graphs_identical"] is True  # zero overhead by construction: same graph as the base export
     assert result["merged"]["decode_ms_median"] > 0 and result["verdict"] in ("zero overhead", "overhead", "inconclusive")
     assert (fp32_export.out / "bench.md").is_file() and "merged/base" in out
+
+
+def test_example_ci_workflow_uses_real_commands():
+    """Every lora-export command in the example CI workflow parses with the real CLI."""
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from lora_export.cli import build_parser
+
+    workflow = Path(__file__).resolve().parents[1] / "examples" / "ci" / "parity-gate.yml"
+    steps = yaml.safe_load(workflow.read_text())["jobs"]["parity"]["steps"]
+    commands = [s["run"] for s in steps if "lora-export " in s.get("run", "") and "pip install" not in s["run"]]
+    assert len(commands) == 2
+    for command in commands:
+        argv = shlex.split(command.replace("${{ matrix.target }}", "ort-cpu-int4"))
+        assert argv[0] == "lora-export"
+        build_parser().parse_args(argv[1:])  # exits 2 on an unknown flag
