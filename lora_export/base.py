@@ -16,11 +16,24 @@ class Nf4Settings:
     quant_type: str = "nf4"
     double_quant: bool = True
     blocksize: int = 64
-    compute_dtype: str = "float32"
-    quant_storage: str = "uint8"
+    compute_dtype: str = "float32"  # bfloat16 on a GPU
+    quant_storage: str = "uint8"  # bfloat16 for FSDP-QLoRA, so that sharded params share one dtype
+    load_dtype: str = "float32"  # the dtype the weights had when they were quantized
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def device_map():
+    """Each process's own GPU under accelerate/torchrun (LOCAL_RANK), else the CPU."""
+    import os
+
+    import torch
+
+    return {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
 
 
 def check_base(base_dir: str | Path) -> Path:
@@ -80,17 +93,40 @@ def bnb_config(nf4: Nf4Settings):
 def load_nf4(base_dir: Path, nf4: Nf4Settings):
     """The base as QLoRA sees it: every linear layer but the output head in 4-bit NF4 via bitsandbytes.
 
-    transformers exposes no block-size option, so only bitsandbytes' default (64) is accepted for now.
+    transformers quantizes with bitsandbytes' default block size (64) and has no option for another; for
+    another block size each 4-bit layer is quantized again by bitsandbytes from the checkpoint's weights.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    if nf4.blocksize != 64:
-        raise BadInput.one("nf4.blocksize", f"block size {nf4.blocksize} is not supported yet", "use 64")
-    return AutoModelForCausalLM.from_pretrained(
-        str(base_dir), quantization_config=bnb_config(nf4), dtype=torch.float32, device_map="cpu",
-        trust_remote_code=False, use_safetensors=True,
+    if nf4.blocksize not in BLOCKSIZES:
+        raise BadInput.one("--blocksize", f"block size {nf4.blocksize} is not supported by bitsandbytes",
+                           f"use one of {', '.join(map(str, BLOCKSIZES))}")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), quantization_config=bnb_config(nf4), dtype=getattr(torch, nf4.load_dtype),
+        device_map=device_map(), trust_remote_code=False, use_safetensors=True,
     ).eval()
+    if nf4.blocksize != 64:
+        _requantize(model, base_dir, nf4)
+    return model
+
+
+def _requantize(model, base_dir: Path, nf4: Nf4Settings) -> None:
+    import bitsandbytes as bnb
+    import torch
+    from safetensors import safe_open
+
+    layers = {f"{name}.weight": mod for name, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
+    for path in sorted(Path(base_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in set(f.keys()) & set(layers):
+                mod = layers[key]
+                device = mod.weight.device
+                w = f.get_tensor(key).to(getattr(torch, nf4.load_dtype))
+                param = bnb.nn.Params4bit(w, requires_grad=False, blocksize=nf4.blocksize,
+                                          compress_statistics=nf4.double_quant, quant_type=nf4.quant_type,
+                                          quant_storage=getattr(torch, nf4.quant_storage))
+                mod.weight = param._quantize(device)
 
 
 def quantized_module_names(model) -> list[str]:

@@ -41,18 +41,31 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole pipeline on the embedded default")
     d.add_argument("--out", type=Path, help="output folder (default: a new ./lora-export-demo-N)")
 
-    t = sub.add_parser("train", help="train a QLoRA adapter on a 4-bit NF4 base")
+    t = sub.add_parser("train", help="train a QLoRA adapter on a 4-bit NF4 base (or plain LoRA)")
     t.add_argument("--base", type=Path, required=True)
-    t.add_argument("--data", type=Path, required=True, help="JSONL: {text} or {prompt, completion} records")
+    t.add_argument("--data", type=Path, required=True, help="JSONL: {text}, {prompt, completion} or {messages} records")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--alpha", type=float, default=16.0)
     t.add_argument("--dropout", type=float, default=0.0)
     t.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated names")
     t.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    t.add_argument("--dora", action="store_true", help="weight-decomposed LoRA")
+    t.add_argument("--modules-to-save", default="", help="comma-separated modules trained in full (e.g. lm_head)")
+    t.add_argument("--no-quant", action="store_true", help="plain LoRA on the full-precision base")
+    t.add_argument("--blocksize", type=int, default=64, help="NF4 block size")
+    t.add_argument("--quant-storage", default="uint8", choices=["uint8", "bfloat16", "float16", "float32"],
+                   help="storage dtype of the 4-bit weights (bfloat16 for FSDP)")
+    t.add_argument("--no-double-quant", action="store_true")
     t.add_argument("--steps", type=int, default=100)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--max-length", type=int, default=256)
+    t.add_argument("--packing", action="store_true", help="concatenate examples into --max-length blocks")
+    t.add_argument("--eval-split", type=float, default=0.0, help="share of examples held out for the eval loss")
+    t.add_argument("--eval-data", type=Path, help="a separate JSONL for the eval loss")
+    t.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--seed", type=int, default=0)
 
     e = sub.add_parser("export", help="merge an adapter and export ONNX for a target, then validate parity")
@@ -95,12 +108,20 @@ def _run(args) -> int:
                 print(f"{name:24s} {load_target(name).description}")
         return EXIT_OK
     if args.command == "train":
+        from .base import Nf4Settings
         from .train import TrainConfig, train
 
-        r = train(TrainConfig(base=args.base, data=args.data, out=args.out, rank=args.rank, alpha=args.alpha,
-                              dropout=args.dropout, target_modules=args.target_modules, use_rslora=args.rslora,
-                              steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed), log=say)
-        print(f"adapter written to {r.adapter_dir} (loss {r.first_loss:.3f} -> {r.final_loss:.3f})")
+        nf4 = Nf4Settings(double_quant=not args.no_double_quant, blocksize=args.blocksize, compute_dtype="auto",
+                          quant_storage=args.quant_storage)
+        r = train(TrainConfig(
+            base=args.base, data=args.data, out=args.out, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+            target_modules=args.target_modules, use_rslora=args.rslora, use_dora=args.dora,
+            modules_to_save=tuple(m for m in args.modules_to_save.split(",") if m), quantize=not args.no_quant,
+            steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+            packing=args.packing, eval_split=args.eval_split, eval_data=args.eval_data, save_steps=args.save_steps,
+            resume=args.resume, seed=args.seed, nf4=nf4), log=say)
+        evaluated = f", eval loss {r.eval_loss:.3f}" if r.eval_loss is not None else ""
+        print(f"adapter written to {r.adapter_dir} (loss {r.first_loss:.3f} -> {r.final_loss:.3f}{evaluated})")
         return EXIT_OK
     if args.command == "export":
         from .pipeline import ExportRequest, export

@@ -1,6 +1,8 @@
-"""Training and evaluation data: JSONL with ``{"text"}`` or ``{"prompt", "completion"}`` records.
+"""Training and evaluation data: JSONL with ``{"text"}``, ``{"prompt", "completion"}`` or ``{"messages"}`` records.
 
 Every bad line is reported with its file and line number, all at once, before any training starts.
+Chat records are turned into prompt + completion by the tokenizer's chat template (``to_prompt_completion``):
+the completion is the final assistant message, the prompt everything before it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ from .errors import BadInput, Problem, raise_if
 class Example:
     prompt: str  # text the loss ignores ("" for plain text records)
     completion: str  # text the loss is computed on
+    messages: tuple = ()  # ((role, content), ...) for chat records; prompt/completion come from the template
+
+
+def _messages(rec) -> tuple | None:
+    msgs = rec.get("messages") if isinstance(rec, dict) else None
+    if not isinstance(msgs, list) or not msgs:
+        return None
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in msgs):
+        return None
+    if msgs[-1]["role"] != "assistant":
+        return None
+    return tuple((m["role"], m["content"]) for m in msgs)
 
 
 @dataclass(frozen=True)
@@ -47,9 +62,12 @@ def load_jsonl(path: str | Path) -> Dataset:
         elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str) \
                 and rec["completion"]:
             examples.append(Example(rec["prompt"], rec["completion"]))
+        elif (msgs := _messages(rec)) is not None:
+            examples.append(Example("", "", msgs))
         else:
-            problems.append(Problem(where, "record has neither a non-empty 'text' nor 'prompt' + 'completion'",
-                                    'use {"text": "..."} or {"prompt": "...", "completion": "..."}'))
+            problems.append(Problem(where, "record is none of {text}, {prompt, completion}, {messages ending with an "
+                                    "assistant turn}", 'use {"text": "..."}, {"prompt": "...", "completion": "..."} or '
+                                    '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}'))
         if len(problems) >= 20:
             problems.append(Problem(str(path), "stopped after 20 bad lines", "fix these and run again"))
             break
@@ -57,3 +75,21 @@ def load_jsonl(path: str | Path) -> Dataset:
         problems.append(Problem(str(path), "the dataset is empty", "add at least one record"))
     raise_if(problems)
     return Dataset(path=path, sha256=hashlib.sha256(raw).hexdigest(), examples=tuple(examples))
+
+
+def to_prompt_completion(example: Example, tok) -> tuple[str, str]:
+    """(prompt, completion) of an example; chat records go through the tokenizer's chat template.
+
+    A tokenizer without a chat template gets a plain one ("role: content" lines), said in the manifest.
+    """
+    if not example.messages:
+        return example.prompt, example.completion
+    msgs = [{"role": r, "content": c} for r, c in example.messages]
+    if getattr(tok, "chat_template", None):
+        prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(msgs, tokenize=False)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):]
+        return prompt, msgs[-1]["content"]
+    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in msgs[:-1]) + "assistant:"
+    return prompt, " " + msgs[-1]["content"]

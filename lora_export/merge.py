@@ -33,12 +33,14 @@ def default_merge_base(adapter: Adapter) -> str:
 def nf4_round_trip(model, names: list[str], nf4: Nf4Settings) -> None:
     """Replace each named linear weight W by dequant(NF4(W)), bit for bit what bitsandbytes trained on."""
     import bitsandbytes.functional as bnbf
+    import torch
 
     modules = dict(model.named_modules())
     for name in names:
         w = modules[name].weight
-        q, state = bnbf.quantize_4bit(w.data, blocksize=nf4.blocksize, compress_statistics=nf4.double_quant,
-                                      quant_type=nf4.quant_type)
+        q, state = bnbf.quantize_4bit(w.data.to(getattr(torch, nf4.load_dtype)), blocksize=nf4.blocksize,
+                                      compress_statistics=nf4.double_quant, quant_type=nf4.quant_type,
+                                      quant_storage=getattr(torch, nf4.quant_storage))
         w.data.copy_(bnbf.dequantize_4bit(q, state).to(w.dtype))
 
 

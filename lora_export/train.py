@@ -1,20 +1,27 @@
 """QLoRA training: a 4-bit NF4 base (bitsandbytes), LoRA through PEFT, the transformers Trainer.
 
 Because the loop is the transformers Trainer, ``accelerate launch`` or ``torchrun`` scale the same call to
-many GPUs. The output is a plain PEFT adapter directory plus ``training_manifest.json``, which records
-how the base was quantized so that the exporter can merge into exactly the weights the adapter saw.
+many GPUs (DDP; FSDP with ``quant_storage = bfloat16``). The output is a plain PEFT adapter directory plus
+``training_manifest.json``, which records how the base was quantized so that the exporter can merge into
+exactly the weights the adapter saw. Checkpoints go to a hidden sibling of the output
+(``.NAME.checkpoints``), so an interrupted run resumes with ``resume=True`` and a finished one leaves only
+the adapter.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
-from dataclasses import dataclass, field
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import base as base_model
 from .base import Nf4Settings
-from .data import load_jsonl
+from .data import load_jsonl, to_prompt_completion
 from .errors import BadInput, Problem, raise_if
 from .fingerprint import fingerprint
 from .outputs import output_problem, staged
@@ -31,22 +38,37 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: str = "all-linear"
-    use_rslora: bool = False
+    target_modules: str = "all-linear"  # or comma-separated module names
+    use_rslora: bool = False  # scale by alpha/sqrt(r)
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()  # trained in full and saved with the adapter (e.g. lm_head)
+    quantize: bool = True  # False: plain LoRA on the full-precision base
     steps: int = 100
     lr: float = 2e-3
     batch_size: int = 8
     max_length: int = 256
+    packing: bool = False  # concatenate examples into max_length blocks
+    eval_split: float = 0.0  # share of the examples held out for the eval loss
+    eval_data: Path | None = None  # or a separate JSONL file for it
+    save_steps: int = 0  # checkpoint every N steps (0: only at the end)
+    resume: bool = False  # continue from the last checkpoint of an interrupted run into the same --out
     seed: int = 0
-    nf4: Nf4Settings = field(default_factory=Nf4Settings)
+    nf4: Nf4Settings = field(default_factory=lambda: Nf4Settings(compute_dtype="auto"))
 
 
 @dataclass(frozen=True)
 class TrainResult:
     adapter_dir: Path
-    final_loss: float
     first_loss: float
+    final_loss: float
+    eval_loss: float | None
     steps: int
+    model: object = field(default=None, repr=False, compare=False)  # the trained PEFT model, in memory
+
+
+def checkpoint_dir(out: Path) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.checkpoints"
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -57,20 +79,47 @@ def _check(cfg: TrainConfig) -> None:
         problems.append(Problem("--steps", f"steps must be positive, got {cfg.steps}", "use --steps 100 or more"))
     if cfg.lr <= 0:
         problems.append(Problem("--lr", f"learning rate must be positive, got {cfg.lr}", "use --lr 2e-4 to 2e-3"))
+    if cfg.batch_size <= 0 or cfg.max_length < 8:
+        problems.append(Problem("--batch-size/--max-length", "batch size must be positive and max length >= 8",
+                                "use e.g. --batch-size 8 --max-length 512"))
+    if not 0 <= cfg.eval_split < 1:
+        problems.append(Problem("--eval-split", f"eval split must lie in [0, 1), got {cfg.eval_split}",
+                                "use a share such as 0.1"))
+    if cfg.save_steps < 0:
+        problems.append(Problem("--save-steps", "must be >= 0", "use e.g. --save-steps 50, or 0"))
     if problem := output_problem(cfg.out):
         problems.append(problem)
+    if cfg.resume and not _last_checkpoint(cfg.out):
+        problems.append(Problem(str(checkpoint_dir(cfg.out)), "no checkpoint to resume from",
+                                "run without --resume, or with the --out of the interrupted run"))
     raise_if(problems)
+
+
+def _last_checkpoint(out: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    d = checkpoint_dir(out)
+    return get_last_checkpoint(str(d)) if d.is_dir() else None
 
 
 def _tokenize(examples, tok, max_length: int) -> list[dict]:
     rows = []
     for ex in examples:
-        prompt = tok(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
-        completion = tok(ex.completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        prompt_text, completion_text = to_prompt_completion(ex, tok)
+        prompt = tok(prompt_text, add_special_tokens=False)["input_ids"] if prompt_text else []
+        completion = tok(completion_text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + prompt + completion
         labels = [-100] * (len(ids) - len(completion)) + completion  # loss on the completion only
         rows.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
     return rows
+
+
+def _pack(rows: list[dict], max_length: int) -> list[dict]:
+    """Concatenate examples into blocks of max_length tokens (labels kept, so prompts stay masked)."""
+    ids = [t for r in rows for t in r["input_ids"]]
+    labels = [t for r in rows for t in r["labels"]]
+    return [{"input_ids": ids[i:i + max_length], "labels": labels[i:i + max_length]}
+            for i in range(0, len(ids) - max_length + 1, max_length)] or rows
 
 
 def _collate(pad_id: int):
@@ -92,27 +141,56 @@ def _collate(pad_id: int):
 
 
 def _lora_targets(model, spec: str):
-    """Resolve the target module spec, and check that names match linear layers of the model."""
+    """Resolve the target module spec; names must match linear layers of the model (listed if not)."""
+    import bitsandbytes as bnb
     import torch
 
     if spec == "all-linear":
         return "all-linear"
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    import bitsandbytes as bnb
-
     linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
               if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit)) and not n.endswith("lm_head")}
     unknown = [n for n in names if n not in linear]
-    if unknown:
-        raise BadInput.one("--target-modules", f"{', '.join(unknown)} match no linear layer of the base",
+    if unknown or not names:
+        raise BadInput.one("--target-modules", f"{', '.join(unknown) or 'nothing'} match no linear layer of the base",
                            f"use 'all-linear' or names among: {', '.join(sorted(linear))}")
     return names
 
 
-def train(cfg: TrainConfig, log=print) -> TrainResult:
-    """Train a QLoRA adapter and write it, complete, to ``cfg.out`` (written in a temporary sibling first).
+def _split(examples, cfg: TrainConfig):
+    if cfg.eval_data:
+        return list(examples), list(load_jsonl(cfg.eval_data).examples)
+    if cfg.eval_split <= 0:
+        return list(examples), []
+    shuffled = list(examples)
+    random.Random(cfg.seed).shuffle(shuffled)
+    n_eval = max(1, int(round(len(shuffled) * cfg.eval_split)))
+    if n_eval >= len(shuffled):
+        raise BadInput.one(str(cfg.data), f"{len(shuffled)} examples leave nothing to train on after the eval split",
+                           "add examples or lower --eval-split")
+    return shuffled[n_eval:], shuffled[:n_eval]
+
+
+def _resolved_nf4(cfg: TrainConfig) -> Nf4Settings:
+    """bf16 compute on a GPU, fp32 on the CPU (bitsandbytes' CPU kernels compute in fp32)."""
+    import torch
+
+    if cfg.nf4.compute_dtype != "auto":
+        return cfg.nf4
+    return replace(cfg.nf4, compute_dtype="bfloat16" if torch.cuda.is_available() else "float32")
+
+
+@contextmanager
+def _scratch():
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+
+
+def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
+    """Train a (Q)LoRA adapter and write it, complete, to ``cfg.out`` (written in a temporary sibling first).
 
     ``log`` receives one line per stage; the Trainer shows its own progress bar with the loss.
+    ``callbacks`` are extra transformers TrainerCallbacks.
     """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -121,46 +199,77 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     _check(cfg)
     base_dir = base_model.check_base(cfg.base)
     data = load_jsonl(cfg.data)
+    train_examples, eval_examples = _split(data.examples, cfg)
     set_seed(cfg.seed)
-    log(f"loading {base_dir} in 4-bit {cfg.nf4.quant_type} (double quant: {cfg.nf4.double_quant})")
     tok = base_model.load_tokenizer(base_dir)
-    model = base_model.load_nf4(base_dir, cfg.nf4)
-    quantized = base_model.quantized_module_names(model)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    nf4 = _resolved_nf4(cfg)
+    if cfg.quantize:
+        log(f"loading {base_dir} in 4-bit {nf4.quant_type} (double quant {nf4.double_quant}, block {nf4.blocksize})")
+        model = base_model.load_nf4(base_dir, nf4)
+        quantized = base_model.quantized_module_names(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        log(f"loading {base_dir} in full precision (plain LoRA)")
+        model, quantized = base_model.load_fp32(base_dir), []
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
     lora = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-        target_modules=_lora_targets(model, cfg.target_modules), task_type="CAUSAL_LM",
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+        target_modules=_lora_targets(model, cfg.target_modules), modules_to_save=list(cfg.modules_to_save) or None,
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    rows = _tokenize(data.examples, tok, cfg.max_length)
+    rows = _tokenize(train_examples, tok, cfg.max_length)
+    eval_rows = _tokenize(eval_examples, tok, cfg.max_length)
+    if cfg.packing:
+        rows = _pack(rows, cfg.max_length)
 
-    log(f"training {cfg.steps} steps on {len(rows)} examples from {data.path}")
-    with staged(Path(cfg.out)) as staging:
+    ckpt = checkpoint_dir(cfg.out)
+    log(f"training {cfg.steps} steps on {len(rows)} sequences from {data.path}"
+        + (f", eval loss on {len(eval_rows)}" if eval_rows else ""))
+    # Under accelerate/torchrun every process runs this; only the main one writes the adapter.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with (staged(Path(cfg.out)) if main_process else _scratch()) as staging:
         args = TrainingArguments(
-            output_dir=str(staging / ".trainer"), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-            learning_rate=cfg.lr, lr_scheduler_type="linear", warmup_steps=min(10, cfg.steps // 10),
-            logging_steps=max(1, cfg.steps // 10), save_strategy="no", report_to=[], seed=cfg.seed,
-            data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-            remove_unused_columns=False, disable_tqdm=False,
+            output_dir=str(ckpt), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=cfg.batch_size, learning_rate=cfg.lr, lr_scheduler_type="linear",
+            warmup_steps=min(10, cfg.steps // 10), logging_steps=max(1, cfg.steps // 10),
+            save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
+            eval_strategy="steps" if eval_rows else "no", eval_steps=max(1, cfg.steps // 5),
+            report_to=[], seed=cfg.seed, data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(),
+            bf16=nf4.compute_dtype == "bfloat16", dataloader_num_workers=0, remove_unused_columns=False,
+            disable_tqdm=False,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=_collate(tok.pad_token_id))
-        trainer.train()
-        shutil.rmtree(staging / ".trainer", ignore_errors=True)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
+                          data_collator=_collate(tok.pad_token_id), callbacks=list(callbacks))
+        trainer.train(resume_from_checkpoint=_last_checkpoint(cfg.out) if cfg.resume else None)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
+        if not main_process:
+            return TrainResult(adapter_dir=Path(cfg.out), first_loss=losses[0] if losses else float("nan"),
+                               final_loss=losses[-1] if losses else float("nan"), eval_loss=eval_loss,
+                               steps=cfg.steps, model=model)
         model.save_pretrained(str(staging), safe_serialization=True)
         manifest = {
             "schema": 1,
-            "kind": "qlora",
+            "kind": "qlora" if cfg.quantize else "lora",
             "base": {"path": str(base_dir.resolve()), "weights_sha256": fingerprint(base_dir)},
-            "quantization": {**cfg.nf4.to_dict(), "quantized_modules": quantized},
+            "quantization": {**nf4.to_dict(), "quantized_modules": quantized} if cfg.quantize else None,
             "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
-                     "target_modules": cfg.target_modules},
-            "data": {"path": str(data.path.resolve()), "sha256": data.sha256, "examples": len(data.examples)},
+                     "use_dora": cfg.use_dora, "target_modules": cfg.target_modules,
+                     "modules_to_save": list(cfg.modules_to_save)},
+            "data": {"path": str(data.path.resolve()), "sha256": data.sha256, "examples": len(data.examples),
+                     "train_examples": len(train_examples), "eval_examples": len(eval_examples),
+                     "sequences": len(rows), "packing": cfg.packing, "max_length": cfg.max_length,
+                     "chat_template": bool(getattr(tok, "chat_template", None))},
             "training": {"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None},
+                         "resumed": cfg.resume, "first_loss": losses[0] if losses else None,
+                         "final_loss": losses[-1] if losses else None, "eval_loss": eval_loss,
+                         "world_size": args.world_size},
             "versions": package_versions(),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         tok.save_pretrained(str(staging))
-    return TrainResult(adapter_dir=Path(cfg.out), final_loss=losses[-1], first_loss=losses[0], steps=cfg.steps)
+    shutil.rmtree(ckpt, ignore_errors=True)  # the adapter is complete; its checkpoints are no longer needed
+    return TrainResult(adapter_dir=Path(cfg.out), first_loss=losses[0], final_loss=losses[-1], eval_loss=eval_loss,
+                       steps=cfg.steps, model=model)
 

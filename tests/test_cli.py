@@ -8,6 +8,8 @@ import pytest
 
 from lora_export.cli import main
 
+from .conftest import EMBEDDED
+
 
 def run(argv, capsys):
     rc = main(argv)
@@ -34,10 +36,17 @@ def test_targets_list_and_show(capsys):
     (["bench", "/no/such/export"], "not an export directory"),
     (["targets", "show"], "no target named"),
     (["export", "--base", "BASE"], "the following arguments are required"),
+    (["train", "--base", "EMPTY", "--data", "DATA", "--out", "OUT"], "no .safetensors weight files"),
+    (["train", "--base", "BASE", "--data", "DATA", "--out", "OUT", "--rank", "0"], "rank must be positive"),
+    (["train", "--base", "BASE", "--data", "DATA", "--out", "OUT", "--target-modules", "qkv"],
+     "use 'all-linear' or names among: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
 ])
 def test_bad_input_exits_2_with_a_message_and_no_traceback(argv, fragment, tiny_base, tiny_adapter, tmp_path, capsys):
-    argv = [a.replace("BASE", str(tiny_base)).replace("ADAPTER", str(tiny_adapter)).replace("OUT", str(tmp_path / "o"))
-            for a in argv]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    subs = {"BASE": str(tiny_base), "ADAPTER": str(tiny_adapter), "OUT": str(tmp_path / "o"),
+            "EMPTY": str(tmp_path / "empty"), "DATA": str(EMBEDDED / "demo" / "train.jsonl")}
+    argv = [subs.get(a, a) for a in argv]
     try:
         rc, _, err = run(argv, capsys)
     except SystemExit as e:  # argparse usage errors

@@ -56,3 +56,145 @@ def test_training_is_deterministic_under_a_seed(tiny_base, tmp_path):
         outs.append(load_file(str(out / "adapter_model.safetensors")))
     assert outs[0].keys() == outs[1].keys()
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+DATA = EMBEDDED / "demo" / "train.jsonl"
+
+
+def _logits(model, ids=((0, 11, 52, 301, 7, 99, 1500, 42),)):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids)).logits.float()
+
+
+def test_saved_adapter_reproduces_the_in_memory_model(tiny_base, tmp_path):
+    """Plain PEFT on the same 4-bit base gives the trainer's logits (max |diff| <= 1e-5, fp32)."""
+    from peft import PeftModel
+
+    from lora_export.base import Nf4Settings, load_nf4
+
+    r = train(TrainConfig(base=tiny_base, data=DATA, out=tmp_path / "a", steps=5))
+    r.model.eval()
+    loaded = PeftModel.from_pretrained(load_nf4(tiny_base, Nf4Settings()), str(r.adapter_dir)).eval()
+    diff = (_logits(r.model) - _logits(loaded)).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from lora_export.train import checkpoint_dir
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 6:
+                raise Interrupt
+
+    cfg = dict(base=tiny_base, data=DATA, steps=10, save_steps=4, seed=1)
+    whole = train(TrainConfig(out=tmp_path / "whole", **cfg))
+    with pytest.raises(Interrupt):
+        train(TrainConfig(out=tmp_path / "cut", **cfg), callbacks=[StopAt()])
+    assert not (tmp_path / "cut").exists()  # nothing half-written where the adapter goes
+    assert (checkpoint_dir(tmp_path / "cut") / "checkpoint-4").is_dir()
+    resumed = train(TrainConfig(out=tmp_path / "cut", resume=True, **cfg))
+    a = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert not checkpoint_dir(tmp_path / "cut").exists()  # cleaned up once the adapter is complete
+    assert json.loads((resumed.adapter_dir / MANIFEST).read_text())["training"]["resumed"] is True
+
+
+@pytest.mark.parametrize("records", [
+    ['{"text": "The cat sat on the mat."}', '{"text": "Rain fell all day."}'],
+    ['{"prompt": "Sentence: a cat.\\nTopic:", "completion": " animal"}', '{"prompt": "Q:", "completion": " A"}'],
+    ['{"messages": [{"role": "user", "content": "a cat?"}, {"role": "assistant", "content": "animal"}]}',
+     '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "rain?"}, '
+     '{"role": "assistant", "content": "weather"}]}'],
+])
+def test_each_data_shape_trains(records, tiny_base, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(records * 4) + "\n")
+    r = train(TrainConfig(base=tiny_base, data=data, out=tmp_path / "a", steps=3, batch_size=4, eval_split=0.25))
+    m = json.loads((r.adapter_dir / MANIFEST).read_text())
+    assert m["data"]["train_examples"] == 6 and m["data"]["eval_examples"] == 2
+    assert r.eval_loss is not None and m["training"]["eval_loss"] == r.eval_loss
+
+
+def test_messages_use_the_chat_template_when_there_is_one(tiny_base):
+    from lora_export.base import load_tokenizer
+    from lora_export.data import Example, to_prompt_completion
+
+    tok = load_tokenizer(tiny_base)
+    ex = Example("", "", (("user", "a cat?"), ("assistant", "animal")))
+    assert to_prompt_completion(ex, tok) == ("user: a cat?\nassistant:", " animal")  # no template: plain lines
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}" \
+                        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    assert to_prompt_completion(ex, tok) == ("<user>a cat?<assistant>", "animal")
+
+
+def test_packing_fills_blocks(tiny_base, tmp_path):
+    r = train(TrainConfig(base=tiny_base, data=DATA, out=tmp_path / "a", steps=2, packing=True, max_length=64))
+    m = json.loads((r.adapter_dir / MANIFEST).read_text())
+    assert m["data"]["packing"] is True and m["data"]["sequences"] < m["data"]["train_examples"]
+
+
+def test_plain_lora_mode_merges_into_the_original_base(tiny_base, tmp_path):
+    from lora_export.adapters import load_adapter
+    from lora_export.merge import default_merge_base
+
+    r = train(TrainConfig(base=tiny_base, data=DATA, out=tmp_path / "a", steps=3, quantize=False))
+    m = json.loads((r.adapter_dir / MANIFEST).read_text())
+    assert m["kind"] == "lora" and m["quantization"] is None
+    assert default_merge_base(load_adapter(r.adapter_dir, tiny_base)) == "original"
+
+
+@pytest.mark.parametrize("variant", [dict(use_rslora=True), dict(use_dora=True), dict(nf4_blocksize=128)])
+def test_variants_merge_back_to_the_trained_model(variant, tiny_base, tmp_path):
+    """rsLoRA, DoRA and a non-default NF4 block size survive the trip: nf4 merge == trained (<= 1e-4)."""
+    from lora_export.adapters import load_adapter
+    from lora_export.base import Nf4Settings, load_fp32
+    from lora_export.merge import merge
+    from lora_export.reference import load_adapted
+
+    blocksize = variant.pop("nf4_blocksize", 64)
+    r = train(TrainConfig(base=tiny_base, data=DATA, out=tmp_path / "a", steps=4, lr=1e-2,
+                          nf4=Nf4Settings(blocksize=blocksize, compute_dtype="auto"), **variant))
+    adapter = load_adapter(r.adapter_dir, tiny_base)
+    assert adapter.manifest["quantization"]["blocksize"] == blocksize
+    trained = _logits(load_adapted(tiny_base, adapter))
+    assert (trained - _logits(load_fp32(tiny_base))).abs().max() > 1e-3  # the adapter does something
+    merged = load_fp32(merge(tiny_base, adapter, tmp_path / "m", "nf4").checkpoint)
+    diff = (_logits(merged) - trained).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (dict(resume=True), "no checkpoint to resume from"),
+    (dict(eval_split=1.5), "eval split must lie in [0, 1)"),
+    (dict(target_modules="nothing_here"), "match no linear layer"),
+    (dict(nf4=None), "block size 100 is not supported"),
+])
+def test_more_bad_inputs(overrides, fragment, tiny_base, tmp_path):
+    from lora_export.base import Nf4Settings
+
+    if "nf4" in overrides:
+        overrides["nf4"] = Nf4Settings(blocksize=100)
+    with pytest.raises(BadInput) as e:
+        train(TrainConfig(base=tiny_base, data=DATA, out=tmp_path / "a", steps=2, **overrides))
+    assert fragment in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_chat_record_names_its_line(tmp_path):
+    from lora_export.data import load_jsonl
+
+    f = tmp_path / "chat.jsonl"
+    f.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                 '{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    with pytest.raises(BadInput) as e:
+        load_jsonl(f)
+    assert e.value.problems[0].where == f"{f}:2" and "assistant" in e.value.problems[0].what
