@@ -24,6 +24,7 @@ class Adapter:
     config: dict  # adapter_config.json
     manifest: dict | None  # training_manifest.json, when the adapter was made by lora-export
     targeted: tuple[str, ...]  # base module names the adapter changes
+    weights: Path  # adapter_model.safetensors (or the pickle file, when explicitly allowed)
 
     @property
     def trained_on_4bit(self) -> bool:
@@ -42,35 +43,88 @@ def _module_of(key: str) -> tuple[str, str] | None:
     return None
 
 
-def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: bool = True) -> Adapter:
+def _read_config(path: Path, problems: list[Problem]) -> dict:
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        problems.append(Problem(str(path), "no adapter_config.json", "save the adapter with PEFT's save_pretrained()"))
+        return {}
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        problems.append(Problem(str(cfg_path), f"not valid JSON ({e})", "restore the file PEFT wrote"))
+        return {}
+    if not isinstance(config, dict):
+        problems.append(Problem(str(cfg_path), "the top level is not a JSON object", "restore the file PEFT wrote"))
+        return {}
+    if config.get("peft_type") not in SUPPORTED_PEFT_TYPES:
+        problems.append(Problem(str(cfg_path), f"peft_type {config.get('peft_type')!r} is not supported",
+                                f"export an adapter of type {', '.join(SUPPORTED_PEFT_TYPES)}"))
+        return config
+    r = config.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        problems.append(Problem(str(cfg_path), f"rank r = {r!r}: a LoRA rank must be a positive integer",
+                                "restore the adapter_config.json PEFT wrote with the adapter"))
+    alpha = config.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        problems.append(Problem(str(cfg_path), f"lora_alpha = {alpha!r} is not a number", "restore the file PEFT wrote"))
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
+                                                for v in pattern.values()):
+            problems.append(Problem(str(cfg_path), f"{key} must map module names to positive numbers",
+                                    "restore the file PEFT wrote"))
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and
+                                         all(isinstance(t, str) for t in targets))):
+        problems.append(Problem(str(cfg_path), f"target_modules = {targets!r} names no module",
+                                "restore the adapter_config.json PEFT wrote with the adapter"))
+    return config
+
+
+def _weights_file(path: Path, allow_pickle: bool, problems: list[Problem]) -> Path | None:
+    if (path / "adapter_model.safetensors").is_file():
+        return path / "adapter_model.safetensors"
+    if (path / "adapter_model.bin").is_file():
+        if allow_pickle:
+            return path / "adapter_model.bin"
+        problems.append(Problem(str(path / "adapter_model.bin"), "a pickle file, which can run code when loaded, "
+                                "and there is no adapter_model.safetensors",
+                                "convert the adapter to safetensors, or pass --allow-pickle if you trust its source "
+                                "(it is then read with torch.load(weights_only=True))"))
+        return None
+    problems.append(Problem(str(path), "no adapter_model.safetensors",
+                            "save the adapter with save_pretrained(safe_serialization=True)"))
+    return None
+
+
+def _tensors(weights: Path):
+    """(name, tensor) pairs of the adapter's weights; pickle only when allowed, and then weights only."""
     import torch
     from safetensors import safe_open
+
+    try:
+        if weights.suffix == ".bin":
+            yield from torch.load(str(weights), map_location="cpu", weights_only=True).items()
+            return
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except Exception as e:  # safetensors and torch raise several types for a corrupt file
+        raise BadInput.one(str(weights), f"cannot be read ({type(e).__name__}: {e})",
+                           "the file is truncated or corrupt: save the adapter again") from None
+
+
+def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: bool = True,
+                 allow_pickle: bool = False) -> Adapter:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(adapter_dir)
     if not path.is_dir():
         raise BadInput.one(str(path), "adapter directory not found", "pass a PEFT adapter directory with --adapter")
-    cfg_path = path / "adapter_config.json"
-    weights = path / "adapter_model.safetensors"
     problems: list[Problem] = []
-    config: dict = {}
-    if not cfg_path.is_file():
-        problems.append(Problem(str(path), "no adapter_config.json", "save the adapter with PEFT's save_pretrained()"))
-    else:
-        try:
-            config = json.loads(cfg_path.read_text())
-            if not isinstance(config, dict):
-                raise ValueError("top level is not an object")
-        except (ValueError, UnicodeDecodeError) as e:
-            problems.append(Problem(str(cfg_path), f"not valid JSON ({e})", "restore the file PEFT wrote"))
-            config = {}
-    if config and config.get("peft_type") not in SUPPORTED_PEFT_TYPES:
-        problems.append(Problem(str(cfg_path), f"peft_type {config.get('peft_type')!r} is not supported",
-                                f"export an adapter of type {', '.join(SUPPORTED_PEFT_TYPES)}"))
-    if not weights.is_file():
-        hint = ("only a pickle adapter_model.bin, which can run code when loaded"
-                if (path / "adapter_model.bin").is_file() else "no adapter_model.safetensors")
-        problems.append(Problem(str(path), hint, "save the adapter with save_pretrained(safe_serialization=True)"))
+    config = _read_config(path, problems)
+    weights = _weights_file(path, allow_pickle, problems)
     raise_if(problems)
 
     base_cfg = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
@@ -79,19 +133,16 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
     modules = dict(skeleton.named_modules())
 
     found: dict[str, dict[str, tuple[int, ...]]] = {}
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
-                where = _module_of(key)
-                tensor = f.get_tensor(key)
-                if not torch.isfinite(tensor).all():
-                    problems.append(Problem(str(weights), f"tensor {key} holds NaN or Inf",
-                                            "retrain the adapter; a diverged run cannot be exported"))
-                if where:
-                    found.setdefault(where[0], {})[where[1]] = tuple(tensor.shape)
-    except Exception as e:  # safetensors raises several types for a corrupt file
-        raise BadInput.one(str(weights), f"cannot be read as safetensors ({e})",
-                           "the file is truncated or corrupt: save the adapter again") from None
+    for key, tensor in _tensors(weights):
+        if not isinstance(tensor, torch.Tensor):
+            problems.append(Problem(str(weights), f"entry {key} is not a tensor", "save the adapter again"))
+            continue
+        where = _module_of(key)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            problems.append(Problem(str(weights), f"tensor {key} holds NaN or Inf",
+                                    "retrain the adapter; a diverged run cannot be exported"))
+        if where and tensor.dim() == 2:
+            found.setdefault(where[0], {})[where[1]] = tuple(tensor.shape)
     if not found:
         problems.append(Problem(str(weights), "holds no LoRA A/B tensors", "save a trained LoRA adapter here"))
     for name, parts in sorted(found.items()):
@@ -122,4 +173,4 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
                                     f"({manifest.get('base', {}).get('path')})",
                                     "pass the base the adapter was trained on with --base"))
     raise_if(problems)
-    return Adapter(path=path, config=config, manifest=manifest, targeted=tuple(sorted(found)))
+    return Adapter(path=path, config=config, manifest=manifest, targeted=tuple(sorted(found)), weights=weights)

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", required=True, help="a shipped target name or a .toml file")
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--merge-base", choices=["nf4", "original"], help="default: nf4 for QLoRA adapters")
+    e.add_argument("--allow-pickle", action="store_true",
+                   help="accept a pickle-only adapter_model.bin (read with torch.load(weights_only=True))")
 
     v = sub.add_parser("validate", help="parity of an export against the adapted model; exit 1 on failure")
     v.add_argument("export_dir", type=Path)
@@ -127,7 +129,7 @@ def _run(args) -> int:
         from .pipeline import ExportRequest, export
 
         r = export(ExportRequest(base=args.base, adapter=args.adapter, target=args.target, out=args.out,
-                                 merge_base=args.merge_base), progress=say)
+                                 merge_base=args.merge_base, allow_pickle=args.allow_pickle), progress=say)
         return _verdict(r.parity, f"export written to {r.out} (merge base {r.merge_base})")
     if args.command == "validate":
         from .pipeline import validate

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +21,11 @@ from .base import check_base, load_fp32, load_tokenizer
 from .data import load_jsonl
 from .errors import BadInput
 from .export import BACKENDS
+from .export.io_spec import check_external_data
 from .fingerprint import sha256_file
 from .merge import default_merge_base, merge, merged_model
-from .outputs import check_new_output, staged
+from .outputs import check_new_output, scratch, staged
+from .precision import check_fp16_range
 from .reference import load_adapted
 from .runtime import OrtCausalLM, TorchCausalLM
 from .targets import load_target, parse_target
@@ -47,6 +48,7 @@ class ExportRequest:
     target: str
     out: Path
     merge_base: str | None = None  # None: nf4 for a QLoRA adapter, else original
+    allow_pickle: bool = False  # accept a pickle-only adapter (read with torch.load(weights_only=True))
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,16 @@ class ExportResult:
 def export(req: ExportRequest, progress=_quiet) -> ExportResult:
     target = load_target(req.target)
     base = check_base(req.base)
-    adapter = load_adapter(req.adapter, base)
+    adapter = load_adapter(req.adapter, base, allow_pickle=req.allow_pickle)
     out = Path(req.out)
     check_new_output(out)
     merge_base = req.merge_base or default_merge_base(adapter)
-    with staged(out) as tmp, tempfile.TemporaryDirectory(prefix=f".{out.name}.merged-", dir=out.parent) as work:
+    with staged(out) as tmp, scratch(out, "merged") as work:
         progress(f"merging {len(adapter.targeted)} modules in fp32 into the {merge_base} base")
         merged = merge(base, adapter, Path(work) / "checkpoint", merge_base)
+        if target.precision == "fp16":
+            progress("checking that weights and activations fit fp16")
+            check_fp16_range(load_fp32(merged.checkpoint), load_prompts(load_tokenizer(base))[0], str(adapter.path))
         progress(f"building the ONNX graph with {target.backend} ({target.precision}, "
                  f"weights {target.quantization.scheme})")
         BACKENDS[target.backend].build(merged.checkpoint, tmp, target, tmp / "build.log")
@@ -74,7 +79,7 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
             "base": {**_where(base, out), "files_sha256": {p.name: sha256_file(p) for p in
                                                           sorted(base.glob("*.safetensors"))}},
             "adapter": {**_where(adapter.path, out),
-                        "adapter_model_sha256": sha256_file(adapter.path / "adapter_model.safetensors")},
+                        "weights_file": adapter.weights.name, "adapter_model_sha256": sha256_file(adapter.weights)},
             "target": _target_data(req.target),
             "merge_base": merge_base,
             "merged_modules": len(merged.changed),
@@ -151,8 +156,9 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
-    adapter = load_adapter(_locate(manifest["adapter"], export_dir, "adapter"), base)
-    if sha256_file(adapter.path / "adapter_model.safetensors") != manifest["adapter"]["adapter_model_sha256"]:
+    adapter = load_adapter(_locate(manifest["adapter"], export_dir, "adapter"), base,
+                           allow_pickle=manifest["adapter"].get("weights_file") == "adapter_model.bin")
+    if sha256_file(adapter.weights) != manifest["adapter"]["adapter_model_sha256"]:
         raise BadInput.one(str(adapter.path), "the adapter's weights changed since this export was made",
                            "validate against the adapter that was exported, or re-export")
     tok = load_tokenizer(base)
@@ -179,6 +185,7 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
+    check_external_data(export_dir / "model.onnx")  # refuse a tampered export before building anything
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
     base_export = export_dir / "bench-base"
     if not (base_export / "model.onnx").is_file():

@@ -35,7 +35,13 @@ def check_external_data(model_path: Path) -> None:
     """
     import onnx
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    if not model_path.is_file():
+        raise BadInput.one(str(model_path), "no ONNX model here", "pass a directory written by `lora-export export`")
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise BadInput.one(str(model_path), f"not a readable ONNX model ({type(e).__name__})",
+                           "re-export it with `lora-export export`") from None
     bad = set()
     for tensor in _all_initializers(model.graph):
         for entry in tensor.external_data:

@@ -1,0 +1,98 @@
+"""Property-based fuzzing: any adapter_config.json and any target file either loads or raises the project's
+own error type (BadInput), never anything else."""
+
+import json
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lora_export.adapters import load_adapter
+from lora_export.errors import BadInput
+from lora_export.targets import _SCHEMA, load_target, parse_target
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=12))
+json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                            st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                           max_leaves=12)
+ADAPTER_KEYS = ["peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
+                "use_dora", "modules_to_save", "fan_in_fan_out", "task_type", "base_model_name_or_path"]
+LIKELY = {"peft_type": st.sampled_from(["LORA", "IA3", "lora", ""]), "r": st.integers(-2, 64),
+          "target_modules": st.one_of(st.just("all-linear"), st.lists(st.sampled_from(["q_proj", "x", ""]), max_size=3))}
+
+
+def configs():
+    keyed = st.fixed_dictionaries({}, optional={k: LIKELY.get(k, json_values) for k in ADAPTER_KEYS})
+    return st.one_of(keyed, json_values)
+
+
+@pytest.fixture(scope="module")
+def adapter_copy(tiny_adapter, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("fuzz") / "adapter"
+    shutil.copytree(tiny_adapter, dst)
+    return dst
+
+
+@SETTINGS
+@given(config=configs())
+def test_any_adapter_config_loads_or_raises_bad_input(config, adapter_copy, tiny_base):
+    (adapter_copy / "adapter_config.json").write_text(json.dumps(config))
+    try:
+        load_adapter(adapter_copy, tiny_base, check_fingerprint=False)
+    except BadInput as e:
+        assert str(e)
+
+
+@SETTINGS
+@given(raw=st.binary(max_size=64))
+def test_any_bytes_as_adapter_config(raw, adapter_copy, tiny_base):
+    (adapter_copy / "adapter_config.json").write_bytes(raw)
+    with pytest.raises(BadInput):
+        load_adapter(adapter_copy, tiny_base, check_fingerprint=False)
+
+
+toml_scalars = st.one_of(st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True),
+                         st.text(max_size=10), st.lists(st.text(max_size=24), max_size=3))
+field_values = {
+    "runtime": st.sampled_from(["onnxruntime", "tensorrt"]),
+    "execution_providers": st.lists(st.sampled_from(["CPUExecutionProvider", "CUDAExecutionProvider", "X"]), max_size=2),
+    "precision": st.sampled_from(["fp32", "fp16", "bf16", "int4"]),
+    "backend": st.sampled_from(["genai-builder", "dynamo"]),
+    "scheme": st.sampled_from(["none", "int4", "int8", "nf4", "fp8"]),
+}
+
+
+def tables():
+    def section(name):
+        keys = [k for k in _SCHEMA[name]] + ["bogus"]
+        return st.dictionaries(st.sampled_from(keys), st.one_of(toml_scalars, *[field_values.get(k, toml_scalars)
+                                                                                for k in keys[:1]]), max_size=5)
+
+    top = st.fixed_dictionaries({}, optional={k: field_values.get(k, toml_scalars) for k in _SCHEMA[""]})
+    return st.builds(lambda t, q, tol, lat, extra: {**t, **extra, "quantization": q, "tolerances": tol, "latency": lat},
+                     top, section("quantization"), section("tolerances"), section("latency"),
+                     st.dictionaries(st.sampled_from(["quantization", "extra"]), toml_scalars, max_size=1))
+
+
+@SETTINGS
+@given(data=tables())
+def test_any_target_table_parses_or_raises_bad_input(data):
+    try:
+        parse_target(data, "fuzz.toml")
+    except BadInput as e:
+        assert "fuzz.toml" in str(e)
+
+
+@SETTINGS
+@given(text=st.text(max_size=200))
+def test_any_target_text_loads_or_raises_bad_input(text, tmp_path_factory):
+    f = tmp_path_factory.mktemp("t") / "t.toml"
+    f.write_text(text)
+    try:
+        load_target(f)
+    except BadInput:
+        pass
