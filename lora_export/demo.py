@@ -11,10 +11,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .adapters import load_adapter
 from .base import load_fp32, load_tokenizer
 from .data import load_jsonl
 from .outputs import check_new_output, staged
 from .pipeline import EMBEDDED, ExportRequest, bench, export
+from .reference import load_adapted
 from .runtime import OrtCausalLM, TorchCausalLM
 from .tasks import task_accuracy
 from .train import TrainConfig, train
@@ -67,9 +69,6 @@ def demo(out: Path | None = None, progress=print, targets=TARGETS, training: dic
                                     **(training or DEMO_TRAINING)), log=lambda m: progress(f"  {m}")).adapter_dir
         progress(f"task accuracy of the base and the adapted model on {len(evalset)} held-out examples")
         rows.append(Row("base (PyTorch fp32)", task_accuracy(TorchCausalLM(load_fp32(base_dir)), tok, evalset).value))
-        from .adapters import load_adapter
-        from .reference import load_adapted
-
         adapted = load_adapted(base_dir, load_adapter(adapter, base_dir))
         rows.append(Row("adapted (PyTorch, NF4 base + adapter)", task_accuracy(TorchCausalLM(adapted), tok, evalset).value))
         for name in targets:

@@ -79,9 +79,14 @@ def merged_model(base_dir: Path, adapter: Adapter, merge_base: str):
     return merged.eval(), tuple(sorted(deltas)), max(deltas.values())
 
 
+def save_merged(model, base_dir: Path, out_dir: Path) -> None:
+    """Save a merged model as a checkpoint the graph builder reads: safetensors, config, tokenizer."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    load_tokenizer(base_dir).save_pretrained(str(out_dir))
+
+
 def merge(base_dir: Path, adapter: Adapter, out_dir: Path, merge_base: str) -> MergeResult:
     """Merge and save the checkpoint (safetensors, tokenizer, no quantization_config) to ``out_dir``."""
     merged, changed, max_delta = merged_model(base_dir, adapter, merge_base)
-    merged.save_pretrained(str(out_dir), safe_serialization=True)
-    load_tokenizer(base_dir).save_pretrained(str(out_dir))
+    save_merged(merged, base_dir, out_dir)
     return MergeResult(checkpoint=out_dir, merge_base=merge_base, changed=changed, max_abs_delta=max_delta)

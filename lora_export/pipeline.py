@@ -23,12 +23,12 @@ from .errors import BadInput
 from .export import BACKENDS
 from .export.io_spec import check_external_data
 from .fingerprint import sha256_file
-from .merge import default_merge_base, merge, merged_model
+from .merge import default_merge_base, merged_model, save_merged
 from .outputs import check_new_output, scratch, staged
 from .precision import check_fp16_range
 from .reference import load_adapted
 from .runtime import OrtCausalLM, TorchCausalLM
-from .targets import load_target, parse_target
+from .targets import load_target, parse_target, tomllib
 from .tasks import encode_prompt
 from .versions import package_versions
 
@@ -67,28 +67,29 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
     merge_base = req.merge_base or default_merge_base(adapter)
     with staged(out) as tmp, scratch(out, "merged") as work:
         progress(f"merging {len(adapter.targeted)} modules in fp32 into the {merge_base} base")
-        merged = merge(base, adapter, Path(work) / "checkpoint", merge_base)
+        merged, changed, max_delta = merged_model(base, adapter, merge_base)
         if target.precision == "fp16":
             progress("checking that weights and activations fit fp16")
-            check_fp16_range(load_fp32(merged.checkpoint), load_prompts(load_tokenizer(base))[0], str(adapter.path))
+            check_fp16_range(merged, load_prompts(load_tokenizer(base))[0], str(adapter.path))
+        save_merged(merged, base, work / "checkpoint")
         progress(f"building the ONNX graph with {target.backend} ({target.precision}, "
                  f"weights {target.quantization.scheme})")
-        BACKENDS[target.backend].build(merged.checkpoint, tmp, target, tmp / "build.log")
+        BACKENDS[target.backend].build(work / "checkpoint", tmp, target, tmp / "build.log")
         manifest = {
             "schema_version": 1,
             "base": {**_where(base, out), "files_sha256": {p.name: sha256_file(p) for p in
                                                           sorted(base.glob("*.safetensors"))}},
             "adapter": {**_where(adapter.path, out),
                         "weights_file": adapter.weights.name, "adapter_model_sha256": sha256_file(adapter.weights)},
-            "target": _target_data(req.target),
+            "target": tomllib.loads(Path(target.source).read_text()),  # validate and bench apply this one
             "merge_base": merge_base,
-            "merged_modules": len(merged.changed),
-            "max_abs_weight_change": merged.max_abs_delta,
+            "merged_modules": len(changed),
+            "max_abs_weight_change": max_delta,
             "versions": package_versions(),
         }
         _write_manifest(tmp, manifest)
         progress("validating parity against the adapted model as trained")
-        report = validate(tmp)
+        report = validate(tmp, merged=merged)
         total = report.stages["total"]
         manifest["parity"] = {"passed": report.passed, "failures": [str(c) for c in report.failures],
                               "max_abs_diff": total.max_abs_diff, "mean_kl": total.mean_kl,
@@ -109,13 +110,6 @@ def _locate(entry: dict, export_dir: Path, what: str) -> Path:
             return candidate
     raise BadInput.one(str(export_dir / MANIFEST), f"the {what} this export was made from is gone ({entry['path']})",
                        f"restore the {what} at that path, or re-export")
-
-
-def _target_data(name_or_path: str) -> dict:
-    """The target's TOML table, stored in the manifest so that validate and bench apply the same one."""
-    from .targets import tomllib
-
-    return tomllib.loads(Path(load_target(name_or_path).source).read_text())
 
 
 def _write_manifest(export_dir: Path, manifest: dict) -> None:
@@ -150,8 +144,11 @@ def load_prompts(tok, path: Path | None = None) -> tuple[list[list[int]], list[l
 
 
 def validate(export_dir: Path, report_json: Path | None = None, junit: Path | None = None,
-             prompts: Path | None = None, progress=_quiet) -> parity.ParityReport:
-    """Parity of an export against the adapted model as trained, with the target's tolerances."""
+             prompts: Path | None = None, progress=_quiet, merged=None) -> parity.ParityReport:
+    """Parity of an export against the adapted model as trained, with the target's tolerances.
+
+    ``merged`` is the merged fp32 model when the caller has it in memory (export does); else it is rebuilt.
+    """
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
@@ -164,7 +161,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     tok = load_tokenizer(base)
     candidate = OrtCausalLM(export_dir, target.execution_providers)
     reference = TorchCausalLM(load_adapted(base, adapter))
-    merged = TorchCausalLM(merged_model(base, adapter, manifest["merge_base"])[0])
+    merged = TorchCausalLM(merged if merged is not None else merged_model(base, adapter, manifest["merge_base"])[0])
     unadapted = TorchCausalLM(load_fp32(base))
     steps = max(parity.MIN_STEPS, target.tolerances.greedy_tokens)
     max_positions = getattr(unadapted.model.config, "max_position_embeddings", 2048)
