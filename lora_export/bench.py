@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +44,30 @@ class BenchResult:
     new_tokens: int
     rounds: int
     threads: int  # ONNX Runtime intra-op threads (0: its default)
-    merged: VariantStats
-    base: VariantStats
-    prompt_ratio: RatioStats
-    decode_ratio: RatioStats
-    verdict: str  # "zero overhead" | "overhead" | "inconclusive"
+    variants: dict  # name ("merged", "base", "unmerged") -> VariantStats
+    ratios: dict  # name -> {"prompt": RatioStats, "decode": RatioStats} against "base"
+    peak_rss_mb: dict  # name -> peak RSS of a fresh process that loads that variant alone and decodes (or None)
+    verdict: str  # merged vs base: "zero overhead" | "overhead" | "inconclusive"
     max_ratio: float  # the target's latency budget for decode merged/base
     within_budget: bool
-    graphs_identical: bool
+    graphs_identical: bool  # merged and base graphs differ only in weight bytes
+    decode_samples: dict = field(default_factory=dict, repr=False)  # name -> per-round decode ms, for the plot
+
+    @property
+    def merged(self) -> VariantStats:
+        return self.variants["merged"]
+
+    @property
+    def base(self) -> VariantStats:
+        return self.variants["base"]
+
+    @property
+    def prompt_ratio(self) -> RatioStats:
+        return self.ratios["merged"]["prompt"]
+
+    @property
+    def decode_ratio(self) -> RatioStats:
+        return self.ratios["merged"]["decode"]
 
 
 def _stats(prompt_ms: list[float], decode_ms: list[float]) -> VariantStats:
@@ -111,53 +127,85 @@ def graphs_identical(a: Path, b: Path) -> bool:
     return signature(a) == signature(b)
 
 
-def measure(merged, base, prompt: list[int], new_tokens: int, rounds: int, warmup: int = 2):
-    samples = {"merged": ([], []), "base": ([], [])}
+def measure(models: dict, prompt: list[int], new_tokens: int, rounds: int, warmup: int = 2) -> dict:
+    """name -> (prompt-pass ms per round, decode ms per round); the order of the variants rotates each round."""
+    names = list(models)
+    samples = {n: ([], []) for n in names}
     for _ in range(warmup):
-        _time_round(merged, prompt, new_tokens)
-        _time_round(base, prompt, new_tokens)
+        for n in names:
+            _time_round(models[n], prompt, new_tokens)
     for r in range(rounds):
-        order = (("merged", merged), ("base", base)) if r % 2 == 0 else (("base", base), ("merged", merged))
-        for name, model in order:
-            p, d = _time_round(model, prompt, new_tokens)
-            samples[name][0].append(p)
-            samples[name][1].append(d)
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            p, d = _time_round(models[n], prompt, new_tokens)
+            samples[n][0].append(p)
+            samples[n][1].append(d)
     return samples
 
 
+_PEAK_SCRIPT = """
+import resource, sys
+from lora_export.runtime import OrtCausalLM, greedy
+m = OrtCausalLM(sys.argv[1], sys.argv[2].split(","), threads=int(sys.argv[3]))
+greedy(m, [int(t) for t in sys.argv[4].split(",")], int(sys.argv[5]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def peak_rss_mb(model_dir: Path, providers, threads: int, prompt: list[int], new_tokens: int) -> float:
+    """Peak resident memory of a fresh process that loads one variant and generates: its own, undisturbed."""
+    import subprocess
+    import sys
+
+    providers = [providers] if isinstance(providers, str) else list(providers)
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(model_dir), ",".join(providers), str(threads),
+                          ",".join(map(str, prompt)), str(new_tokens)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def bench(merged_dir: Path, base_dir: Path, prompt: list[int], max_ratio: float, providers,
-          new_tokens: int = 64, rounds: int = 100, threads: int = 1, progress=None) -> BenchResult:
-    """Time merged against base. One intra-op thread by default: what is compared is the work each graph
-    does, and on a small CPU, thread hand-offs at sub-millisecond kernel times would drown the ratio."""
+          new_tokens: int = 64, rounds: int = 100, threads: int = 1, progress=None,
+          unmerged_dir: Path | None = None, memory: bool = True) -> BenchResult:
+    """Time merged against base (and the unmerged adapter graph, if given), interleaved.
+
+    One intra-op thread by default: what is compared is the work each graph does, and on a small CPU,
+    thread hand-offs at sub-millisecond kernel times would drown the ratio.
+    """
     from .runtime import OrtCausalLM
 
-    merged = OrtCausalLM(merged_dir, providers, threads=threads)
-    base = OrtCausalLM(base_dir, providers, threads=threads)
+    dirs = {"merged": merged_dir, "base": base_dir, **({"unmerged": unmerged_dir} if unmerged_dir else {})}
+    models = {name: OrtCausalLM(d, providers, threads=threads) for name, d in dirs.items()}
+    peaks = {name: peak_rss_mb(d, providers, threads, prompt, new_tokens) if memory else None
+             for name, d in dirs.items()}
     for attempt in range(2):
         n = rounds * (attempt + 1)
-        s = measure(merged, base, prompt, new_tokens, n)
-        ratios = [ratio_stats(s["merged"][0], s["base"][0]), ratio_stats(s["merged"][1], s["base"][1])]
-        v = verdict(ratios)
+        s = measure(models, prompt, new_tokens, n)
+        ratios = {k: {"prompt": ratio_stats(s[k][0], s["base"][0]), "decode": ratio_stats(s[k][1], s["base"][1])}
+                  for k in dirs if k != "base"}
+        v = verdict(list(ratios["merged"].values()))
         if v != "inconclusive" or attempt == 1:
             break
         if progress:
             progress("spread too wide to decide; repeating with twice the rounds")
     return BenchResult(
         prompt_len=len(prompt), new_tokens=new_tokens, rounds=n, threads=threads,
-        merged=_stats(*s["merged"]), base=_stats(*s["base"]),
-        prompt_ratio=ratios[0], decode_ratio=ratios[1], verdict=v, max_ratio=max_ratio,
-        within_budget=ratios[1].median <= max_ratio,
+        variants={k: _stats(*s[k]) for k in dirs}, ratios=ratios, peak_rss_mb=peaks, verdict=v,
+        max_ratio=max_ratio, within_budget=ratios["merged"]["decode"].median <= max_ratio,
         graphs_identical=graphs_identical(merged_dir / "model.onnx", base_dir / "model.onnx"),
+        decode_samples={k: s[k][1] for k in dirs},
     )
 
 
 def markdown(r: BenchResult) -> str:
-    rows = [("merged", r.merged), ("base", r.base)]
-    lines = [f"## Latency: merged vs base ({r.rounds} interleaved rounds, prompt {r.prompt_len}, "
-             f"{r.new_tokens} new tokens, {r.threads or 'default'} intra-op threads)", "",
-             "| variant | prompt pass ms | decode ms/token (p50) | p90 | p99 | tokens/s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {v.prompt_ms_median:.3f} | {v.decode_ms_median:.3f} | {v.decode_ms_p90:.3f} | "
-              f"{v.decode_ms_p99:.3f} | {v.tokens_per_s:.0f} |" for n, v in rows]
+    lines = [f"## Latency ({r.rounds} interleaved rounds, prompt {r.prompt_len}, {r.new_tokens} new tokens, "
+             f"{r.threads or 'default'} intra-op threads)", "",
+             "| variant | prompt pass ms | decode ms/token (p50) | p90 | p99 | tokens/s | peak RSS MB | "
+             "decode vs base (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+    for name, v in r.variants.items():
+        ratio = r.ratios.get(name, {}).get("decode")
+        vs = f"{ratio.median:.3f} ({ratio.ci_low:.3f}-{ratio.ci_high:.3f})" if ratio else "1"
+        lines.append(f"| {name} | {v.prompt_ms_median:.3f} | {v.decode_ms_median:.3f} | {v.decode_ms_p90:.3f} | "
+                     f"{v.decode_ms_p99:.3f} | {v.tokens_per_s:.0f} | "
+                     f"{'' if r.peak_rss_mb[name] is None else format(r.peak_rss_mb[name], '.0f')} | {vs} |")
     lines += ["", f"merged/base median of paired ratios: prompt {r.prompt_ratio.median:.3f} (95% CI "
               f"{r.prompt_ratio.ci_low:.3f}-{r.prompt_ratio.ci_high:.3f}), decode {r.decode_ratio.median:.3f} (95% CI "
               f"{r.decode_ratio.ci_low:.3f}-{r.decode_ratio.ci_high:.3f}). Verdict: **{r.verdict}**; "
@@ -166,6 +214,38 @@ def markdown(r: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def write_reports(r: BenchResult, json_path: Path, md_path: Path) -> None:
-    json_path.write_text(json.dumps({"schema_version": 1, **asdict(r)}, indent=2) + "\n")
+def plot(r: BenchResult, path: Path) -> None:
+    """Per-token decode latency of each variant (distribution over rounds), and each ratio to base with its CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(r.decode_samples)
+    left.boxplot([r.decode_samples[n] for n in names], showfliers=False)
+    left.set_xticks(range(1, len(names) + 1), names)
+    left.set_ylabel("decode ms per token (per round)")
+    left.set_title("decode latency")
+    others = [n for n in names if n in r.ratios]
+    med = [r.ratios[n]["decode"].median for n in others]
+    err = [[m - r.ratios[n]["decode"].ci_low for n, m in zip(others, med)],
+           [r.ratios[n]["decode"].ci_high - m for n, m in zip(others, med)]]
+    right.bar(others, med, yerr=err, capsize=6, color=["tab:green" if n == "merged" else "tab:red" for n in others])
+    right.axhspan(*ZERO_BAND, color="grey", alpha=0.3, label="zero-overhead band")
+    right.axhline(r.max_ratio, color="black", linestyle="--", label=f"budget {r.max_ratio:g}")
+    right.set_ylim(min(0.9, min(med) - 0.05), max(max(med) + 0.1, r.max_ratio + 0.05))
+    right.set_ylabel("decode time / base (median, 95% CI)")
+    right.set_title(f"vs base: {r.verdict}")
+    right.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_reports(r: BenchResult, json_path: Path, md_path: Path, png_path: Path | None = None) -> None:
+    data = asdict(r)
+    json_path.write_text(json.dumps({"schema_version": 2, **data}, indent=2) + "\n")
     md_path.write_text(markdown(r))
+    if png_path:
+        plot(r, png_path)

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", required=True, help="a shipped target name or a .toml file")
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--merge-base", choices=["nf4", "original"], help="default: nf4 for QLoRA adapters")
+    e.add_argument("--keep-adapter", action="store_true",
+                   help="export the unmerged graph: the LoRA as a side path beside each MatMul (plain LoRA/rsLoRA)")
     e.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickle-only adapter_model.bin (read with torch.load(weights_only=True))")
 
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="latency of the merged export against the base export")
     b.add_argument("export_dir", type=Path)
     b.add_argument("--json", type=Path, help="also write the JSON results here")
+    b.add_argument("--plot", type=Path, help="write the PNG plot here (default EXPORT_DIR/bench.png)")
     b.add_argument("--rounds", type=int, default=100, help="interleaved rounds (doubled once if inconclusive)")
 
     g = sub.add_parser("targets", help="list or show deployment targets")
@@ -129,7 +132,8 @@ def _run(args) -> int:
         from .pipeline import ExportRequest, export
 
         r = export(ExportRequest(base=args.base, adapter=args.adapter, target=args.target, out=args.out,
-                                 merge_base=args.merge_base, allow_pickle=args.allow_pickle), progress=say)
+                                 merge_base=args.merge_base, allow_pickle=args.allow_pickle,
+                                 keep_adapter=args.keep_adapter), progress=say)
         return _verdict(r.parity, f"export written to {r.out} (merge base {r.merge_base})")
     if args.command == "validate":
         from .pipeline import validate
@@ -139,7 +143,7 @@ def _run(args) -> int:
         from .bench import markdown
         from .pipeline import bench
 
-        r = bench(args.export_dir, args.json, progress=say, rounds=args.rounds)
+        r = bench(args.export_dir, args.json, progress=say, rounds=args.rounds, plot_path=args.plot)
         print(markdown(r))
         return EXIT_OK if r.within_budget else EXIT_VERDICT
     if args.command == "demo":

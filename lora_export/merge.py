@@ -44,6 +44,12 @@ def nf4_round_trip(model, names: list[str], nf4: Nf4Settings) -> None:
         w.data.copy_(bnbf.dequantize_4bit(q, state).to(w.dtype))
 
 
+def quantization_of(adapter: Adapter) -> tuple[list[str], Nf4Settings]:
+    """The 4-bit modules and NF4 settings a QLoRA adapter was trained against, from its training manifest."""
+    quant = dict(adapter.manifest["quantization"])
+    return quant.pop("quantized_modules"), Nf4Settings(**quant)
+
+
 def merged_model(base_dir: Path, adapter: Adapter, merge_base: str):
     """The merged model in memory (fp32), after the sanity checks. Returns (model, changed modules, max |dW|)."""
     import torch
@@ -56,9 +62,7 @@ def merged_model(base_dir: Path, adapter: Adapter, merge_base: str):
         if not adapter.trained_on_4bit:
             raise BadInput.one(str(adapter.path), "merge base nf4 needs the training manifest's quantization settings, "
                                "and this adapter has none", "use --merge-base original")
-        quant = dict(adapter.manifest["quantization"])
-        names = quant.pop("quantized_modules")
-        nf4_round_trip(model, names, Nf4Settings(**quant))
+        nf4_round_trip(model, *quantization_of(adapter))
 
     modules = dict(model.named_modules())
     before = {name: modules[name].weight.detach().clone() for name in adapter.targeted}

@@ -49,6 +49,7 @@ class ExportRequest:
     out: Path
     merge_base: str | None = None  # None: nf4 for a QLoRA adapter, else original
     allow_pickle: bool = False  # accept a pickle-only adapter (read with torch.load(weights_only=True))
+    keep_adapter: bool = False  # export the unmerged graph: the LoRA as a side path beside each MatMul
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,13 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
         if target.precision == "fp16":
             progress("checking that weights and activations fit fp16")
             check_fp16_range(merged, load_prompts(load_tokenizer(base))[0], str(adapter.path))
-        save_merged(merged, base, work / "checkpoint")
-        progress(f"building the ONNX graph with {target.backend} ({target.precision}, "
-                 f"weights {target.quantization.scheme})")
-        BACKENDS[target.backend].build(work / "checkpoint", tmp, target, tmp / "build.log")
+        progress(f"building the {'unmerged' if req.keep_adapter else 'merged'} ONNX graph with {target.backend} "
+                 f"({target.precision}, weights {target.quantization.scheme})")
+        if req.keep_adapter:
+            build_unmerged(base, adapter, merge_base, target, tmp, work)
+        else:
+            save_merged(merged, base, work / "checkpoint")
+            BACKENDS[target.backend].build(work / "checkpoint", tmp, target, tmp / "build.log")
         manifest = {
             "schema_version": 1,
             "base": {**_where(base, out), "files_sha256": {p.name: sha256_file(p) for p in
@@ -83,6 +87,7 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
                         "weights_file": adapter.weights.name, "adapter_model_sha256": sha256_file(adapter.weights)},
             "target": tomllib.loads(Path(target.source).read_text()),  # validate and bench apply this one
             "merge_base": merge_base,
+            "graph": "unmerged" if req.keep_adapter else "merged",
             "merged_modules": len(changed),
             "max_abs_weight_change": max_delta,
             "versions": package_versions(),
@@ -96,6 +101,25 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
                               "top1_agreement": total.top1_agreement, "adapter_retention": report.adapter_retention}
         _write_manifest(tmp, manifest)
     return ExportResult(out=out, merge_base=merge_base, parity=report)
+
+
+def build_unmerged(base: Path, adapter, merge_base: str, target, out_dir: Path, work: Path) -> None:
+    """The adapter as a side path on the base it was trained against (the NF4 round trip for QLoRA)."""
+    config = adapter.config
+    if config.get("use_dora") or config.get("modules_to_save"):
+        raise BadInput.one(str(adapter.path / "adapter_config.json"), "--keep-adapter supports plain LoRA and "
+                           "rsLoRA side paths only (this adapter uses DoRA or modules_to_save)",
+                           "export it merged (without --keep-adapter)")
+    source = base
+    if merge_base == "nf4":
+        from .merge import nf4_round_trip, quantization_of
+
+        model = load_fp32(base)
+        names, nf4 = quantization_of(adapter)
+        nf4_round_trip(model, names, nf4)
+        save_merged(model, base, work / "base-nf4")
+        source = work / "base-nf4"
+    BACKENDS[target.backend].build(source, out_dir, target, out_dir / "build.log", adapter=adapter.path)
 
 
 def _where(path: Path, out: Path) -> dict:
@@ -178,21 +202,36 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     return report
 
 
-def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, rounds: int = 100) -> latency.BenchResult:
+def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, rounds: int = 100,
+          plot_path: Path | None = None, memory: bool = True) -> latency.BenchResult:
+    """Time the export against the unadapted base export for the same target (built once, into bench-base/),
+    and, for a merged export of a plain LoRA adapter, against the unmerged side-path graph (bench-unmerged/)."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     check_external_data(export_dir / "model.onnx")  # refuse a tampered export before building anything
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
+    adapter = load_adapter(_locate(manifest["adapter"], export_dir, "adapter"), base,
+                           allow_pickle=manifest["adapter"].get("weights_file") == "adapter_model.bin")
     base_export = export_dir / "bench-base"
     if not (base_export / "model.onnx").is_file():
         progress(f"building the unadapted base export for {target.name} to compare against")
         with staged(base_export) as tmp:
             BACKENDS[target.backend].build(base, tmp, target, tmp / "build.log")
+    unmerged = export_dir / "bench-unmerged"
+    side_path = manifest.get("graph", "merged") == "merged" and not (
+        adapter.config.get("use_dora") or adapter.config.get("modules_to_save"))
+    if side_path and not (unmerged / "model.onnx").is_file():
+        progress("building the unmerged graph (LoRA as a side path) to show what merging saves")
+        with staged(unmerged) as tmp, scratch(unmerged, "merged") as work:
+            build_unmerged(base, adapter, manifest["merge_base"], target, tmp, work)
     tok = load_tokenizer(base)
     prompt = [t for p in load_prompts(tok)[1] for t in p][:32]
-    progress(f"timing merged vs base, {rounds} interleaved rounds")
+    progress(f"timing {'merged, base and unmerged' if side_path else 'this export and base'}, "
+             f"{rounds} interleaved rounds")
     result = latency.bench(export_dir, base_export, prompt, target.latency.max_ratio, target.execution_providers,
-                           rounds=rounds, progress=progress)
-    latency.write_reports(result, Path(json_path) if json_path else export_dir / "bench.json", export_dir / "bench.md")
+                           rounds=rounds, progress=progress, unmerged_dir=unmerged if side_path else None,
+                           memory=memory)
+    latency.write_reports(result, Path(json_path) if json_path else export_dir / "bench.json",
+                          export_dir / "bench.md", Path(plot_path) if plot_path else export_dir / "bench.png")
     return result

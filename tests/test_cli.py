@@ -73,12 +73,16 @@ def test_console_script_exit_code_and_stderr(tmp_path):
 def test_validate_and_bench_on_an_export(fp32_export, tmp_path, capsys):
     rc, out, _ = run(["validate", str(fp32_export.out)], capsys)
     assert rc == 0 and "PASS" in out
-    rc, out, _ = run(["bench", str(fp32_export.out), "--json", str(tmp_path / "b.json"), "--rounds", "6"], capsys)
+    rc, out, _ = run(["bench", str(fp32_export.out), "--json", str(tmp_path / "b.json"), "--rounds", "6",
+                      "--plot", str(tmp_path / "b.png")], capsys)
     result = json.loads((tmp_path / "b.json").read_text())
     assert rc == (0 if result["within_budget"] else 1)
     assert result["graphs_identical"] is True  # zero overhead by construction: same graph as the base export
-    assert result["merged"]["decode_ms_median"] > 0 and result["verdict"] in ("zero overhead", "overhead", "inconclusive")
-    assert (fp32_export.out / "bench.md").is_file() and "merged/base" in out
+    assert set(result["variants"]) == {"merged", "base", "unmerged"}
+    assert result["variants"]["merged"]["decode_ms_median"] > 0
+    assert result["verdict"] in ("zero overhead", "overhead", "inconclusive")
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (fp32_export.out / "bench.md").is_file() and "merged/base" in out and "| unmerged |" in out
 
 
 def test_example_ci_workflow_uses_real_commands():

@@ -65,7 +65,7 @@ def test_non_empty_output_is_refused(tiny_base, tiny_adapter, tmp_path):
 def test_failed_build_leaves_nothing(tiny_base, tiny_adapter, tmp_path, monkeypatch):
     from lora_export.export import BACKENDS, Backend
 
-    def broken(checkpoint, out_dir, target, log):
+    def broken(checkpoint, out_dir, target, log, adapter=None):
         (out_dir / "model.onnx").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
@@ -96,3 +96,17 @@ def test_int4_export_quantizes_the_body_keeps_lm_head_int8_and_keeps_the_adapter
     _, stages, retention = parity.measure(trained, TorchCausalLM(load_fp32(tiny_base)), [shape], 8)
     assert r.parity.adapter_retention > 0.75, r.parity.adapter_retention
     assert r.parity.stages["total"].mean_kl < 0.25 * stages["total"].mean_kl
+
+
+def test_keep_adapter_exports_the_side_path_graph(tiny_base, tiny_adapter, fp32_export, tmp_path):
+    """--keep-adapter: the LoRA stays a side path (MatMul A, MatMul B, Add) and still reproduces the trained model."""
+    r = export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-fp32", out=tmp_path / "unmerged",
+                             keep_adapter=True))
+    ops = lambda d: [n.op_type for n in onnx.load(str(d / "model.onnx"), load_external_data=False).graph.node]  # noqa: E731
+    unmerged, merged = ops(r.out), ops(fp32_export.out)
+    lora = [n.name for n in onnx.load(str(r.out / "model.onnx"), load_external_data=False).graph.node
+            if "lora_A" in n.name or "lora_B" in n.name]
+    assert len(lora) == 2 * 14  # an A and a B MatMul for each of the 14 adapted linear layers
+    assert unmerged.count("MatMul") > merged.count("MatMul")
+    assert r.parity.passed, [str(c) for c in r.parity.failures]
+    assert json.loads((r.out / "export_manifest.json").read_text())["graph"] == "unmerged"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 
@@ -12,5 +11,6 @@ class Backend:
     name: str
     #: architectures (``config.architectures[0]``) this backend can export
     architectures: tuple[str, ...]
-    #: (checkpoint dir, output dir, Target, log file) -> None; writes model.onnx (+ data) and genai_config.json
-    build: Callable[[Path, Path, object, Path], None]
+    #: (checkpoint dir, output dir, Target, log file, adapter dir or None) -> None; writes model.onnx (+ data)
+    #: and genai_config.json. With an adapter dir, the LoRA stays unmerged: a side path beside each MatMul.
+    build: Callable[..., None]

@@ -29,7 +29,7 @@ class BuildFailed(LoraExportError):
     pass
 
 
-def build(checkpoint: Path, out_dir: Path, target, log_path: Path) -> None:
+def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path | None = None) -> None:
     arch = json.loads((checkpoint / "config.json").read_text()).get("architectures", ["?"])[0]
     if arch not in ARCHITECTURES:
         raise BadInput.one(str(checkpoint / "config.json"), f"architecture {arch} is not supported by the "
@@ -42,6 +42,8 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path) -> None:
                            'pip install "lora-export[cpu]" (or "lora-export[gpu]" for CUDA)')
     scheme = SCHEMES[target.quantization.scheme]
     options = {"hf_remote": "false", **scheme.builder_options(target.quantization)}
+    if adapter is not None:  # the builder's own LoRA path: MatMul A, MatMul B (scaling folded in), Add
+        options["adapter_path"] = str(adapter)
     cmd = [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
         "-i", str(checkpoint), "-o", str(out_dir),
