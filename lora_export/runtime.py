@@ -14,7 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
-from .export.io_spec import check_external_data, kv_input_names, kv_output_names
+from .export.io_spec import (
+    check_external_data,
+    check_io,
+    kv_input_names,
+    kv_output_names,
+)
 
 
 def import_onnxruntime():
@@ -57,8 +62,9 @@ class OrtCausalLM:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        key0 = inputs["past_key_values.0.key"]
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        check_io(self.input_names, set(self.output_names), max(self.num_layers, 1), str(path))
+        key0 = inputs["past_key_values.0.key"]
         self.kv_heads, self.head_dim = int(key0.shape[1]), self._head_dim(key0)
         self.kv_dtype = np.float16 if "float16" in key0.type else np.float32
         self._kv_in = kv_input_names(self.num_layers)

@@ -9,7 +9,7 @@ same files.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import BadInput, Problem, raise_if
@@ -80,9 +80,6 @@ class Target:
     @property
     def precision_class(self) -> str:
         return self.quantization.scheme if self.quantization.scheme != "none" else self.precision
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 _SCHEMA = {

@@ -30,3 +30,18 @@ def test_forced_tokens_are_fed(model):
     forced = [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
     out = generate(model, PROMPTS, 3, forced=forced)
     assert [g.tokens for g in out] == forced
+
+
+def test_a_graph_without_the_kv_cache_contract_is_refused(fp32_export, tmp_path):
+    """An ONNX model whose I/O is not the decoder contract gets a clear error, not a KeyError."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from lora_export.errors import BadInput
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    with pytest.raises(BadInput, match="the graph lacks .*past_key_values.0.key"):
+        OrtCausalLM(tmp_path)

@@ -1,6 +1,7 @@
 """Weight quantization schemes, registered by name. Targets name one in ``[quantization] scheme``."""
 
-from .int4 import INT4, INT8
+from .int4 import INT4
+from .int8 import INT8
 from .nf4 import NF4_SCHEME
 from .none import NONE
 from .scheme import Scheme

@@ -1,7 +1,7 @@
-"""int4 and int8 block-wise weight-only quantization for ONNX Runtime's MatMulNBits.
+"""int4 block-wise weight-only quantization for ONNX Runtime's MatMulNBits.
 
 The quantization itself is ONNX Runtime's own ``MatMulNBitsQuantizer`` (round-to-nearest, per block),
-run by the onnxruntime-genai builder on the merged fp32 weights. For int4 the output projection is kept
+run by the onnxruntime-genai builder on the merged fp32 weights. The output projection is kept
 at int8 by default: an int4 lm_head is a known cause of repetition (FACTS.md, failure 9).
 ``sensitive_layers = "int8"`` also keeps the most quantization-sensitive MatMuls at int8 (llama.cpp's mixed
 strategy: the first and last eighth of the layers and every third layer's qkv and down projections).
@@ -52,10 +52,3 @@ def _check(q) -> list[str]:
 
 
 INT4 = Scheme(name="int4", builder_precision=lambda q, precision: "int4", builder_options=_options, check=_check)
-
-INT8 = Scheme(
-    name="int8",
-    builder_precision=lambda q, precision: "int8",
-    builder_options=_common,
-    check=lambda q: [p for p in _check(q) if "lm_head" not in p and "sensitive" not in p],
-)
