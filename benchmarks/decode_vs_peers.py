@@ -57,17 +57,9 @@ def make_models(tmp: Path):
 
 def time_variant(model, prompt: list[int]) -> float:
     """Median ms per decode step over NEW_TOKENS greedy steps through the KV cache."""
-    ids = np.array([prompt], dtype=np.int64)
-    mask = np.ones_like(ids)
-    logits, past = model.step(ids, mask, None)
-    steps = []
-    for _ in range(NEW_TOKENS):
-        nxt = np.array([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
-        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-        t0 = time.perf_counter()
-        logits, past = model.step(nxt, mask, past)
-        steps.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(steps))
+    from lora_export.bench import time_decode
+
+    return time_decode(model, prompt, NEW_TOKENS)
 
 
 def main() -> int:

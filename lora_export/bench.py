@@ -103,7 +103,13 @@ def _time_round(model, prompt: list[int], new_tokens: int, prompt_repeats: int =
         t0 = time.perf_counter()
         logits, past = model.step(ids, mask, None)
         passes.append((time.perf_counter() - t0) * 1000)
-    prompt_ms = float(np.median(passes))
+    return float(np.median(passes)), time_decode(model, prompt, new_tokens, first=(logits, past))
+
+
+def time_decode(model, prompt: list[int], new_tokens: int, first=None) -> float:
+    """Median ms per greedy decode step through the KV cache, after a prompt pass (``first``, or run here)."""
+    mask = np.ones((1, len(prompt)), dtype=np.int64)
+    logits, past = first if first is not None else model.step(np.array([prompt], dtype=np.int64), mask, None)
     steps = []
     for _ in range(new_tokens):
         nxt = np.array([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
@@ -111,7 +117,7 @@ def _time_round(model, prompt: list[int], new_tokens: int, prompt_repeats: int =
         t0 = time.perf_counter()
         logits, past = model.step(nxt, mask, past)
         steps.append((time.perf_counter() - t0) * 1000)
-    return prompt_ms, float(np.median(steps))
+    return float(np.median(steps))
 
 
 def graphs_identical(a: Path, b: Path) -> bool:
