@@ -25,21 +25,40 @@ class Adapter:
     manifest: dict | None  # training_manifest.json, when the adapter was made by lora-export
     targeted: tuple[str, ...]  # base module names the adapter changes
     weights: Path  # adapter_model.safetensors (or the pickle file, when explicitly allowed)
+    saved: tuple[str, ...] = ()  # modules_to_save: base modules the adapter replaces with trained copies
 
     @property
     def trained_on_4bit(self) -> bool:
         return bool(self.manifest and self.manifest.get("kind") == "qlora")
 
 
+_PARTS = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
+          "lora_magnitude_vector": "magnitude"}
+
+
 def _module_of(key: str) -> tuple[str, str] | None:
-    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> ('model.layers.0.self_attn.q_proj', 'A')."""
-    for part in ("lora_A", "lora_B"):
-        marker = f".{part}."
-        if marker in key:
-            name = key.split(marker)[0]
-            if name.startswith("base_model.model."):
-                name = name[len("base_model.model."):]
-            return name, part[-1]
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> ('model.layers.0.self_attn.q_proj', 'A').
+
+    Also lora_embedding_A/B (embedding layers) and lora_magnitude_vector (DoRA)."""
+    for part, kind in _PARTS.items():
+        for marker in (f".{part}.", f".{part}"):
+            if marker in key and (marker.endswith(".") or key.endswith(marker)):
+                return _strip(key.split(marker)[0]), kind
+    return None
+
+
+def _strip(name: str) -> str:
+    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+
+
+def _io_features(module) -> tuple[int, int] | None:
+    """(in, out) of a layer LoRA can adapt: Linear, GPT-2's Conv1D (weight stored in x out), Embedding."""
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    if hasattr(module, "num_embeddings"):
+        return module.num_embeddings, module.embedding_dim
+    if type(module).__name__ == "Conv1D":
+        return tuple(module.weight.shape)
     return None
 
 
@@ -73,6 +92,9 @@ def _read_config(path: Path, problems: list[Problem]) -> dict:
                                                 for v in pattern.values()):
             problems.append(Problem(str(cfg_path), f"{key} must map module names to positive numbers",
                                     "restore the file PEFT wrote"))
+    if config.get("lora_bias"):
+        problems.append(Problem(str(cfg_path), "lora_bias = true (a trained bias on lora_B) is not supported",
+                                "train the adapter without lora_bias"))
     targets = config.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets and
                                          all(isinstance(t, str) for t in targets))):
@@ -133,31 +155,46 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
     modules = dict(skeleton.named_modules())
 
     found: dict[str, dict[str, tuple[int, ...]]] = {}
+    saved: set[str] = set()
     for key, tensor in _tensors(weights):
         if not isinstance(tensor, torch.Tensor):
             problems.append(Problem(str(weights), f"entry {key} is not a tensor", "save the adapter again"))
             continue
-        where = _module_of(key)
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             problems.append(Problem(str(weights), f"tensor {key} holds NaN or Inf",
                                     "retrain the adapter; a diverged run cannot be exported"))
-        if where and tensor.dim() == 2:
+        where = _module_of(key)
+        if where and tensor.dim() in (1, 2):
             found.setdefault(where[0], {})[where[1]] = tuple(tensor.shape)
-    if not found:
+        elif where is None and ".base_layer." not in key:
+            saved.add(_strip(key).rpartition(".")[0])  # modules_to_save: a full copy of the module
+    if not found and not saved:
         problems.append(Problem(str(weights), "holds no LoRA A/B tensors", "save a trained LoRA adapter here"))
+    arch = base_cfg.architectures[0] if base_cfg.architectures else type(skeleton).__name__
+    for name in sorted(saved):
+        if name not in modules:
+            problems.append(Problem(str(weights), f"modules_to_save entry {name} does not exist in the base ({arch})",
+                                    "export with the base model the adapter was trained on"))
     for name, parts in sorted(found.items()):
         module = modules.get(name)
-        if module is None or not hasattr(module, "in_features"):
-            problems.append(Problem(str(weights), f"target module {name} does not exist in the base "
-                                    f"({base_cfg.architectures[0] if base_cfg.architectures else '?'})",
+        io = _io_features(module) if module is not None else None
+        if io is None:
+            problems.append(Problem(str(weights), f"target module {name} does not exist in the base ({arch})"
+                                    if module is None else f"target module {name} is a {type(module).__name__}, "
+                                    "which this exporter cannot merge (Linear, Conv1D and Embedding only)",
                                     "export with the base model the adapter was trained on"))
             continue
         a, b = parts.get("A"), parts.get("B")
+        embedding = hasattr(module, "num_embeddings")
         if a is None or b is None:
             problems.append(Problem(str(weights), f"{name} has only one of lora_A / lora_B", "save the adapter again"))
-        elif a[1] != module.in_features or b[0] != module.out_features or a[0] != b[1]:
-            problems.append(Problem(str(weights), f"{name}: A {a} and B {b} do not fit a "
-                                    f"{module.in_features}->{module.out_features} layer",
+        elif len(a) != 2 or len(b) != 2 or a[1] != io[0] or b[0] != io[1] or a[0] != b[1]:
+            kind = "embedding" if embedding else "layer"
+            problems.append(Problem(str(weights), f"{name}: A {a} and B {b} do not fit a {io[0]}->{io[1]} {kind}",
+                                    "the adapter was trained for a different base; pass that base with --base"))
+        m = parts.get("magnitude")
+        if m is not None and m != (io[1],):
+            problems.append(Problem(str(weights), f"{name}: DoRA magnitude {m} does not fit {io[1]} outputs",
                                     "the adapter was trained for a different base; pass that base with --base"))
 
     manifest = None
@@ -173,4 +210,5 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
                                     f"({manifest.get('base', {}).get('path')})",
                                     "pass the base the adapter was trained on with --base"))
     raise_if(problems)
-    return Adapter(path=path, config=config, manifest=manifest, targeted=tuple(sorted(found)), weights=weights)
+    return Adapter(path=path, config=config, manifest=manifest, targeted=tuple(sorted(found)),
+                   weights=weights, saved=tuple(sorted(saved)))

@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="merge an adapter and export ONNX for a target, then validate parity")
     e.add_argument("--base", type=Path, required=True)
-    e.add_argument("--adapter", type=Path, required=True)
+    e.add_argument("--adapter", type=Path, required=True, action="append",
+                   help="a PEFT adapter directory; repeat it to merge several, combined linearly")
+    e.add_argument("--adapter-weight", type=float, action="append",
+                   help="one weight per --adapter, in order (default 1.0 each)")
     e.add_argument("--target", required=True, help="a shipped target name or a .toml file")
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--merge-base", choices=["nf4", "original"], help="default: nf4 for QLoRA adapters")
@@ -131,7 +134,8 @@ def _run(args) -> int:
     if args.command == "export":
         from .pipeline import ExportRequest, export
 
-        r = export(ExportRequest(base=args.base, adapter=args.adapter, target=args.target, out=args.out,
+        r = export(ExportRequest(base=args.base, adapter=tuple(args.adapter), target=args.target, out=args.out,
+                                 adapter_weights=tuple(args.adapter_weight) if args.adapter_weight else None,
                                  merge_base=args.merge_base, allow_pickle=args.allow_pickle,
                                  keep_adapter=args.keep_adapter), progress=say)
         return _verdict(r.parity, f"export written to {r.out} (merge base {r.merge_base})")

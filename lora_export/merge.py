@@ -1,47 +1,76 @@
-"""Merge a LoRA adapter into the base weights, in fp32, with PEFT's own semantics.
+"""Merge LoRA adapters into the base weights, in fp32, with PEFT's own semantics, shard by shard.
 
 The merge base matters for QLoRA: the adapter was trained against dequant(NF4(W)), not W. Merging into
 W adds the 4-bit quantization error back; merging into dequant(NF4(W)), reproduced with bitsandbytes and
 the exact settings recorded at training time, gives back the trained model. ``nf4`` is the default for
 adapters trained on a 4-bit base; ``original`` is offered and recorded, and parity measures either.
+
+Streaming: the base is never loaded whole. PEFT builds its adapted model around a *hollow* skeleton (every
+base parameter a zero-stride view of one scalar, so the skeleton costs nothing), loads the adapters'
+real weights into it, and then each base tensor is read from its safetensors shard, put into its module,
+merged by that module's own PEFT ``merge()`` (scaling alpha/r or alpha/sqrt(r), rank/alpha patterns,
+DoRA, fan_in_fan_out, embeddings), and written out. Peak memory is about one output shard plus the
+adapters. The result is bit-identical to PEFT's ``merge_and_unload`` on the whole model (tested).
+
+Written by hand because no library merges without loading the whole model: PEFT and transformers both
+materialise every weight first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 from .adapters import Adapter
-from .base import Nf4Settings, load_fp32, load_tokenizer
+from .base import Nf4Settings, load_tokenizer
 from .errors import BadInput
 
 MERGE_BASES = ("nf4", "original")
+SHARD_BYTES = 2 * 1024**3  # output shard cap when the base has one file only
+INDEX = "model.safetensors.index.json"
+
+
+def _quiet(msg: str) -> None:
+    pass
 
 
 @dataclass(frozen=True)
 class MergeResult:
     checkpoint: Path
     merge_base: str
-    changed: tuple[str, ...]  # modules whose weight the merge changed
+    changed: tuple[str, ...]  # modules whose weight the adapters' LoRA changed
     max_abs_delta: float  # the largest |change| of any merged weight
+    replaced: tuple[str, ...] = ()  # modules_to_save: weights the adapter replaced outright
+    untied: bool = False  # tied embeddings untied because the adapter changed one side only
+    weights: tuple[float, ...] = (1.0,)  # the linear combination's coefficient per adapter
+    shards: int = 1
+    deltas: dict = field(default_factory=dict, repr=False)  # module -> max |dW|
 
 
 def default_merge_base(adapter: Adapter) -> str:
     return "nf4" if adapter.trained_on_4bit else "original"
 
 
-def nf4_round_trip(model, names: list[str], nf4: Nf4Settings) -> None:
-    """Replace each named linear weight W by dequant(NF4(W)), bit for bit what bitsandbytes trained on."""
+def round_trip(w, nf4: Nf4Settings):
+    """dequant(NF4(W)) with bitsandbytes, bit for bit what the 4-bit base computed with during training."""
     import bitsandbytes.functional as bnbf
     import torch
 
+    q, state = bnbf.quantize_4bit(w.to(getattr(torch, nf4.load_dtype)), blocksize=nf4.blocksize,
+                                  compress_statistics=nf4.double_quant, quant_type=nf4.quant_type,
+                                  quant_storage=getattr(torch, nf4.quant_storage))
+    return bnbf.dequantize_4bit(q, state).to(w.dtype)
+
+
+def nf4_round_trip(model, names: list[str], nf4: Nf4Settings) -> None:
+    """Replace each named linear weight of an in-memory model by its NF4 round trip."""
     modules = dict(model.named_modules())
     for name in names:
         w = modules[name].weight
-        q, state = bnbf.quantize_4bit(w.data.to(getattr(torch, nf4.load_dtype)), blocksize=nf4.blocksize,
-                                      compress_statistics=nf4.double_quant, quant_type=nf4.quant_type,
-                                      quant_storage=getattr(torch, nf4.quant_storage))
-        w.data.copy_(bnbf.dequantize_4bit(q, state).to(w.dtype))
+        w.data.copy_(round_trip(w.data, nf4))
 
 
 def quantization_of(adapter: Adapter) -> tuple[list[str], Nf4Settings]:
@@ -50,47 +79,248 @@ def quantization_of(adapter: Adapter) -> tuple[list[str], Nf4Settings]:
     return quant.pop("quantized_modules"), Nf4Settings(**quant)
 
 
-def merged_model(base_dir: Path, adapter: Adapter, merge_base: str):
-    """The merged model in memory (fp32), after the sanity checks. Returns (model, changed modules, max |dW|)."""
+def _hollow(model) -> None:
+    """Make every parameter a zero-stride CPU view of one scalar: right shapes and dtypes, no memory."""
+    import torch
+
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape),
+                                                     requires_grad=False))
+
+
+def _peft_skeleton(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float]):
+    """PEFT's adapted model around a hollow base, with every adapter loaded (named a0, a1, ...) and scaled."""
     import torch
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
+    config.__dict__.pop("quantization_config", None)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _hollow(skeleton)
+    model = None
+    for i, adapter in enumerate(adapters):
+        if model is None:
+            model = PeftModel.from_pretrained(skeleton, str(adapter.path), adapter_name=f"a{i}",
+                                              is_trainable=False, low_cpu_mem_usage=True)
+        else:
+            model.load_adapter(str(adapter.path), adapter_name=f"a{i}", is_trainable=False, low_cpu_mem_usage=True)
+    names = [f"a{i}" for i in range(len(adapters))]
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, w in zip(names, weights):
+                if name in module.scaling and w != 1.0:
+                    # a linear combination W + sum_i w_i * dW_i: PEFT's own scale_layer() does the same
+                    # multiplication, for the active adapter only
+                    module.scaling[name] *= w
+    return model, names, config
+
+
+def _check_combination(adapters: Sequence[Adapter], weights: Sequence[float], merge_base: str) -> None:
+    if len(weights) != len(adapters):
+        raise BadInput.one("--adapter-weight", f"{len(weights)} weights for {len(adapters)} adapters",
+                           "give one weight per adapter, in the same order")
+    if len(adapters) > 1:
+        for a in adapters:
+            cfg = a.config
+            if cfg.get("use_dora") or cfg.get("modules_to_save"):
+                raise BadInput.one(str(a.path / "adapter_config.json"), "DoRA and modules_to_save adapters cannot "
+                                   "be combined linearly with others (their merge is not a sum of deltas)",
+                                   "export this adapter on its own")
+        if merge_base == "nf4":
+            settings = {json.dumps(a.manifest.get("quantization") if a.manifest else None, sort_keys=True)
+                        for a in adapters}
+            if len(settings) > 1:
+                raise BadInput.one(str(adapters[1].path), "the adapters were trained against different 4-bit "
+                                   "bases, so no single nf4 merge base serves them all",
+                                   "combine adapters trained with the same quantization, or use --merge-base original")
     if merge_base not in MERGE_BASES:
         raise BadInput.one("--merge-base", f"unknown merge base '{merge_base}'", f"use one of {', '.join(MERGE_BASES)}")
-    model = load_fp32(base_dir)
-    if merge_base == "nf4":
-        if not adapter.trained_on_4bit:
-            raise BadInput.one(str(adapter.path), "merge base nf4 needs the training manifest's quantization settings, "
-                               "and this adapter has none", "use --merge-base original")
-        nf4_round_trip(model, *quantization_of(adapter))
+    if merge_base == "nf4" and not adapters[0].trained_on_4bit:
+        raise BadInput.one(str(adapters[0].path), "merge base nf4 needs the training manifest's quantization "
+                           "settings, and this adapter has none", "use --merge-base original")
 
-    modules = dict(model.named_modules())
-    before = {name: modules[name].weight.detach().clone() for name in adapter.targeted}
-    peft_model = PeftModel.from_pretrained(model, str(adapter.path), is_trainable=False)
-    merged = peft_model.merge_and_unload()
-    merged_modules = dict(merged.named_modules())
 
-    deltas = {name: (merged_modules[name].weight.detach() - w).abs().max().item() for name, w in before.items()}
-    unchanged = [name for name, d in deltas.items() if d == 0.0]
+def _base_shards(base_dir: Path) -> list[Path]:
+    index = base_dir / INDEX
+    if index.is_file():
+        files = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        return [base_dir / f for f in files]
+    return sorted(base_dir.glob("*.safetensors"))
+
+
+class _ShardWriter:
+    """Buffers output tensors and writes a shard whenever the buffer reaches the cap; names them at the end."""
+
+    def __init__(self, out_dir: Path, cap: int):
+        self.out_dir, self.cap, self.buffer, self.size, self.files, self.index = out_dir, cap, {}, 0, [], {}
+
+    def add(self, key: str, tensor) -> None:
+        self.buffer[key] = tensor.contiguous()
+        self.size += tensor.numel() * tensor.element_size()
+        if self.size >= self.cap:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        name = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.buffer, str(self.out_dir / name), metadata={"format": "pt"})
+        self.files.append(name)
+        self.index.update({k: name for k in self.buffer})
+        self.buffer, self.size = {}, 0
+
+    def close(self) -> int:
+        self.flush()
+        n = len(self.files)
+        final = {f: "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                 for i, f in enumerate(self.files)}
+        for old, new in final.items():
+            (self.out_dir / old).rename(self.out_dir / new)
+        if n > 1:
+            total = sum((self.out_dir / f).stat().st_size for f in final.values())
+            (self.out_dir / INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in sorted(self.index.items())}},
+                indent=2) + "\n")
+        return n
+
+
+def _check_free_disk(base_dir: Path, shards: list[Path], out_dir: Path) -> None:
+    """The fp32 output may be up to twice a 16-bit base; refuse before writing rather than fail half-way."""
+    need = int(1.1 * 2 * sum(p.stat().st_size for p in shards))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise BadInput.one(str(out_dir), f"{free / 1e9:.1f} GB free, and the merged fp32 checkpoint needs up to "
+                           f"{need / 1e9:.1f} GB", "free disk space or write the output elsewhere")
+
+
+def merge(base_dir: Path, adapters: Adapter | Sequence[Adapter], out_dir: Path, merge_base: str,
+          weights: Sequence[float] | None = None, progress: Callable[[str], None] = _quiet,
+          shard_bytes: int | None = None) -> MergeResult:
+    """Merge ``adapters`` (combined linearly with ``weights``, default 1 each) into the base, streaming shard
+    by shard, and write an fp32 safetensors checkpoint (config without quantization_config, tokenizer) to
+    ``out_dir``. Sanity checks: every LoRA-targeted weight changed, every tensor finite."""
+    adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
+    weights = tuple(float(w) for w in (weights or [1.0] * len(adapters)))
+    _check_combination(adapters, weights, merge_base)
+    return rewrite_checkpoint(base_dir, adapters, weights, out_dir, merge_base, progress, shard_bytes)
+
+
+def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float], out_dir: Path,
+                       merge_base: str, progress: Callable[[str], None] = _quiet,
+                       shard_bytes: int | None = None, nf4: tuple[list[str], Nf4Settings] | None = None) -> MergeResult:
+    """The streaming pass. With no adapters it writes the base itself (after the NF4 round trip given by
+    ``nf4``): the base an unmerged side-path graph needs."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+    from safetensors import safe_open
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    shards = _base_shards(base_dir)
+    _check_free_disk(base_dir, shards, out_dir)
+    if adapters:
+        model, names, config = _peft_skeleton(base_dir, adapters, weights)
+        inner = model.base_model.model
+        if merge_base == "nf4":
+            nf4 = quantization_of(adapters[0])
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
+        config.__dict__.pop("quantization_config", None)
+        with torch.device("meta"):
+            inner = AutoModelForCausalLM.from_config(config)
+        names = []
+    modules = dict(inner.named_modules())
+    lora = {n: m for n, m in modules.items() if isinstance(m, LoraLayer)}
+    saved = {n: m for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper)}
+    quantized = set(nf4[0]) if nf4 else set()
+    prefix = getattr(inner, "base_model_prefix", "")
+
+    # Tied input/output embeddings: when the adapter changes one side only, the two must be stored apart.
+    in_emb, out_emb = inner.get_input_embeddings(), inner.get_output_embeddings()
+    in_name = next((n for n, m in modules.items() if m is in_emb), None)
+    out_name = next((n for n, m in modules.items() if out_emb is not None and m is out_emb), None)
+    base_keys = {k for p in shards for k in safe_open(str(p), framework="pt").keys()}
+    tied = bool(in_name and out_name and f"{out_name}.weight" not in base_keys and
+                getattr(config.get_text_config(), "tie_word_embeddings", False))
+    untie = tied and bool({in_name, out_name} & (set(lora) | set(saved)))
+
+    writer = _ShardWriter(out_dir, shard_bytes or max(max(p.stat().st_size for p in shards), 1 << 20))
+    deltas: dict[str, float] = {}
+    replaced: list[str] = []
+    bad: list[str] = []
+
+    def emit(module_name: str, param: str, t) -> None:
+        if module_name in lora and param == "weight":
+            layer = lora[module_name]
+            original = t.clone()
+            layer.base_layer.weight = torch.nn.Parameter(t, requires_grad=False)
+            layer.merge(adapter_names=[n for n in names if n in layer.scaling])
+            t = layer.base_layer.weight.detach()
+            deltas[module_name] = (t - original).abs().max().item()
+            del original
+            layer.base_layer.weight = torch.nn.Parameter(torch.zeros(()).expand(t.shape), requires_grad=False)
+        elif module_name in saved:
+            wrapper = saved[module_name]
+            t = dict(wrapper.modules_to_save[wrapper.active_adapters[0]].named_parameters())[param].detach().clone()
+            replaced.append(module_name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad.append(f"{module_name}.{param}")
+        writer.add(f"{module_name}.{param}", t)
+
+    for i, shard in enumerate(shards):
+        progress(f"merging shard {i + 1}/{len(shards)} ({shard.name}, {shard.stat().st_size / 1e6:.0f} MB)")
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                module_name, _, param = key.rpartition(".")
+                if module_name not in modules and prefix and f"{prefix}.{module_name}" in modules:
+                    module_name = f"{prefix}.{module_name}"  # a checkpoint saved without the base prefix
+                t = f.get_tensor(key)
+                if t.is_floating_point():
+                    t = t.to(torch.float32)
+                if nf4 and module_name in quantized and param == "weight":
+                    t = round_trip(t, nf4[1])
+                if untie and module_name == in_name and param == "weight":
+                    emit(out_name, "weight", t.clone())
+                emit(module_name, param, t)
+    shard_count = writer.close()
+
+    problems = []
+    missing = sorted(set(lora) - set(deltas))
+    if missing:
+        problems.append(f"the base checkpoint has no weight for {len(missing)} adapted modules (e.g. {missing[0]})")
+    unchanged = sorted(n for n, d in deltas.items() if d == 0.0)
     if unchanged:
-        raise BadInput.one(str(adapter.path), f"merging changed nothing in {len(unchanged)} targeted modules "
-                           f"(e.g. {unchanged[0]}): their lora_B is zero", "train the adapter before exporting it")
-    bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
+        problems.append(f"merging changed nothing in {len(unchanged)} targeted modules (e.g. {unchanged[0]}): "
+                        "their lora_B is zero or their scaling is 0")
     if bad:
-        raise BadInput.one(str(adapter.path), f"the merged weights hold NaN or Inf ({bad[0]})",
-                           "check the adapter's scaling (lora_alpha) and weights")
-    merged.config.__dict__.pop("quantization_config", None)
-    return merged.eval(), tuple(sorted(deltas)), max(deltas.values())
+        problems.append(f"the merged weights hold NaN or Inf ({bad[0]})")
+    if problems:
+        where = adapters[0].path if adapters else base_dir
+        raise BadInput.one(str(where), "; ".join(problems),
+                           "train the adapter (or check its lora_alpha and weights) before exporting it")
 
-
-def save_merged(model, base_dir: Path, out_dir: Path) -> None:
-    """Save a merged model as a checkpoint the graph builder reads: safetensors, config, tokenizer."""
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    cfg = json.loads((base_dir / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    if untie:
+        cfg["tie_word_embeddings"] = False
+        if isinstance(cfg.get("text_config"), dict):
+            cfg["text_config"]["tie_word_embeddings"] = False
+    cfg["dtype"] = "float32"
+    cfg.pop("torch_dtype", None)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
     load_tokenizer(base_dir).save_pretrained(str(out_dir))
+    return MergeResult(checkpoint=out_dir, merge_base=merge_base, changed=tuple(sorted(deltas)),
+                       max_abs_delta=max(deltas.values(), default=0.0), replaced=tuple(sorted(replaced)),
+                       untied=untie, weights=tuple(weights), shards=shard_count, deltas=deltas)
 
-
-def merge(base_dir: Path, adapter: Adapter, out_dir: Path, merge_base: str) -> MergeResult:
-    """Merge and save the checkpoint (safetensors, tokenizer, no quantization_config) to ``out_dir``."""
-    merged, changed, max_delta = merged_model(base_dir, adapter, merge_base)
-    save_merged(merged, base_dir, out_dir)
-    return MergeResult(checkpoint=out_dir, merge_base=merge_base, changed=changed, max_abs_delta=max_delta)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .errors import BadInput
 from .export import BACKENDS
 from .export.io_spec import check_external_data
 from .fingerprint import sha256_file
-from .merge import default_merge_base, merged_model, save_merged
+from .merge import default_merge_base, merge, quantization_of, rewrite_checkpoint
 from .outputs import check_new_output, scratch, staged
 from .precision import check_fp16_range
 from .reference import load_adapted
@@ -44,9 +45,10 @@ def _quiet(msg: str) -> None:
 @dataclass(frozen=True)
 class ExportRequest:
     base: Path
-    adapter: Path
+    adapter: Path | tuple[Path, ...]  # several adapters are combined linearly
     target: str
     out: Path
+    adapter_weights: tuple[float, ...] | None = None  # one per adapter; default 1.0 each
     merge_base: str | None = None  # None: nf4 for a QLoRA adapter, else original
     allow_pickle: bool = False  # accept a pickle-only adapter (read with torch.load(weights_only=True))
     keep_adapter: bool = False  # export the unmerged graph: the LoRA as a side path beside each MatMul
@@ -62,36 +64,55 @@ class ExportResult:
 def export(req: ExportRequest, progress=_quiet) -> ExportResult:
     target = load_target(req.target)
     base = check_base(req.base)
-    adapter = load_adapter(req.adapter, base, allow_pickle=req.allow_pickle)
+    paths = [req.adapter] if isinstance(req.adapter, (str, Path)) else list(req.adapter)
+    adapters = [load_adapter(p, base, allow_pickle=req.allow_pickle) for p in paths]
+    weights = tuple(req.adapter_weights or [1.0] * len(adapters))
     out = Path(req.out)
     check_new_output(out)
-    merge_base = req.merge_base or default_merge_base(adapter)
+    merge_base = req.merge_base or default_merge_base(adapters[0])
+    if req.keep_adapter and len(adapters) > 1:
+        raise BadInput.one("--keep-adapter", "an unmerged graph carries one adapter", "pass a single --adapter")
     with staged(out) as tmp, scratch(out, "merged") as work:
-        progress(f"merging {len(adapter.targeted)} modules in fp32 into the {merge_base} base")
-        merged, changed, max_delta = merged_model(base, adapter, merge_base)
+        progress(f"merging {len(adapters)} adapter(s) in fp32 into the {merge_base} base, shard by shard")
+        result = merge(base, adapters, work / "checkpoint", merge_base, weights, progress=progress)
+        merged = load_fp32(work / "checkpoint")
         if target.precision == "fp16":
             progress("checking that weights and activations fit fp16")
-            check_fp16_range(merged, load_prompts(load_tokenizer(base))[0], str(adapter.path))
+            check_fp16_range(merged, load_prompts(load_tokenizer(base))[0], str(adapters[0].path))
         progress(f"building the {'unmerged' if req.keep_adapter else 'merged'} ONNX graph with {target.backend} "
                  f"({target.precision}, weights {target.quantization.scheme})")
         if req.keep_adapter:
-            build_unmerged(base, adapter, merge_base, target, tmp, work)
+            build_unmerged(base, adapters[0], merge_base, target, tmp, work)
         else:
-            save_merged(merged, base, work / "checkpoint")
             BACKENDS[target.backend].build(work / "checkpoint", tmp, target, tmp / "build.log")
+        entries = [{**_where(a.path, out), "weights_file": a.weights.name, "adapter_model_sha256": sha256_file(a.weights),
+                    "weight": w} for a, w in zip(adapters, weights)]
         manifest = {
-            "schema_version": 1,
+            "schema_version": 2,
             "base": {**_where(base, out), "files_sha256": {p.name: sha256_file(p) for p in
                                                           sorted(base.glob("*.safetensors"))}},
-            "adapter": {**_where(adapter.path, out),
-                        "weights_file": adapter.weights.name, "adapter_model_sha256": sha256_file(adapter.weights)},
+            "adapter": entries[0],
+            "adapters": entries,
             "target": tomllib.loads(Path(target.source).read_text()),  # validate and bench apply this one
             "merge_base": merge_base,
             "graph": "unmerged" if req.keep_adapter else "merged",
-            "merged_modules": len(changed),
-            "max_abs_weight_change": max_delta,
+            "merged_modules": len(result.changed),
+            "max_abs_weight_change": result.max_abs_delta,
+            "replaced_modules": list(result.replaced),
+            "untied_embeddings": result.untied,
             "versions": package_versions(),
         }
+        if target.quantization.scheme != "none" and not req.keep_adapter:
+            from .quantize.survival import ERASED, measure_survival
+
+            progress("measuring how much of the adapter's change survives the weight quantization")
+            survival = measure_survival(tmp, work / "checkpoint", base, adapters, merge_base, target.quantization)
+            manifest["quantization"] = survival.to_dict()
+            if survival.tensors:
+                progress(f"adapter change kept through {survival.scheme} weights: median {survival.median_survival:.2f}, "
+                         f"worst {survival.min_survival:.2f} over {len(survival.tensors)} tensors"
+                         + (f"; ERASED (< {ERASED}) in {len(survival.erased)}: {survival.erased[0].node} ..."
+                            if survival.erased else ""))
         _write_manifest(tmp, manifest)
         progress("validating parity against the adapted model as trained")
         report = validate(tmp, merged=merged)
@@ -112,14 +133,23 @@ def build_unmerged(base: Path, adapter, merge_base: str, target, out_dir: Path, 
                            "export it merged (without --keep-adapter)")
     source = base
     if merge_base == "nf4":
-        from .merge import nf4_round_trip, quantization_of
-
-        model = load_fp32(base)
-        names, nf4 = quantization_of(adapter)
-        nf4_round_trip(model, names, nf4)
-        save_merged(model, base, work / "base-nf4")
         source = work / "base-nf4"
+        rewrite_checkpoint(base, [], (), source, merge_base, nf4=quantization_of(adapter))
     BACKENDS[target.backend].build(source, out_dir, target, out_dir / "build.log", adapter=adapter.path)
+
+
+def _adapters_of(manifest: dict, export_dir: Path, base: Path):
+    """The adapters an export was made from, checked unchanged since, and their weights."""
+    adapters, weights = [], []
+    for entry in manifest.get("adapters") or [manifest["adapter"]]:
+        adapter = load_adapter(_locate(entry, export_dir, "adapter"), base,
+                               allow_pickle=entry.get("weights_file") == "adapter_model.bin")
+        if sha256_file(adapter.weights) != entry["adapter_model_sha256"]:
+            raise BadInput.one(str(adapter.path), "the adapter's weights changed since this export was made",
+                               "validate against the adapter that was exported, or re-export")
+        adapters.append(adapter)
+        weights.append(entry.get("weight", 1.0))
+    return adapters, weights
 
 
 def _where(path: Path, out: Path) -> dict:
@@ -177,22 +207,22 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
-    adapter = load_adapter(_locate(manifest["adapter"], export_dir, "adapter"), base,
-                           allow_pickle=manifest["adapter"].get("weights_file") == "adapter_model.bin")
-    if sha256_file(adapter.weights) != manifest["adapter"]["adapter_model_sha256"]:
-        raise BadInput.one(str(adapter.path), "the adapter's weights changed since this export was made",
-                           "validate against the adapter that was exported, or re-export")
+    adapters, weights = _adapters_of(manifest, export_dir, base)
     tok = load_tokenizer(base)
     candidate = OrtCausalLM(export_dir, target.execution_providers)
-    reference = TorchCausalLM(load_adapted(base, adapter))
-    merged = TorchCausalLM(merged if merged is not None else merged_model(base, adapter, manifest["merge_base"])[0])
+    reference = TorchCausalLM(load_adapted(base, adapters, weights))
+    if merged is None:
+        with tempfile.TemporaryDirectory(prefix="lora-export-merged-") as tmp:
+            merged = load_fp32(merge(base, adapters, Path(tmp), manifest["merge_base"], weights).checkpoint)
+    merged = TorchCausalLM(merged)
     unadapted = TorchCausalLM(load_fp32(base))
     steps = max(parity.MIN_STEPS, target.tolerances.greedy_tokens)
     max_positions = getattr(unadapted.model.config, "max_position_embeddings", 2048)
     shapes = parity.make_shapes(*load_prompts(tok, prompts), max_positions, steps)
     per_shape, stages, retention = parity.measure(reference, candidate, shapes, steps, merged=merged,
                                                   base=unadapted, progress=progress)
-    ref_name = "4-bit base + adapter (PyTorch)" if adapter.trained_on_4bit else "fp32 base + adapter (PyTorch)"
+    ref_name = ("4-bit base" if adapters[0].trained_on_4bit else "fp32 base") + \
+        (" + adapter" if len(adapters) == 1 else f" + {len(adapters)} adapters") + " (PyTorch)"
     report = parity.judge(per_shape, stages, retention, target.tolerances, target.name, ref_name, steps)
     parity.write_reports(report, export_dir)
     if report_json:
@@ -211,15 +241,15 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     check_external_data(export_dir / "model.onnx")  # refuse a tampered export before building anything
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
-    adapter = load_adapter(_locate(manifest["adapter"], export_dir, "adapter"), base,
-                           allow_pickle=manifest["adapter"].get("weights_file") == "adapter_model.bin")
+    adapters, _ = _adapters_of(manifest, export_dir, base)
+    adapter = adapters[0]
     base_export = export_dir / "bench-base"
     if not (base_export / "model.onnx").is_file():
         progress(f"building the unadapted base export for {target.name} to compare against")
         with staged(base_export) as tmp:
             BACKENDS[target.backend].build(base, tmp, target, tmp / "build.log")
     unmerged = export_dir / "bench-unmerged"
-    side_path = manifest.get("graph", "merged") == "merged" and not (
+    side_path = manifest.get("graph", "merged") == "merged" and len(adapters) == 1 and not (
         adapter.config.get("use_dora") or adapter.config.get("modules_to_save"))
     if side_path and not (unmerged / "model.onnx").is_file():
         progress("building the unmerged graph (LoRA as a side path) to show what merging saves")

@@ -74,3 +74,43 @@ def test_module_names_that_match_nothing(adapter_copy, tiny_base):
         load_adapter(adapter_copy, tiny_base)
     assert "query_key_value does not exist in the base" in str(e.value)
     assert len(e.value.problems) == 2  # one per layer, reported together
+
+
+def test_dora_magnitude_and_modules_to_save_are_checked_together(tiny_base, tmp_path):
+    from .test_merge_semantics import _make_adapter
+
+    adapter = _make_adapter(tiny_base, tmp_path / "dora", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"],
+                            modules_to_save=["lm_head"])
+    assert load_adapter(adapter, tiny_base).saved == ("lm_head",)
+    f = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    tensors["base_model.model.lm_headx.weight"] = tensors.pop("base_model.model.lm_head.weight")
+    key = next(k for k in tensors if "layers.0" in k and "lora_magnitude_vector" in k)
+    tensors[key] = tensors[key][:-1].contiguous()
+    save_file(tensors, str(f))
+    with pytest.raises(BadInput) as e:
+        load_adapter(adapter, tiny_base)
+    text = str(e.value)
+    assert "modules_to_save entry lm_headx does not exist" in text and "DoRA magnitude (63,)" in text
+
+
+def test_gpt2_conv1d_shapes_are_checked(tmp_path):
+    from .test_merge_semantics import _base, _make_adapter
+
+    base = _base("gpt2", tmp_path / "gpt2")
+    adapter = _make_adapter(base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    assert len(load_adapter(adapter, base).targeted) == 2
+    f = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = tensors[key][:64].contiguous()  # B for a 64->64 layer, but c_attn is 64->192
+    save_file(tensors, str(f))
+    with pytest.raises(BadInput, match="do not fit a 64->192 layer"):
+        load_adapter(adapter, base)
+
+
+def test_lora_bias_is_refused(adapter_copy, tiny_base):
+    cfg = adapter_copy / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "lora_bias": True}))
+    with pytest.raises(BadInput, match="lora_bias"):
+        load_adapter(adapter_copy, tiny_base)

@@ -35,3 +35,61 @@ def test_scheme(target, op, lm_head_quantized, kl_must_pass, tiny_base, tiny_ada
     if kl_must_pass:
         assert all(c.passed for c in kl_checks), [str(c) for c in kl_checks]
     assert (r.out / "model.onnx.data").is_file() and not list(r.out.glob("tmp*"))
+
+
+def test_survival_is_reported_per_tensor_and_reads_back_the_graph(tiny_base, tiny_adapter, tmp_path):
+    """The int8 export's manifest lists every adapted quantized tensor; re-quantizing the merged weight with
+    ONNX Runtime's quantizer reproduces the graph's weights exactly, so Q(W) is computed the builder's way."""
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    from lora_export.quantize.survival import _dequantize, _quantize_like
+
+    r = export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-int8", out=tmp_path / "out"))
+    q = json.loads((r.out / "export_manifest.json").read_text())["quantization"]
+    print({k: v for k, v in q.items() if k != "tensors"})
+    assert q["adapted_quantized_tensors"] == 2 * 5  # qkv (packed), o, gate, up, down in each of 2 layers
+    assert all(t["bits"] == 8 and 0 < t["quant_error"] < 0.05 for t in q["tensors"])
+    assert q["median_survival"] > 0.8 and not q["erased"]  # int8 keeps a fine-tuning-sized change
+
+    model = onnx.load(str(r.out / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == "/model/layers.1/mlp/down_proj/MatMul_Q8")
+    merged = r.out.parent / "m"
+    from lora_export.adapters import load_adapter
+    from lora_export.merge import merge
+
+    merge(tiny_base, load_adapter(tiny_adapter, tiny_base), merged, "nf4")
+    with safe_open(str(merged / "model.safetensors"), framework="pt") as f:
+        w = f.get_tensor("model.layers.1.mlp.down_proj.weight").to(torch.float32).numpy()
+    assert np.array_equal(_quantize_like(node, w, 8), _dequantize(node, inits, w.shape[1]))
+
+
+@pytest.mark.parametrize("scale, erased", [(1.0, False), (1e-3, True)])
+def test_survival_flags_a_change_the_quantization_erases(scale, erased):
+    """A change of fine-tuning size survives int4 (block 32); one a thousand times smaller, far below the
+    quantization step, is erased (survival < 0.5) and must show up as such."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from lora_export.quantize.survival import ERASED, tensor_survival
+
+    rng = np.random.default_rng(0)
+    w_old = rng.normal(0, 0.05, (64, 128)).astype(np.float32)  # N x K
+    dw = (rng.normal(0, 0.02, (64, 4)) @ rng.normal(0, 0.5, (4, 128))).astype(np.float32) * scale  # rank 4
+    w_new = w_old + dw
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"], name="m")], "g",
+                              [helper.make_tensor_value_info("X", 1, [1, 128])],
+                              [helper.make_tensor_value_info("Y", 1, [1, 64])],
+                              initializer=[numpy_helper.from_array(np.ascontiguousarray(w_new.T), "W")])
+    q = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bits=4,
+                             block_size=32, is_symmetric=True)
+    q.process()
+    node = next(n for n in q.model.model.graph.node if n.op_type == "MatMulNBits")
+    t = tensor_survival(node, {i.name: i for i in q.model.model.graph.initializer}, w_old, w_new)
+    print(f"scale {scale}: survival {t.survival:.3f}, quant error {t.quant_error:.4f}")
+    assert (t.survival < ERASED) == erased

@@ -1,0 +1,175 @@
+"""How much of the fine-tuning survives weight quantization, tensor by tensor.
+
+For every quantized MatMul of an export whose weight the adapters changed (W' = W + dW):
+
+    quant_error = ||Q(W') - W'|| / ||W'||
+    survival    = 1 - ||Q(W') - Q(W) - dW|| / ||dW||     (1: the change is kept; 0 or less: erased)
+
+Q(W') is read back from the exported graph itself; Q(W) is the base weight quantized the same way (same
+bits, block size, symmetry, NF4 type) by ONNX Runtime's own quantizers. Both are dequantized by running
+the very contrib op the graph uses (MatMulNBits, MatMulBnb4) on an identity matrix, so nothing here
+re-implements a quantization format: the figures are what the runtime computes with.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+QUANTIZED_OPS = ("MatMulNBits", "MatMulBnb4")
+ERASED = 0.5  # survival below this: most of the adapter's change in that tensor is gone
+
+
+@dataclass(frozen=True)
+class TensorSurvival:
+    node: str
+    modules: tuple[str, ...]
+    bits: int
+    quant_error: float
+    survival: float
+
+
+@dataclass(frozen=True)
+class SurvivalReport:
+    scheme: str
+    tensors: list[TensorSurvival] = field(default_factory=list)
+
+    @property
+    def min_survival(self) -> float | None:
+        return min((t.survival for t in self.tensors), default=None)
+
+    @property
+    def median_survival(self) -> float | None:
+        return statistics.median(t.survival for t in self.tensors) if self.tensors else None
+
+    @property
+    def erased(self) -> list[TensorSurvival]:
+        return [t for t in self.tensors if t.survival < ERASED]
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "adapted_quantized_tensors": len(self.tensors),
+                "median_survival": self.median_survival, "min_survival": self.min_survival,
+                "erased_below": ERASED, "erased": [t.node for t in self.erased],
+                "tensors": [asdict(t) for t in self.tensors]}
+
+
+def _candidate_modules(node_name: str, keys: set[str]) -> tuple[str, ...] | None:
+    """'/model/layers.0/attn/qkv_proj/MatMul_Q4' -> the checkpoint modules whose rows it packs."""
+    path = ".".join(node_name.strip("/").split("/")[:-1]).replace(".attn.", ".self_attn.")
+    if f"{path}.weight" in keys:
+        return (path,)
+    head, _, last = path.rpartition(".")
+    packed = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}.get(last)
+    if packed and all(f"{head}.{p}.weight" in keys for p in packed):
+        return tuple(f"{head}.{p}" for p in packed)
+    return None
+
+
+def _dequantize(node, initializers: dict, k: int):
+    """W (N x K) as the runtime sees it: the quantized op applied to an identity matrix, on ONNX Runtime."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    inits = [initializers[i] for i in node.input[1:] if i in initializers]
+    dtype = inits[-1].data_type if node.op_type == "MatMulBnb4" else inits[1].data_type  # the scales' type
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "accuracy_level"}
+    inputs = ["X"] + list(node.input[1:])
+    op = helper.make_node(node.op_type, inputs, ["Y"], domain="com.microsoft", **attrs)
+    graph = helper.make_graph([op], "dequantize", [helper.make_tensor_value_info("X", dtype, [k, k])],
+                              [helper.make_tensor_value_info("Y", dtype, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = min(model.ir_version, 10)
+    np_dtype = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"X": np.eye(k, dtype=np_dtype)})[0]
+    return out.astype(np.float32).T
+
+
+def _quantize_like(node, w, bits: int):
+    """Quantize W (N x K) as ``node`` was quantized, with ONNX Runtime's quantizer for that op."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    n, k = w.shape
+    weight = numpy_helper.from_array(np.ascontiguousarray(w.T.astype(np.float32)), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"], name="m")], "q",
+                              [helper.make_tensor_value_info("X", 1, [1, k])],
+                              [helper.make_tensor_value_info("Y", 1, [1, n])], initializer=[weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if node.op_type == "MatMulBnb4":
+        from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+        q = MatMulBnb4Quantizer(model, quant_type=attrs["quant_type"], block_size=attrs["block_size"])
+    else:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        symmetric = len([i for i in node.input if i]) < 4  # no zero points: symmetric
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=attrs["block_size"], is_symmetric=symmetric)
+    q.process()
+    qmodel = q.model.model
+    qnode = next(x for x in qmodel.graph.node if x.op_type == node.op_type)
+    return _dequantize(qnode, {i.name: i for i in qmodel.graph.initializer}, k)
+
+
+def measure_survival(export_dir: Path, checkpoint: Path, base_dir: Path, adapters, merge_base: str,
+                     quantization) -> SurvivalReport:
+    """Per quantized tensor of the export at ``export_dir``: quantization error and adapter survival."""
+    import numpy as np
+    import onnx
+    import torch
+    from safetensors import safe_open
+
+    from ..merge import quantization_of, round_trip
+
+    def reader(d: Path) -> dict:
+        files = {}
+        for p in sorted(Path(d).glob("*.safetensors")):
+            with safe_open(str(p), framework="pt") as f:
+                files.update({k: p for k in f.keys()})
+        return files
+
+    def tensor(files: dict, key: str):
+        with safe_open(str(files[key]), framework="pt") as f:
+            return f.get_tensor(key).to(torch.float32)
+
+    merged_files, base_files = reader(checkpoint), reader(base_dir)
+    quantized, nf4 = quantization_of(adapters[0]) if merge_base == "nf4" else ([], None)
+    quantized = set(quantized)
+
+    def original(module: str):
+        w = tensor(base_files, f"{module}.weight")
+        return round_trip(w, nf4) if nf4 and module in quantized else w
+
+    model = onnx.load(str(Path(export_dir) / "model.onnx"), load_external_data=True)
+    inits = {i.name: i for i in model.graph.initializer}
+    report = SurvivalReport(scheme=quantization.scheme)
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        modules = _candidate_modules(node.name, set(merged_files) & set(base_files))
+        if modules is None:
+            continue  # e.g. a tied lm_head, stored once as the embedding: no adapter change to measure
+        w_new = torch.cat([tensor(merged_files, f"{m}.weight") for m in modules]).numpy()
+        w_old = torch.cat([original(m) for m in modules]).numpy()
+        if not np.any(w_new != w_old):
+            continue
+        report.tensors.append(tensor_survival(node, inits, w_old, w_new, modules))
+    return report
+
+
+def tensor_survival(node, initializers: dict, w_old, w_new, modules: tuple[str, ...] = ()) -> TensorSurvival:
+    """Survival of the change ``w_new - w_old`` (N x K, fp32) through the quantized ``node`` holding Q(w_new)."""
+    import numpy as np
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    bits = attrs.get("bits", 4)
+    q_new = _dequantize(node, initializers, attrs["K"])
+    q_old = _quantize_like(node, w_old, bits)
+    dw = w_new - w_old
+    return TensorSurvival(node=node.name, modules=modules, bits=bits,
+                          quant_error=float(np.linalg.norm(q_new - w_new) / np.linalg.norm(w_new)),
+                          survival=float(1.0 - np.linalg.norm(q_new - q_old - dw) / np.linalg.norm(dw)))
