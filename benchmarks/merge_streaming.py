@@ -5,7 +5,7 @@
 The base is built from a config (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32 heads / 4 KV heads,
 intermediate 5632, vocab 32000), random normal weights (seeded) written tensor by tensor as bf16
 safetensors in 1 GB shards, as checkpoints on the hub are. The adapter is a random rank-16 LoRA on every
-linear layer. Each merge runs in its own process, so its peak RSS (ru_maxrss) is its own:
+linear layer. Each merge runs in its own process and reports its own peak RSS (VmHWM):
 
 - ours: ``lora_export.merge.merge`` (shard by shard), goal: peak RSS < 1.25 x largest shard + 1 GB;
 - PEFT: load the base in fp32, ``merge_and_unload()``, ``save_pretrained()`` (what users write today).
@@ -16,7 +16,6 @@ Both outputs are then compared tensor by tensor (they must be bit-identical).
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -53,7 +52,8 @@ def build(base: Path, adapter: Path) -> int:
         if size >= SHARD:
             shards.append(buffer)
             buffer, size = {}, 0
-    shards.append(buffer)
+    if buffer:
+        shards.append(buffer)
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -94,17 +94,16 @@ def child(kind: str, base: str, adapter: str, out: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         merged.save_pretrained(out)
-    print(json.dumps({"seconds": time.perf_counter() - t0, "adapter_check_seconds": checked}))
+    from lora_export.bench import own_peak_rss_mb
+
+    print(json.dumps({"seconds": time.perf_counter() - t0, "adapter_check_seconds": checked,
+                      "peak_rss_gb": own_peak_rss_mb() * 1024**2 / 1e9}))
 
 
 def run(kind: str, base: Path, adapter: Path, out: Path) -> dict:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     proc = subprocess.run([sys.executable, __file__, "--child", kind, str(base), str(adapter), str(out)],
                           capture_output=True, text=True, check=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:
-        raise RuntimeError("ru_maxrss of the children did not grow: run each side in a fresh parent")
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "peak_rss_gb": peak * 1024 / 1e9}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def identical(a: Path, b: Path) -> tuple[int, int]:
@@ -134,11 +133,9 @@ def main() -> None:
         largest = max(p.stat().st_size for p in (tmp / "base").glob("*.safetensors"))
         print(f"built {params / 1e9:.2f}B params in {time.perf_counter() - t0:.0f} s; largest shard "
               f"{largest / 1e9:.2f} GB", flush=True)
-        # ours first, in a fresh process; PEFT's in another invocation so that ru_maxrss is its own
         ours = run("ours", tmp / "base", tmp / "adapter", tmp / "ours")
         print("ours", ours, flush=True)
-        peft = json.loads(subprocess.run([sys.executable, __file__, "--peft", str(tmp)], capture_output=True,
-                                         text=True, check=True).stdout.strip().splitlines()[-1])
+        peft = run("peft", tmp / "base", tmp / "adapter", tmp / "peft")
         print("peft", peft, flush=True)
         same, total = identical(tmp / "ours", tmp / "peft")
         shutil.rmtree(tmp / "peft")
@@ -170,8 +167,5 @@ def _machine() -> str:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         child(*sys.argv[2:6])
-    elif sys.argv[1:2] == ["--peft"]:
-        tmp = Path(sys.argv[2])
-        print(json.dumps(run("peft", tmp / "base", tmp / "adapter", tmp / "peft")))
     else:
         main()

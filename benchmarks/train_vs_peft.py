@@ -92,13 +92,13 @@ def child_plain(base: str, out: str, timer) -> None:
 
 
 def child(kind: str, base: str) -> None:
-    import resource
+    from lora_export.bench import own_peak_rss_mb
 
     timer = step_timer()
     with tempfile.TemporaryDirectory() as tmp:
         (child_ours if kind == "ours" else child_plain)(base, str(Path(tmp) / "out"), timer)
     print(json.dumps({"step_s": statistics.median(timer.times[3:]),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": own_peak_rss_mb()}))
 
 
 def make_bigger_base(path: Path) -> Path:

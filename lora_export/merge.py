@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from . import tensorfile
 from .adapters import Adapter
 from .base import Nf4Settings, load_tokenizer
 from .errors import BadInput
 
 MERGE_BASES = ("nf4", "original")
-SHARD_BYTES = 2 * 1024**3  # output shard cap when the base has one file only
 INDEX = "model.safetensors.index.json"
 
 
@@ -152,44 +152,6 @@ def _base_shards(base_dir: Path) -> list[Path]:
     return sorted(base_dir.glob("*.safetensors"))
 
 
-class _ShardWriter:
-    """Buffers output tensors and writes a shard whenever the buffer reaches the cap; names them at the end."""
-
-    def __init__(self, out_dir: Path, cap: int):
-        self.out_dir, self.cap, self.buffer, self.size, self.files, self.index = out_dir, cap, {}, 0, [], {}
-
-    def add(self, key: str, tensor) -> None:
-        self.buffer[key] = tensor.contiguous()
-        self.size += tensor.numel() * tensor.element_size()
-        if self.size >= self.cap:
-            self.flush()
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.buffer:
-            return
-        name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.buffer, str(self.out_dir / name), metadata={"format": "pt"})
-        self.files.append(name)
-        self.index.update({k: name for k in self.buffer})
-        self.buffer, self.size = {}, 0
-
-    def close(self) -> int:
-        self.flush()
-        n = len(self.files)
-        final = {f: "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                 for i, f in enumerate(self.files)}
-        for old, new in final.items():
-            (self.out_dir / old).rename(self.out_dir / new)
-        if n > 1:
-            total = sum((self.out_dir / f).stat().st_size for f in final.values())
-            (self.out_dir / INDEX).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in sorted(self.index.items())}},
-                indent=2) + "\n")
-        return n
-
-
 def _check_free_disk(base_dir: Path, shards: list[Path], out_dir: Path) -> None:
     """The fp32 output may be up to twice a 16-bit base; refuse before writing rather than fail half-way."""
     need = int(1.1 * 2 * sum(p.stat().st_size for p in shards))
@@ -201,26 +163,24 @@ def _check_free_disk(base_dir: Path, shards: list[Path], out_dir: Path) -> None:
 
 
 def merge(base_dir: Path, adapters: Adapter | Sequence[Adapter], out_dir: Path, merge_base: str,
-          weights: Sequence[float] | None = None, progress: Callable[[str], None] = _quiet,
-          shard_bytes: int | None = None) -> MergeResult:
+          weights: Sequence[float] | None = None, progress: Callable[[str], None] = _quiet) -> MergeResult:
     """Merge ``adapters`` (combined linearly with ``weights``, default 1 each) into the base, streaming shard
     by shard, and write an fp32 safetensors checkpoint (config without quantization_config, tokenizer) to
     ``out_dir``. Sanity checks: every LoRA-targeted weight changed, every tensor finite."""
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     weights = tuple(float(w) for w in (weights or [1.0] * len(adapters)))
     _check_combination(adapters, weights, merge_base)
-    return rewrite_checkpoint(base_dir, adapters, weights, out_dir, merge_base, progress, shard_bytes)
+    return rewrite_checkpoint(base_dir, adapters, weights, out_dir, merge_base, progress)
 
 
 def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float], out_dir: Path,
                        merge_base: str, progress: Callable[[str], None] = _quiet,
-                       shard_bytes: int | None = None, nf4: tuple[list[str], Nf4Settings] | None = None) -> MergeResult:
+                       nf4: tuple[list[str], Nf4Settings] | None = None) -> MergeResult:
     """The streaming pass. With no adapters it writes the base itself (after the NF4 round trip given by
     ``nf4``): the base an unmerged side-path graph needs."""
     import torch
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
-    from safetensors import safe_open
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     shards = _base_shards(base_dir)
@@ -248,17 +208,25 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     in_emb, out_emb = inner.get_input_embeddings(), inner.get_output_embeddings()
     in_name = next((n for n, m in modules.items() if m is in_emb), None)
     out_name = next((n for n, m in modules.items() if out_emb is not None and m is out_emb), None)
-    base_keys = {k for p in shards for k in safe_open(str(p), framework="pt").keys()}
+    headers = [tensorfile.read_header(p)[0] for p in shards]
+    base_keys = {e.name for entries in headers for e in entries}
     tied = bool(in_name and out_name and f"{out_name}.weight" not in base_keys and
                 getattr(config.get_text_config(), "tie_word_embeddings", False))
     untie = tied and bool({in_name, out_name} & (set(lora) | set(saved)))
 
-    writer = _ShardWriter(out_dir, shard_bytes or max(max(p.stat().st_size for p in shards), 1 << 20))
     deltas: dict[str, float] = {}
     replaced: list[str] = []
     bad: list[str] = []
 
-    def emit(module_name: str, param: str, t) -> None:
+    def plan(key: str) -> list[tuple[str, str]]:
+        """(module, param) outputs of one base tensor: two for the embedding of a model being untied."""
+        module_name, _, param = key.rpartition(".")
+        if module_name not in modules and prefix and f"{prefix}.{module_name}" in modules:
+            module_name = f"{prefix}.{module_name}"  # a checkpoint saved without the base prefix
+        both = untie and module_name == in_name and param == "weight"
+        return ([(out_name, "weight")] if both else []) + [(module_name, param)]
+
+    def emit(module_name: str, param: str, t):
         if module_name in lora and param == "weight":
             layer = lora[module_name]
             original = t.clone()
@@ -270,28 +238,41 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
             layer.base_layer.weight = torch.nn.Parameter(torch.zeros(()).expand(t.shape), requires_grad=False)
         elif module_name in saved:
             wrapper = saved[module_name]
-            t = dict(wrapper.modules_to_save[wrapper.active_adapters[0]].named_parameters())[param].detach().clone()
+            t = dict(wrapper.modules_to_save[wrapper.active_adapters[0]].named_parameters())[param].detach()
             replaced.append(module_name)
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad.append(f"{module_name}.{param}")
-        writer.add(f"{module_name}.{param}", t)
+        if t.is_floating_point():
+            t = t.to(torch.float32)  # merge math and the merged checkpoint are fp32
+            if not torch.isfinite(t).all():
+                bad.append(f"{module_name}.{param}")
+        return t
 
-    for i, shard in enumerate(shards):
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for i, (shard, entries) in enumerate(zip(shards, headers)):
         progress(f"merging shard {i + 1}/{len(shards)} ({shard.name}, {shard.stat().st_size / 1e6:.0f} MB)")
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                module_name, _, param = key.rpartition(".")
-                if module_name not in modules and prefix and f"{prefix}.{module_name}" in modules:
-                    module_name = f"{prefix}.{module_name}"  # a checkpoint saved without the base prefix
-                t = f.get_tensor(key)
+        float_codes = {"F32", "F16", "BF16", "F64"}
+        declared = [(f"{m}.{p}", "F32" if e.dtype in float_codes else e.dtype, e.shape)
+                    for e in entries for m, p in plan(e.name)]
+        writer = tensorfile.Writer(out_dir / files[i], declared)
+        with open(shard, "rb") as f:
+            for e in entries:
+                t = tensorfile.read_tensor(f, e)
                 if t.is_floating_point():
                     t = t.to(torch.float32)
-                if nf4 and module_name in quantized and param == "weight":
-                    t = round_trip(t, nf4[1])
-                if untie and module_name == in_name and param == "weight":
-                    emit(out_name, "weight", t.clone())
-                emit(module_name, param, t)
-    shard_count = writer.close()
+                for module_name, param in plan(e.name):
+                    if nf4 and module_name in quantized and param == "weight":
+                        t = round_trip(t, nf4[1])
+                    out = emit(module_name, param, t.clone() if module_name == out_name and untie else t)
+                    writer.write(f"{module_name}.{param}", out)
+                del t
+        writer.close()
+        weight_map.update({name: files[i] for name, _, _ in declared})
+    if len(files) > 1:
+        total = sum((out_dir / f).stat().st_size for f in files)
+        (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2) + "\n")
+    shard_count = len(files)
 
     problems = []
     missing = sorted(set(lora) - set(deltas))

@@ -80,3 +80,14 @@ def staged(out: Path):
         if out.exists():
             out.rmdir()  # checked empty before the work started
         tmp.rename(out)
+
+
+def check_free_disk(out: Path, need: int, what: str) -> None:
+    """Refuse up front when the filesystem that will hold ``out`` has less than ``need`` bytes free."""
+    probe = Path(out).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise BadInput.one(str(out), f"{free / 1e9:.2f} GB free on its disk; {what} needs about {need / 1e9:.2f} GB",
+                           "free disk space, or write --out on a disk with room")

@@ -25,7 +25,7 @@ from .export import BACKENDS
 from .export.io_spec import check_external_data
 from .fingerprint import sha256_file
 from .merge import default_merge_base, merge, quantization_of, rewrite_checkpoint
-from .outputs import check_new_output, scratch, staged
+from .outputs import check_free_disk, check_new_output, scratch, staged
 from .precision import check_fp16_range
 from .reference import load_adapted
 from .runtime import OrtCausalLM, TorchCausalLM
@@ -70,6 +70,7 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
     out = Path(req.out)
     check_new_output(out)
     merge_base = req.merge_base or default_merge_base(adapters[0])
+    check_free_disk(out, _export_bytes(base, target), "the merged fp32 checkpoint plus 2.2 x the export")
     if req.keep_adapter and len(adapters) > 1:
         raise BadInput.one("--keep-adapter", "an unmerged graph carries one adapter", "pass a single --adapter")
     with staged(out) as tmp, scratch(out, "merged") as work:
@@ -85,6 +86,11 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
             build_unmerged(base, adapters[0], merge_base, target, tmp, work)
         else:
             BACKENDS[target.backend].build(work / "checkpoint", tmp, target, tmp / "build.log")
+            if target.quantization.scales == "original":
+                from .quantize.nf4 import reuse_training_scales
+
+                n = reuse_training_scales(tmp, work / "checkpoint", base, adapters[0], target.quantization)
+                progress(f"re-coded {n} NF4 weights with the block scales the adapter was trained against")
         entries = [{**_where(a.path, out), "weights_file": a.weights.name, "adapter_model_sha256": sha256_file(a.weights),
                     "weight": w} for a, w in zip(adapters, weights)]
         manifest = {
@@ -122,6 +128,23 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
                               "top1_agreement": total.top1_agreement, "adapter_retention": report.adapter_retention}
         _write_manifest(tmp, manifest)
     return ExportResult(out=out, merge_base=merge_base, parity=report)
+
+
+BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1.1, "int4": 0.6, "nf4": 0.6}  # with scales
+
+
+def _export_bytes(base: Path, target) -> int:
+    """Disk an export needs at its peak: the merged fp32 checkpoint (scratch) and 2.2 x the ONNX output
+    (the graph builder's own temporaries and our re-save), from the parameter count in the shard headers."""
+    import math
+
+    from .merge import _base_shards
+    from .tensorfile import read_header
+
+    params = sum(math.prod(e.shape) for p in _base_shards(base) for e in read_header(p)[0])
+    scheme = target.quantization.scheme
+    weights = BYTES_PER_WEIGHT[scheme if scheme != "none" else target.precision]
+    return int(4 * params + 2.2 * weights * params)
 
 
 def build_unmerged(base: Path, adapter, merge_base: str, target, out_dir: Path, work: Path) -> None:

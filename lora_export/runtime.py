@@ -34,7 +34,9 @@ def import_onnxruntime():
 class OrtCausalLM:
     """An exported decoder in a plain ``onnxruntime.InferenceSession`` with its KV cache."""
 
-    padding_side = "right"  # GroupQueryAttention: each row's length is the sum of its attention mask
+    # GroupQueryAttention (the fused graph) reads each row's length from the sum of its attention mask and
+    # appends new keys right after it: right padding. A graph of plain attention takes left padding.
+    padding_side = "right"
 
     def __init__(self, export_dir: str | Path, providers=("CPUExecutionProvider",), threads: int = 0):
         ort = import_onnxruntime()
@@ -44,6 +46,11 @@ class OrtCausalLM:
         if not path.is_file():
             raise BadInput.one(str(path), "no ONNX model here", "pass a directory written by `lora-export export`")
         check_external_data(path)
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+        self.padding_side = "right" if any(n.op_type == "GroupQueryAttention" for n in graph.node) else "left"
+        del graph
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:

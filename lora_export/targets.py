@@ -34,6 +34,7 @@ class Quantization:
     lm_head: str = "int8"  # precision kept for the output projection when the body is quantized
     sensitive_layers: str = "int4"  # "int8": llama.cpp's mixed strategy (first/last eighth, every third qkv/down)
     accuracy_level: int = 0  # MatMulNBits compute type: 1 fp32, 2 fp16, 3 bf16, 4 int8 activations; 0 the default
+    scales: str = "fresh"  # nf4 only: "original" keeps the absmax of the NF4 blocks the adapter trained against
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ _SCHEMA = {
     "": {"name": str, "description": str, "runtime": str, "execution_providers": list, "precision": str,
          "backend": str, "opset": int},
     "quantization": {"scheme": str, "block_size": int, "symmetric": bool, "lm_head": str, "sensitive_layers": str,
-                     "accuracy_level": int},
+                     "accuracy_level": int, "scales": str},
     "tolerances": {"max_abs_diff": float, "mean_kl": float, "top1_agreement": float, "greedy_tokens": int,
                    "min_adapter_retention": float},
     "latency": {"max_ratio": float},
@@ -157,6 +158,9 @@ def parse_target(data: dict, where: str) -> Target:
             problems.append(Problem(where, f"precision {top['precision']} is not supported on CPUExecutionProvider",
                                     'use precision = "fp32" on the CPU, or a CUDA execution provider'))
     quant = Quantization(**good["quantization"])
+    if quant.scales not in ("fresh", "original") or (quant.scales == "original" and quant.scheme != "nf4"):
+        problems.append(Problem(where, f'quantization.scales = "{quant.scales}": "original" applies to nf4 only',
+                                'use scales = "fresh", or "original" with scheme = "nf4"'))
     if quant.scheme in SCHEMES:
         problems += [Problem(where, p, "change [quantization] accordingly") for p in SCHEMES[quant.scheme].check(quant)]
 

@@ -64,3 +64,17 @@ def test_sweep_keeps_a_live_runs_staging(tmp_path):
     dead.mkdir()
     assert sweep_stale(out) == [dead]
     assert live.exists() and not dead.exists()
+
+
+def test_too_little_disk_is_refused_before_any_work(tiny_base, tiny_adapter, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from lora_export.errors import BadInput
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**5, 10**5))
+    out = tmp_path / "exports" / "model"
+    with pytest.raises(BadInput, match="GB free on its disk"):
+        export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-fp32", out=out))
+    assert not out.exists() and not list(tmp_path.glob("exports/.*"))

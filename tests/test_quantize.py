@@ -93,3 +93,51 @@ def test_survival_flags_a_change_the_quantization_erases(scale, erased):
     t = tensor_survival(node, {i.name: i for i in q.model.model.graph.initializer}, w_old, w_new)
     print(f"scale {scale}: survival {t.survival:.3f}, quant error {t.quant_error:.4f}")
     assert (t.survival < ERASED) == erased
+
+
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_nearest_level_coding_reproduces_bitsandbytes(blocksize):
+    """With a block's own absmax, our NF4 coding gives bitsandbytes' bytes exactly (what MatMulBnb4 reads)."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from lora_export.quantize.nf4 import quantize_with_absmax
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 256) * 0.05
+    q, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=False, quant_type="nf4")
+    assert torch.equal(quantize_with_absmax(w, state.absmax, blocksize), q.reshape(-1))
+
+
+def test_nf4_with_the_training_scales(tiny_base, tiny_adapter, tmp_path):
+    """scales = "original": every quantized weight keeps its training block's absmax, so a weight the adapter
+    moved less than half a level keeps its trained 4-bit code; parity and survival are reported as usual."""
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    from lora_export.adapters import load_adapter
+    from lora_export.merge import quantization_of, round_trip
+    from lora_export.quantize.survival import _dequantize
+
+    shares = {}
+    for scales in ("fresh", "original"):
+        toml = tmp_path / f"nf4-{scales}.toml"
+        toml.write_text(NF4_CPU.replace('name = "nf4-cpu"', f'name = "nf4-{scales}"') + f'scales = "{scales}"\n')
+        r = export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target=str(toml), out=tmp_path / scales))
+        manifest = json.loads((r.out / "export_manifest.json").read_text())
+        assert manifest["quantization"]["adapted_quantized_tensors"] == 10
+        model = onnx.load(str(r.out / "model.onnx"))
+        inits = {i.name: i for i in model.graph.initializer}
+        node = next(n for n in model.graph.node if n.name.startswith("/model/layers.0/mlp/down_proj/"))
+        got = _dequantize(node, inits, 128)
+        names, nf4 = quantization_of(load_adapter(tiny_adapter, tiny_base))
+        with safe_open(str(tiny_base / "model.safetensors"), framework="pt") as f:
+            trained = round_trip(f.get_tensor("model.layers.0.mlp.down_proj.weight").to(torch.float32), nf4).numpy()
+        shares[scales] = float(np.mean(np.isclose(got, trained, rtol=0, atol=1e-6)))
+        print(scales, f"weights equal to the trained 4-bit value {shares[scales]:.3f}",
+              f"median survival {manifest['quantization']['median_survival']:.3f}",
+              f"parity passed {r.parity.passed}, retention {r.parity.adapter_retention:.3f}")
+    assert shares["original"] > shares["fresh"] and shares["original"] > 0.5

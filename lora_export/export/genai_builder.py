@@ -32,8 +32,12 @@ class BuildFailed(LoraExportError):
 def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path | None = None) -> None:
     arch = json.loads((checkpoint / "config.json").read_text()).get("architectures", ["?"])[0]
     if arch not in ARCHITECTURES:
+        from .dynamo import ARCHITECTURES as GENERIC
+
         raise BadInput.one(str(checkpoint / "config.json"), f"architecture {arch} is not supported by the "
-                           f"genai-builder backend", f"use a model of one of: {', '.join(ARCHITECTURES)}")
+                           f"genai-builder backend (it supports {', '.join(ARCHITECTURES)})",
+                           f"for {', '.join(a for a in GENERIC if a not in ARCHITECTURES)} use a target with "
+                           'backend = "torch-dynamo", e.g. --target ort-cpu-fp32-generic')
     if not any(p in PROVIDERS for p in target.execution_providers):
         raise BadInput.one(target.source, f"execution providers {', '.join(target.execution_providers)} are not "
                            "supported by the genai-builder backend", f"include one of {', '.join(PROVIDERS)}")

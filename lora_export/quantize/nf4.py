@@ -48,3 +48,81 @@ NF4_SCHEME = Scheme(
     check=_check,
     post_process=_post_process,
 )
+
+
+# --- "original" scales: keep the NF4 blocks' absmax the adapter was trained against --------------------
+#
+# With fresh scales every block of W + dW gets a new absmax. With the original scales, each block keeps
+# the absmax bitsandbytes gave dequant(NF4(W)) during training, so a weight the adapter did not move keeps
+# exactly its trained 4-bit code. Neither bitsandbytes (quantize_4bit overwrites a given absmax) nor ONNX
+# Runtime (quantize_matmul_bnb4 computes its own) quantizes with given scales, so the nearest-level coding
+# is written here; with a block's own absmax it reproduces bitsandbytes' bytes exactly (tested), and
+# MatMulBnb4 reads bitsandbytes' packing as is (two codes per byte, first in the high nibble).
+
+
+def training_absmax(w, nf4):
+    """The per-block absmax (fp32) bitsandbytes computes for W with the training's NF4 settings."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    _, state = bnbf.quantize_4bit(w.to(getattr(torch, nf4.load_dtype)), blocksize=nf4.blocksize,
+                                  compress_statistics=nf4.double_quant, quant_type=nf4.quant_type)
+    absmax = state.absmax
+    if state.nested:  # double quantization: the absmax are themselves 8-bit blockwise, plus an offset
+        absmax = bnbf.dequantize_blockwise(absmax, state.state2) + state.offset
+    return absmax.to(torch.float32)
+
+
+def quantize_with_absmax(w, absmax, blocksize: int, quant_type: str = "nf4"):
+    """W (N x K) coded to the nearest NF4 level of W / absmax per block; bitsandbytes' packed bytes."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    levels = bnbf.get_4bit_type(quant_type, device="cpu").to(torch.float32)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    x = (w.to(torch.float32).reshape(-1, blocksize) / absmax.reshape(-1, 1)).clamp(-1, 1).reshape(-1)
+    codes = torch.bucketize(x, midpoints).to(torch.uint8)
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def reuse_training_scales(export_dir: Path, checkpoint: Path, base_dir: Path, adapter, q) -> int:
+    """Re-code every MatMulBnb4 weight of a trained-4-bit module with its training absmax. Returns the count."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from ..errors import BadInput
+    from ..merge import quantization_of
+    from .survival import _candidate_modules, checkpoint_tensors
+
+    if not adapter.trained_on_4bit:
+        raise BadInput.one(str(adapter.path), 'scales = "original" needs the NF4 scales the adapter was trained '
+                           "against, and this adapter was not trained on a 4-bit base", 'use scales = "fresh"')
+    quantized, nf4 = quantization_of(adapter)
+    if nf4.blocksize != q.block_size or nf4.quant_type != "nf4":
+        raise BadInput.one(str(adapter.path), f"the adapter was trained with {nf4.quant_type} blocks of "
+                           f"{nf4.blocksize}; the target asks for nf4 blocks of {q.block_size}",
+                           f"set block_size = {nf4.blocksize} in the target, or scales = \"fresh\"")
+    merged, base = checkpoint_tensors(checkpoint), checkpoint_tensors(base_dir)
+    model = onnx.load(str(export_dir / "model.onnx"), load_external_data=True)
+    inits = {i.name: i for i in model.graph.initializer}
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulBnb4":
+            continue
+        modules = _candidate_modules(node.name, set(merged.keys) & set(base.keys))
+        if not modules or not set(modules) <= set(quantized):
+            continue
+        w = torch.cat([merged.get(f"{m}.weight") for m in modules])
+        absmax = torch.cat([training_absmax(base.get(f"{m}.weight"), nf4) for m in modules])
+        packed = quantize_with_absmax(w, absmax, nf4.blocksize)
+        b_name, absmax_name = node.input[1], node.input[2]
+        inits[b_name].CopyFrom(numpy_helper.from_array(packed.numpy(), b_name))
+        inits[absmax_name].CopyFrom(numpy_helper.from_array(absmax.numpy(), absmax_name))
+        done += 1
+    with tempfile.TemporaryDirectory(dir=export_dir) as tmp:
+        onnx.save_model(model, str(Path(tmp) / "model.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx.data")
+        for name in ("model.onnx", "model.onnx.data"):
+            shutil.move(str(Path(tmp) / name), str(export_dir / name))
+    return done

@@ -54,6 +54,26 @@ class SurvivalReport:
                 "tensors": [asdict(t) for t in self.tensors]}
 
 
+class checkpoint_tensors:
+    """Tensors of a safetensors checkpoint by name, read one at a time, as fp32."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self.files = {}
+        for p in sorted(Path(directory).glob("*.safetensors")):
+            with safe_open(str(p), framework="pt") as f:
+                self.files.update({k: p for k in f.keys()})
+        self.keys = set(self.files)
+
+    def get(self, key: str):
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), framework="pt") as f:
+            return f.get_tensor(key).to(torch.float32)
+
+
 def _candidate_modules(node_name: str, keys: set[str]) -> tuple[str, ...] | None:
     """'/model/layers.0/attn/qkv_proj/MatMul_Q4' -> the checkpoint modules whose rows it packs."""
     path = ".".join(node_name.strip("/").split("/")[:-1]).replace(".attn.", ".self_attn.")
@@ -120,27 +140,15 @@ def measure_survival(export_dir: Path, checkpoint: Path, base_dir: Path, adapter
     import numpy as np
     import onnx
     import torch
-    from safetensors import safe_open
 
     from ..merge import quantization_of, round_trip
 
-    def reader(d: Path) -> dict:
-        files = {}
-        for p in sorted(Path(d).glob("*.safetensors")):
-            with safe_open(str(p), framework="pt") as f:
-                files.update({k: p for k in f.keys()})
-        return files
-
-    def tensor(files: dict, key: str):
-        with safe_open(str(files[key]), framework="pt") as f:
-            return f.get_tensor(key).to(torch.float32)
-
-    merged_files, base_files = reader(checkpoint), reader(base_dir)
+    merged, base = checkpoint_tensors(checkpoint), checkpoint_tensors(base_dir)
     quantized, nf4 = quantization_of(adapters[0]) if merge_base == "nf4" else ([], None)
     quantized = set(quantized)
 
     def original(module: str):
-        w = tensor(base_files, f"{module}.weight")
+        w = base.get(f"{module}.weight")
         return round_trip(w, nf4) if nf4 and module in quantized else w
 
     model = onnx.load(str(Path(export_dir) / "model.onnx"), load_external_data=True)
@@ -149,18 +157,20 @@ def measure_survival(export_dir: Path, checkpoint: Path, base_dir: Path, adapter
     for node in model.graph.node:
         if node.op_type not in QUANTIZED_OPS:
             continue
-        modules = _candidate_modules(node.name, set(merged_files) & set(base_files))
+        modules = _candidate_modules(node.name, set(merged.keys) & set(base.keys))
         if modules is None:
             continue  # e.g. a tied lm_head, stored once as the embedding: no adapter change to measure
-        w_new = torch.cat([tensor(merged_files, f"{m}.weight") for m in modules]).numpy()
+        w_new = torch.cat([merged.get(f"{m}.weight") for m in modules]).numpy()
         w_old = torch.cat([original(m) for m in modules]).numpy()
         if not np.any(w_new != w_old):
             continue
-        report.tensors.append(tensor_survival(node, inits, w_old, w_new, modules))
+        # with the training's own scales, Q(W) is the trained 4-bit weight itself: dequant(NF4(W))
+        kept = quantization.scales == "original" and nf4 is not None and set(modules) <= quantized
+        report.tensors.append(tensor_survival(node, inits, w_old, w_new, modules, q_old=w_old if kept else None))
     return report
 
 
-def tensor_survival(node, initializers: dict, w_old, w_new, modules: tuple[str, ...] = ()) -> TensorSurvival:
+def tensor_survival(node, initializers: dict, w_old, w_new, modules: tuple[str, ...] = (), q_old=None) -> TensorSurvival:
     """Survival of the change ``w_new - w_old`` (N x K, fp32) through the quantized ``node`` holding Q(w_new)."""
     import numpy as np
     from onnx import helper
@@ -168,7 +178,8 @@ def tensor_survival(node, initializers: dict, w_old, w_new, modules: tuple[str, 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     bits = attrs.get("bits", 4)
     q_new = _dequantize(node, initializers, attrs["K"])
-    q_old = _quantize_like(node, w_old, bits)
+    if q_old is None:
+        q_old = _quantize_like(node, w_old, bits)
     dw = w_new - w_old
     return TensorSurvival(node=node.name, modules=modules, bits=bits,
                           quant_error=float(np.linalg.norm(q_new - w_new) / np.linalg.norm(w_new)),
