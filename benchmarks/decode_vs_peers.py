@@ -160,11 +160,11 @@ def main() -> int:
         build_unmerged(base, adapter, "original", fp32, tmp / "ort-unmerged", tmp / "work")
         print(f"models and exports ready in {time.time() - t0:.0f} s", flush=True)
         variants = {
-            "ONNX Runtime, merged export (ours)": OrtCausalLM(tmp / "ort-merged"),
-            "ONNX Runtime, base export": OrtCausalLM(tmp / "ort-base"),
-            "ONNX Runtime, unmerged side-path graph (builder --adapter_path)": OrtCausalLM(tmp / "ort-unmerged"),
-            "ONNX Runtime, generic dynamo export (merged)": OrtCausalLM(tmp / "ort-generic"),
-            "ONNX Runtime, int4 merged export (ort-cpu-int4)": OrtCausalLM(tmp / "ort-int4"),
+            "ONNX Runtime, merged export (ours)": OrtCausalLM(tmp / "ort-merged", io_binding=True),
+            "ONNX Runtime, base export": OrtCausalLM(tmp / "ort-base", io_binding=True),
+            "ONNX Runtime, unmerged side-path graph (builder --adapter_path)": OrtCausalLM(tmp / "ort-unmerged", io_binding=True),
+            "ONNX Runtime, generic dynamo export (merged)": OrtCausalLM(tmp / "ort-generic", io_binding=True),
+            "ONNX Runtime, int4 merged export (ort-cpu-int4)": OrtCausalLM(tmp / "ort-int4", io_binding=True),
             "PyTorch eager, merged": TorchCausalLM(load_fp32(merged)),
             "PyTorch eager, PEFT unmerged": TorchCausalLM(PeftModel.from_pretrained(load_fp32(base), str(adapter_dir))),
         }

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 ZERO_BAND = (0.98, 1.02)
+PROMPT_LENGTHS = (16, 64, 256)  # prompt-pass latency is also reported at these fixed lengths
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class BenchResult:
     within_budget: bool
     graphs_identical: bool  # merged and base graphs differ only in weight bytes
     decode_samples: dict = field(default_factory=dict, repr=False)  # name -> per-round decode ms, for the plot
+    prompt_ms_by_length: dict = field(default_factory=dict)  # name -> {prompt length: median prompt-pass ms}
 
     @property
     def merged(self) -> VariantStats:
@@ -192,6 +194,26 @@ def peak_rss_mb(model_dir: Path, providers, threads: int, prompt: list[int], new
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def prompt_pass_by_length(models: dict, prompt: list[int], rounds: int,
+                          lengths: tuple[int, ...] = PROMPT_LENGTHS) -> dict:
+    """Median prompt-pass ms per variant at each fixed length (the prompt tiled), variants interleaved."""
+    names = list(models)
+    limit = min(getattr(m, "context_length", None) or 1 << 30 for m in models.values())
+    lengths = tuple(length for length in lengths if length <= limit)
+    times = {n: {length: [] for length in lengths} for n in names}
+    for length in lengths:
+        ids = np.array([(prompt * (length // len(prompt) + 1))[:length]], dtype=np.int64)
+        mask = np.ones_like(ids)
+        for n in names:
+            models[n].step(ids, mask, None)  # warm-up at this shape
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                models[n].step(ids, mask, None)
+                times[n][length].append((time.perf_counter() - t0) * 1000)
+    return {n: {length: float(np.median(v)) for length, v in per.items()} for n, per in times.items()}
+
+
 def bench(merged_dir: Path, base_dir: Path, prompt: list[int], max_ratio: float, providers,
           new_tokens: int = 64, rounds: int = 100, threads: int = 1, progress=None,
           unmerged_dir: Path | None = None, memory: bool = True) -> BenchResult:
@@ -203,7 +225,7 @@ def bench(merged_dir: Path, base_dir: Path, prompt: list[int], max_ratio: float,
     from .runtime import OrtCausalLM
 
     dirs = {"merged": merged_dir, "base": base_dir, **({"unmerged": unmerged_dir} if unmerged_dir else {})}
-    models = {name: OrtCausalLM(d, providers, threads=threads) for name, d in dirs.items()}
+    models = {name: OrtCausalLM(d, providers, threads=threads, io_binding=True) for name, d in dirs.items()}
     peaks = {name: peak_rss_mb(d, providers, threads, prompt, new_tokens) if memory else None
              for name, d in dirs.items()}
     for attempt in range(2):
@@ -216,8 +238,9 @@ def bench(merged_dir: Path, base_dir: Path, prompt: list[int], max_ratio: float,
             break
         if progress:
             progress("spread too wide to decide; repeating with twice the rounds")
+    by_length = prompt_pass_by_length(models, prompt, max(5, rounds // 10))
     return BenchResult(
-        prompt_len=len(prompt), new_tokens=new_tokens, rounds=n, threads=threads,
+        prompt_len=len(prompt), new_tokens=new_tokens, rounds=n, threads=threads, prompt_ms_by_length=by_length,
         variants={k: _stats(*s[k]) for k in dirs}, ratios=ratios, peak_rss_mb=peaks, verdict=v,
         max_ratio=max_ratio, within_budget=ratios["merged"]["decode"].median <= max_ratio,
         graphs_identical=graphs_identical(merged_dir, base_dir),
@@ -241,6 +264,13 @@ def markdown(r: BenchResult) -> str:
               f"{r.decode_ratio.ci_low:.3f}-{r.decode_ratio.ci_high:.3f}). Verdict: **{r.verdict}**; "
               f"budget decode ratio <= {r.max_ratio:g}: "
               f"{'met' if r.within_budget else 'EXCEEDED'}; graphs structurally identical: {r.graphs_identical}.", ""]
+    if r.prompt_ms_by_length:
+        lengths = sorted(next(iter(r.prompt_ms_by_length.values())))
+        lines += ["| prompt pass ms at length | " + " | ".join(map(str, lengths)) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        lines += [f"| {name} | " + " | ".join(f"{per[length]:.2f}" for length in lengths) + " |"
+                  for name, per in r.prompt_ms_by_length.items()]
+        lines.append("")
     return "\n".join(lines)
 
 

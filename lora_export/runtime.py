@@ -38,8 +38,12 @@ class OrtCausalLM:
     # appends new keys right after it: right padding. A graph of plain attention takes left padding.
     padding_side = "right"
 
-    def __init__(self, export_dir: str | Path, providers=("CPUExecutionProvider",), threads: int = 0):
+    def __init__(self, export_dir: str | Path, providers=("CPUExecutionProvider",), threads: int = 0,
+                 io_binding: bool = False):
+        """``io_binding``: keep the KV cache in ONNX Runtime's own buffers (on the device, for CUDA) between
+        steps instead of copying it out to numpy and back in on every step."""
         ort = import_onnxruntime()
+        self._ort = ort
 
         self.dir = Path(export_dir)
         path = self.dir / "model.onnx"
@@ -76,6 +80,14 @@ class OrtCausalLM:
         self.kv_dtype = np.float16 if "float16" in key0.type else np.float32
         self._kv_in = kv_input_names(self.num_layers)
         self._kv_out = kv_output_names(self.num_layers)
+        self.io_binding = io_binding
+        self._device = "cuda" if self.session.get_providers()[0] in ("CUDAExecutionProvider",
+                                                                    "TensorrtExecutionProvider") else "cpu"
+
+    @property
+    def context_length(self) -> int | None:
+        cfg = self.dir / "genai_config.json"
+        return json.loads(cfg.read_text())["model"].get("context_length") if cfg.is_file() else None
 
     def _head_dim(self, key_input) -> int:
         dim = key_input.shape[3]
@@ -95,9 +107,32 @@ class OrtCausalLM:
         if "position_ids" in self.input_names:
             pos = np.cumsum(attention_mask, axis=1) - 1
             feed["position_ids"] = np.maximum(pos, 0)[:, -input_ids.shape[1]:].astype(np.int64)
+        if self.io_binding:
+            return self._step_bound(feed, past)
         feed.update(zip(self._kv_in, past))
         outs = dict(zip(self.output_names, self.session.run(None, feed)))
         return outs["logits"].astype(np.float32), [outs[n] for n in self._kv_out]
+
+    def _step_bound(self, feed: dict, past):
+        """One step through IO binding; the past comes back as OrtValues that stay where ORT put them.
+
+        The present buffers are allocated here, owned by Python, and bound as outputs: values ORT allocates
+        itself for a binding's outputs do not outlive the binding reliably (measured: stale keys)."""
+        ort = self._ort
+        io = self.session.io_binding()
+        for name, value in list(feed.items()) + list(zip(self._kv_in, past)):
+            io.bind_ortvalue_input(name, value if isinstance(value, ort.OrtValue) else
+                                   ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self._device, 0))
+        batch, seq = feed["input_ids"].shape
+        past_len = past[0].shape()[2] if isinstance(past[0], ort.OrtValue) else past[0].shape[2]
+        present = [ort.OrtValue.ortvalue_from_shape_and_type((batch, self.kv_heads, past_len + seq, self.head_dim),
+                                                             self.kv_dtype, self._device, 0) for _ in self._kv_out]
+        io.bind_output("logits", "cpu")
+        for name, value in zip(self._kv_out, present):
+            io.bind_ortvalue_output(name, value)
+        self.session.run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy()  # outputs come back in binding order
+        return logits.astype(np.float32), present
 
 
 class TorchCausalLM:

@@ -80,6 +80,10 @@ def test_validate_and_bench_on_an_export(fp32_export, tmp_path, capsys):
     assert result["graphs_identical"] is True  # zero overhead by construction: same graph as the base export
     assert set(result["variants"]) == {"merged", "base", "unmerged"}
     assert result["variants"]["merged"]["decode_ms_median"] > 0
+    by_length = result["prompt_ms_by_length"]  # fixed lengths 16, 64, 256, within the tiny base's 128 positions
+    assert set(by_length) == {"merged", "base", "unmerged"} and set(by_length["merged"]) == {"16", "64"}
+    assert all(ms > 0 for per in by_length.values() for ms in per.values())
+    assert "prompt pass ms at length" in out
     assert result["verdict"] in ("zero overhead", "overhead", "inconclusive")
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (fp32_export.out / "bench.md").is_file() and "merged/base" in out and "| unmerged |" in out
