@@ -216,8 +216,9 @@ def prompt_pass_by_length(models: dict, prompt: list[int], rounds: int,
 
 def bench(merged_dir: Path, base_dir: Path, prompt: list[int], max_ratio: float, providers,
           new_tokens: int = 64, rounds: int = 100, threads: int = 1, progress=None,
-          unmerged_dir: Path | None = None, memory: bool = True) -> BenchResult:
-    """Time merged against base (and the unmerged adapter graph, if given), interleaved.
+          unmerged_dir: Path | None = None, memory: bool = True, extra: dict | None = None) -> BenchResult:
+    """Time merged against base (and the unmerged adapter graph, if given), interleaved. ``extra``: more
+    variants by name, already loaded (e.g. PyTorch eager with the PEFT adapter unmerged); no RSS for them.
 
     One intra-op thread by default: what is compared is the work each graph does, and on a small CPU,
     thread hand-offs at sub-millisecond kernel times would drown the ratio.
@@ -228,11 +229,13 @@ def bench(merged_dir: Path, base_dir: Path, prompt: list[int], max_ratio: float,
     models = {name: OrtCausalLM(d, providers, threads=threads, io_binding=True) for name, d in dirs.items()}
     peaks = {name: peak_rss_mb(d, providers, threads, prompt, new_tokens) if memory else None
              for name, d in dirs.items()}
+    models.update(extra or {})
+    peaks.update({name: None for name in extra or {}})
     for attempt in range(2):
         n = rounds * (attempt + 1)
         s = measure(models, prompt, new_tokens, n)
         ratios = {k: {"prompt": ratio_stats(s[k][0], s["base"][0]), "decode": ratio_stats(s[k][1], s["base"][1])}
-                  for k in dirs if k != "base"}
+                  for k in models if k != "base"}
         v = verdict(list(ratios["merged"].values()))
         if v != "inconclusive" or attempt == 1:
             break
@@ -241,10 +244,10 @@ def bench(merged_dir: Path, base_dir: Path, prompt: list[int], max_ratio: float,
     by_length = prompt_pass_by_length(models, prompt, max(5, rounds // 10))
     return BenchResult(
         prompt_len=len(prompt), new_tokens=new_tokens, rounds=n, threads=threads, prompt_ms_by_length=by_length,
-        variants={k: _stats(*s[k]) for k in dirs}, ratios=ratios, peak_rss_mb=peaks, verdict=v,
+        variants={k: _stats(*s[k]) for k in models}, ratios=ratios, peak_rss_mb=peaks, verdict=v,
         max_ratio=max_ratio, within_budget=ratios["merged"]["decode"].median <= max_ratio,
         graphs_identical=graphs_identical(merged_dir, base_dir),
-        decode_samples={k: s[k][1] for k in dirs},
+        decode_samples={k: s[k][1] for k in models},
     )
 
 

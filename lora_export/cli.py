@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, help="also write the JSON results here")
     b.add_argument("--plot", type=Path, help="write the PNG plot here (default EXPORT_DIR/bench.png)")
     b.add_argument("--rounds", type=int, default=100, help="interleaved rounds (doubled once if inconclusive)")
+    b.add_argument("--eager", action="store_true", help="also time PyTorch eager with the PEFT adapter unmerged")
 
     g = sub.add_parser("targets", help="list or show deployment targets")
     g.add_argument("action", nargs="?", choices=["list", "show"], default="list")
@@ -147,7 +148,7 @@ def _run(args) -> int:
         from .bench import markdown
         from .pipeline import bench
 
-        r = bench(args.export_dir, args.json, progress=say, rounds=args.rounds, plot_path=args.plot)
+        r = bench(args.export_dir, args.json, progress=say, rounds=args.rounds, plot_path=args.plot, eager=args.eager)
         print(markdown(r))
         return EXIT_OK if r.within_budget else EXIT_VERDICT
     if args.command == "demo":

@@ -175,6 +175,17 @@ def _adapters_of(manifest: dict, export_dir: Path, base: Path):
     return adapters, weights
 
 
+def _peft_unmerged(base: Path, adapters):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_fp32(base), str(adapters[0].path), adapter_name="a0", is_trainable=False)
+    for i, adapter in enumerate(adapters[1:], start=1):
+        model.load_adapter(str(adapter.path), adapter_name=f"a{i}", is_trainable=False)
+    if len(adapters) > 1:
+        model.base_model.set_adapter([f"a{i}" for i in range(len(adapters))])
+    return model.eval()
+
+
 def _where(path: Path, out: Path) -> dict:
     """Absolute path, and the path relative to the export: the latter survives moving both together."""
     return {"path": str(path.resolve()), "relative_path": os.path.relpath(path.resolve(), out.resolve())}
@@ -256,7 +267,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
 
 
 def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, rounds: int = 100,
-          plot_path: Path | None = None, memory: bool = True) -> latency.BenchResult:
+          plot_path: Path | None = None, memory: bool = True, eager: bool = False) -> latency.BenchResult:
     """Time the export against the unadapted base export for the same target (built once, into bench-base/),
     and, for a merged export of a plain LoRA adapter, against the unmerged side-path graph (bench-unmerged/)."""
     export_dir = Path(export_dir)
@@ -282,9 +293,12 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
     prompt = [t for p in load_prompts(tok)[1] for t in p][:32]
     progress(f"timing {'merged, base and unmerged' if side_path else 'this export and base'}, "
              f"{rounds} interleaved rounds")
+    extra = {}
+    if eager:  # what users run without an export: the fp32 base with the adapter(s) unmerged, in PyTorch
+        extra["peft-unmerged"] = TorchCausalLM(_peft_unmerged(base, adapters))
     result = latency.bench(export_dir, base_export, prompt, target.latency.max_ratio, target.execution_providers,
                            rounds=rounds, progress=progress, unmerged_dir=unmerged if side_path else None,
-                           memory=memory)
+                           memory=memory, extra=extra)
     latency.write_reports(result, Path(json_path) if json_path else export_dir / "bench.json",
                           export_dir / "bench.md", Path(plot_path) if plot_path else export_dir / "bench.png")
     return result

@@ -74,14 +74,14 @@ def test_validate_and_bench_on_an_export(fp32_export, tmp_path, capsys):
     rc, out, _ = run(["validate", str(fp32_export.out)], capsys)
     assert rc == 0 and "PASS" in out
     rc, out, _ = run(["bench", str(fp32_export.out), "--json", str(tmp_path / "b.json"), "--rounds", "6",
-                      "--plot", str(tmp_path / "b.png")], capsys)
+                      "--plot", str(tmp_path / "b.png"), "--eager"], capsys)
     result = json.loads((tmp_path / "b.json").read_text())
     assert rc == (0 if result["within_budget"] else 1)
     assert result["graphs_identical"] is True  # zero overhead by construction: same graph as the base export
-    assert set(result["variants"]) == {"merged", "base", "unmerged"}
+    assert set(result["variants"]) == {"merged", "base", "unmerged", "peft-unmerged"}
     assert result["variants"]["merged"]["decode_ms_median"] > 0
     by_length = result["prompt_ms_by_length"]  # fixed lengths 16, 64, 256, within the tiny base's 128 positions
-    assert set(by_length) == {"merged", "base", "unmerged"} and set(by_length["merged"]) == {"16", "64"}
+    assert set(by_length) == {"merged", "base", "unmerged", "peft-unmerged"} and set(by_length["merged"]) == {"16", "64"}
     assert all(ms > 0 for per in by_length.values() for ms in per.values())
     assert "prompt pass ms at length" in out
     assert result["verdict"] in ("zero overhead", "overhead", "inconclusive")
