@@ -212,3 +212,27 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
     raise_if(problems)
     return Adapter(path=path, config=config, manifest=manifest, targeted=tuple(sorted(found)),
                    weights=weights, saved=tuple(sorted(saved)))
+
+
+def attach(model, adapters, weights=None, low_cpu_mem_usage: bool = False):
+    """``model`` with every adapter loaded through PEFT (named a0, a1, ...), all active, each scaled by its
+    weight: PEFT's unmerged linear combination, and the layers whose ``merge()`` gives the merged one."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    weights = list(weights or [1.0] * len(adapters))
+    names = [f"a{i}" for i in range(len(adapters))]
+    peft_model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name=names[0], is_trainable=False,
+                                           low_cpu_mem_usage=low_cpu_mem_usage)
+    for name, adapter in zip(names[1:], adapters[1:]):
+        peft_model.load_adapter(str(adapter.path), adapter_name=name, is_trainable=False,
+                                low_cpu_mem_usage=low_cpu_mem_usage)
+    if len(names) > 1:
+        peft_model.base_model.set_adapter(names)  # all active: their outputs add up
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            for name, w in zip(names, weights):
+                if name in module.scaling and w != 1.0:
+                    # W + sum_i w_i dW_i: the multiplication PEFT's own scale_layer() applies to active adapters
+                    module.scaling[name] *= w
+    return peft_model, names

@@ -9,8 +9,8 @@ Streaming: the base is never loaded whole. PEFT builds its adapted model around 
 base parameter a zero-stride view of one scalar, so the skeleton costs nothing), loads the adapters'
 real weights into it, and then each base tensor is read from its safetensors shard, put into its module,
 merged by that module's own PEFT ``merge()`` (scaling alpha/r or alpha/sqrt(r), rank/alpha patterns,
-DoRA, fan_in_fan_out, embeddings), and written out. Peak memory is about one output shard plus the
-adapters. The result is bit-identical to PEFT's ``merge_and_unload`` on the whole model (tested).
+DoRA, fan_in_fan_out, embeddings), and written out tensor by tensor (``tensorfile``). Peak memory is
+about the largest tensor a few times over plus the adapters. The result is bit-identical to PEFT's ``merge_and_unload`` on the whole model (tested).
 
 Written by hand because no library merges without loading the whole model: PEFT and transformers both
 materialise every weight first.
@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import tensorfile
-from .adapters import Adapter
+from .adapters import Adapter, attach
 from .base import Nf4Settings, load_tokenizer
 from .errors import BadInput
+from .outputs import check_free_disk
 
 MERGE_BASES = ("nf4", "original")
 INDEX = "model.safetensors.index.json"
@@ -90,10 +91,8 @@ def _hollow(model) -> None:
 
 
 def _peft_skeleton(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float]):
-    """PEFT's adapted model around a hollow base, with every adapter loaded (named a0, a1, ...) and scaled."""
+    """PEFT's adapted model around a hollow base, with every adapter loaded and scaled."""
     import torch
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
@@ -101,21 +100,7 @@ def _peft_skeleton(base_dir: Path, adapters: Sequence[Adapter], weights: Sequenc
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _hollow(skeleton)
-    model = None
-    for i, adapter in enumerate(adapters):
-        if model is None:
-            model = PeftModel.from_pretrained(skeleton, str(adapter.path), adapter_name=f"a{i}",
-                                              is_trainable=False, low_cpu_mem_usage=True)
-        else:
-            model.load_adapter(str(adapter.path), adapter_name=f"a{i}", is_trainable=False, low_cpu_mem_usage=True)
-    names = [f"a{i}" for i in range(len(adapters))]
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name, w in zip(names, weights):
-                if name in module.scaling and w != 1.0:
-                    # a linear combination W + sum_i w_i * dW_i: PEFT's own scale_layer() does the same
-                    # multiplication, for the active adapter only
-                    module.scaling[name] *= w
+    model, names = attach(skeleton, adapters, weights, low_cpu_mem_usage=True)
     return model, names, config
 
 
@@ -152,14 +137,9 @@ def _base_shards(base_dir: Path) -> list[Path]:
     return sorted(base_dir.glob("*.safetensors"))
 
 
-def _check_free_disk(base_dir: Path, shards: list[Path], out_dir: Path) -> None:
+def _check_free_disk(shards: list[Path], out_dir: Path) -> None:
     """The fp32 output may be up to twice a 16-bit base; refuse before writing rather than fail half-way."""
-    need = int(1.1 * 2 * sum(p.stat().st_size for p in shards))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out_dir).free
-    if free < need:
-        raise BadInput.one(str(out_dir), f"{free / 1e9:.1f} GB free, and the merged fp32 checkpoint needs up to "
-                           f"{need / 1e9:.1f} GB", "free disk space or write the output elsewhere")
+    check_free_disk(out_dir, int(1.1 * 2 * sum(p.stat().st_size for p in shards)), "the merged fp32 checkpoint")
 
 
 def merge(base_dir: Path, adapters: Adapter | Sequence[Adapter], out_dir: Path, merge_base: str,
@@ -184,7 +164,8 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     shards = _base_shards(base_dir)
-    _check_free_disk(base_dir, shards, out_dir)
+    _check_free_disk(shards, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if adapters:
         model, names, config = _peft_skeleton(base_dir, adapters, weights)
         inner = model.base_model.model

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import bench as latency
 from . import parity
-from .adapters import load_adapter
+from .adapters import attach, load_adapter
 from .base import check_base, load_fp32, load_tokenizer
 from .data import load_jsonl
 from .errors import BadInput
@@ -175,17 +175,6 @@ def _adapters_of(manifest: dict, export_dir: Path, base: Path):
     return adapters, weights
 
 
-def _peft_unmerged(base: Path, adapters):
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_fp32(base), str(adapters[0].path), adapter_name="a0", is_trainable=False)
-    for i, adapter in enumerate(adapters[1:], start=1):
-        model.load_adapter(str(adapter.path), adapter_name=f"a{i}", is_trainable=False)
-    if len(adapters) > 1:
-        model.base_model.set_adapter([f"a{i}" for i in range(len(adapters))])
-    return model.eval()
-
-
 def _where(path: Path, out: Path) -> dict:
     """Absolute path, and the path relative to the export: the latter survives moving both together."""
     return {"path": str(path.resolve()), "relative_path": os.path.relpath(path.resolve(), out.resolve())}
@@ -275,7 +264,7 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     check_external_data(export_dir / "model.onnx")  # refuse a tampered export before building anything
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
-    adapters, _ = _adapters_of(manifest, export_dir, base)
+    adapters, weights = _adapters_of(manifest, export_dir, base)
     adapter = adapters[0]
     base_export = export_dir / "bench-base"
     if not (base_export / "model.onnx").is_file():
@@ -295,7 +284,7 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
              f"{rounds} interleaved rounds")
     extra = {}
     if eager:  # what users run without an export: the fp32 base with the adapter(s) unmerged, in PyTorch
-        extra["peft-unmerged"] = TorchCausalLM(_peft_unmerged(base, adapters))
+        extra["peft-unmerged"] = TorchCausalLM(attach(load_fp32(base), adapters, weights)[0].eval())
     result = latency.bench(export_dir, base_export, prompt, target.latency.max_ratio, target.execution_providers,
                            rounds=rounds, progress=progress, unmerged_dir=unmerged if side_path else None,
                            memory=memory, extra=extra)

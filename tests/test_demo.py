@@ -46,3 +46,5 @@ def test_lora_export_demo_end_to_end(tmp_path):
     assert rows["export ort-cpu-fp32"]["parity"] == "PASS"
     assert "| model | task accuracy |" in p.stdout
     assert "[0:" in p.stderr  # progress lines while it works
+    for name in ("bench.json", "bench.md", "bench.png"):  # the bench on the embedded model wrote all three
+        assert (out / "export-ort-cpu-fp32" / name).is_file(), name

@@ -14,7 +14,7 @@ from lora_export.export import BACKENDS
 from lora_export.pipeline import ExportRequest, export
 from lora_export.targets import load_target
 
-from .test_dynamo import _tiny
+from .test_backends import tiny_model
 from .test_merge_semantics import _make_adapter
 
 
@@ -40,7 +40,7 @@ def test_builder_graph_of_the_merged_model_is_the_base_graph(fp32_export, tiny_b
 
 
 def test_generic_backend_exports_a_gpt2_lora_passes_parity_and_keeps_the_base_graph(tmp_path):
-    base = _tiny("GPT2LMHeadModel", tmp_path / "gpt2")
+    base = tiny_model("GPT2LMHeadModel", tmp_path / "gpt2")
     adapter = _make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
                             fan_in_fan_out=True)
     r = export(ExportRequest(base=base, adapter=adapter, target="ort-cpu-fp32-generic", out=tmp_path / "out"))

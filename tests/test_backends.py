@@ -1,8 +1,10 @@
-"""The generic backend (torch.onnx.export with dynamo=True), for every architecture it registers.
+"""Both graph backends, for every architecture each registers: the fused onnxruntime-genai builder and the
+generic torch.onnx.export(dynamo=True).
 
-Per architecture, on a tiny config with random (seeded) weights: the ONNX model in ONNX Runtime against
-the same PyTorch model, batch 2 with unequal prompt lengths, the prompt pass and 16 decode steps reading
-the cache: max |logit diff| <= 1e-4 (fp32); and a 32-token greedy continuation identical.
+Per (backend, architecture), on a tiny config with random (seeded) weights: the ONNX model in ONNX Runtime
+against the same PyTorch model, batch 2 with unequal prompt lengths, the prompt pass and 16 decode steps
+reading the cache: max |logit diff| <= 1e-4 (fp32); and a 32-token greedy continuation identical. Then
+onnxruntime-genai itself loads a fused export (genai_config.json beside it) and generates the same tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 
 from lora_export.base import load_fp32
 from lora_export.errors import BadInput
-from lora_export.export.dynamo import ARCHITECTURES, build
+from lora_export.export import BACKENDS
+from lora_export.export.dynamo import build
 from lora_export.runtime import OrtCausalLM, TorchCausalLM, generate, greedy
 from lora_export.targets import load_target
 
@@ -40,10 +43,13 @@ def _config(arch: str, vocab: int, tok):
         "LlamaForCausalLM": lambda: tf.LlamaConfig(**llama_like),
         "Qwen2ForCausalLM": lambda: tf.Qwen2Config(**llama_like),
         "MistralForCausalLM": lambda: tf.MistralConfig(sliding_window=None, **llama_like),
+        "Qwen3ForCausalLM": lambda: tf.Qwen3Config(head_dim=16, **llama_like),
+        "Phi3ForCausalLM": lambda: tf.Phi3Config(original_max_position_embeddings=128, **llama_like),
+        "GemmaForCausalLM": lambda: tf.GemmaConfig(head_dim=16, **llama_like),
     }[arch]()
 
 
-def _tiny(arch: str, path):
+def tiny_model(arch: str, path):
     import transformers as tf
     from transformers import AutoTokenizer
 
@@ -59,18 +65,22 @@ def _tiny(arch: str, path):
     return path
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_generic_export_matches_pytorch_with_the_cache(arch, tmp_path):
-    base = _tiny(arch, tmp_path / "base")
+CASES = [(name, arch) for name, backend in BACKENDS.items() for arch in backend.architectures]
+
+
+@pytest.mark.parametrize("backend, arch", CASES)
+def test_export_matches_pytorch_with_the_cache(backend, arch, tmp_path):
+    base = tiny_model(arch, tmp_path / "base")
     out = tmp_path / "onnx"
     out.mkdir()
-    build(base, out, load_target("ort-cpu-fp32"), out / "build.log")
+    BACKENDS[backend].build(base, out, load_target("ort-cpu-fp32"), out / "build.log")
     ort_model, torch_model = OrtCausalLM(out), TorchCausalLM(load_fp32(base))
-    assert ort_model.padding_side == "left"  # plain attention: the usual left padding
+    # the fused GroupQueryAttention takes right padding, plain attention the usual left padding
+    assert ort_model.padding_side == ("right" if backend == "genai-builder" else "left")
     ref = generate(torch_model, PROMPTS, 17)
     ours = generate(ort_model, PROMPTS, 17, forced=[g.tokens for g in ref])
     diff = max(np.abs(r.logits - o.logits).max() for r, o in zip(ref, ours))
-    print(f"{arch}: max |logit diff| over prompt + 16 cached decode steps, batch 2 padded: {diff:.2e}")
+    print(f"{backend} {arch}: max |logit diff| over prompt + 16 cached decode steps, batch 2 padded: {diff:.2e}")
     assert diff <= 1e-4
     assert greedy(ort_model, PROMPTS[0], 32).tokens == greedy(torch_model, PROMPTS[0], 32).tokens
 
@@ -78,9 +88,26 @@ def test_generic_export_matches_pytorch_with_the_cache(arch, tmp_path):
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     import json
 
-    base = _tiny("GPT2LMHeadModel", tmp_path / "base")
+    base = tiny_model("GPT2LMHeadModel", tmp_path / "base")
     cfg = json.loads((base / "config.json").read_text())
     cfg["architectures"] = ["BloomForCausalLM"]
     (base / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadInput, match="GPT2LMHeadModel, GPTNeoXForCausalLM"):
         build(base, tmp_path, load_target("ort-cpu-fp32"), tmp_path / "log")
+
+
+def test_onnxruntime_genai_loads_an_export_and_generates_the_same_tokens(fp32_export):
+    import onnxruntime_genai as og
+
+    prompt, steps = [0, 11, 52, 301, 7, 99, 1500, 42], 24
+    model = og.Model(str(fp32_export.out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([prompt])
+    while not generator.is_done():
+        generator.generate_next_token()
+    theirs = list(generator.get_sequence(0))[len(prompt):]
+    ours = greedy(OrtCausalLM(fp32_export.out), prompt, steps).tokens
+    assert len(theirs) >= 8  # it generated (it may stop early at an end-of-text token)
+    assert theirs == ours[:len(theirs)]
