@@ -190,6 +190,10 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     in_name = next((n for n, m in modules.items() if m is in_emb), None)
     out_name = next((n for n, m in modules.items() if out_emb is not None and m is out_emb), None)
     headers = [tensorfile.read_header(p)[0] for p in shards]
+    fp8 = next((e.name for entries in headers for e in entries if e.dtype.startswith("F8")), None)
+    if fp8:
+        raise BadInput.one(str(base_dir), f"an FP8 checkpoint ({fp8}): its weights need their scales to mean "
+                           "anything, and merging into them is not supported", "merge into the bf16/fp16 original")
     base_keys = {e.name for entries in headers for e in entries}
     tied = bool(in_name and out_name and f"{out_name}.weight" not in base_keys and
                 getattr(config.get_text_config(), "tie_word_embeddings", False))
@@ -232,8 +236,7 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     weight_map = {}
     for i, (shard, entries) in enumerate(zip(shards, headers)):
         progress(f"merging shard {i + 1}/{len(shards)} ({shard.name}, {shard.stat().st_size / 1e6:.0f} MB)")
-        float_codes = {"F32", "F16", "BF16", "F64"}
-        declared = [(f"{m}.{p}", "F32" if e.dtype in float_codes else e.dtype, e.shape)
+        declared = [(f"{m}.{p}", "F32" if e.dtype in ("F32", "F16", "BF16", "F64") else e.dtype, e.shape)
                     for e in entries for m, p in plan(e.name)]
         writer = tensorfile.Writer(out_dir / files[i], declared)
         with open(shard, "rb") as f:
