@@ -19,8 +19,6 @@ polled) of the builder alone on the merged checkpoint, of our merge + build, and
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe  # beside this script
+
+from lora_export.bench import vm_hwm_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,15 +88,13 @@ def tree_peak(cmd: list[str]) -> dict:
     while proc.poll() is None:
         try:
             for p in [root, *root.children(recursive=True)]:
-                with open(f"/proc/{p.pid}/status") as f:
-                    hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-                peak = max(peak, hwm)
-        except (psutil.Error, OSError, StopIteration):
+                peak = max(peak, vm_hwm_mb(p.pid) or 0.0)
+        except psutil.Error:
             pass
         time.sleep(0.05)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} failed: {proc.stderr.read()[-2000:]}")
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak / 1024}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak}
 
 
 EXPORT_SCRIPT = """
@@ -185,7 +184,7 @@ def main() -> int:
     int4_speedup = float(np.median(np.array(samples[merged_key]) / np.array(samples[int4_key])))
     weight_mb = params * 4 / 1e6
     result = {"model": name, "shape": shape, "params": params, "prompt": PROMPT_LEN, "new_tokens": NEW_TOKENS,
-              "rounds": ROUNDS, "machine": machine(), "variants": rows, "samples_ms": samples,
+              "rounds": ROUNDS, "machine": describe() + ", default threads", "variants": rows, "samples_ms": samples,
               "int4_decode_speedup_over_fp32": int4_speedup, "fp32_weight_mb": weight_mb,
               "export_costs": {k: {**v, "rss_over_fp32_weights": v["peak_rss_mb"] / weight_mb} for k, v in costs.items()}}
     RESULTS.mkdir(exist_ok=True)
@@ -206,9 +205,6 @@ def main() -> int:
     return 0
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return f"{cpu}, {os.cpu_count()} cores, default threads, Python {platform.python_version()}"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe  # beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -142,7 +144,7 @@ def main() -> None:
     goal = 1.25 * largest / 1e9 + 1.0
     result = {"params": params, "largest_shard_gb": largest / 1e9, "base_dtype": "bfloat16", "rank": RANK,
               "ours": ours, "peft_in_memory": peft, "goal_peak_rss_gb": goal, "meets_goal": ours["peak_rss_gb"] < goal,
-              "identical_tensors": same, "tensors": total, "machine": _machine()}
+              "identical_tensors": same, "tensors": total, "machine": describe()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "merge_streaming.json").write_text(json.dumps(result, indent=2) + "\n")
     md = ("| merge of a 1.1B Llama (bf16 shards of 1 GB) + rank-16 LoRA | peak RSS | time |\n|---|---:|---:|\n"
@@ -154,14 +156,6 @@ def main() -> None:
           f"Machine: {result['machine']}.\n")
     (RESULTS / "merge_streaming.md").write_text(md)
     print(md)
-
-
-def _machine() -> str:
-    import os
-    import platform
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 if __name__ == "__main__":

@@ -160,17 +160,23 @@ def measure(models: dict, prompt: list[int], new_tokens: int, rounds: int, warmu
     return samples
 
 
+def vm_hwm_mb(pid: int | str = "self") -> float | None:
+    """A process's own peak RSS since it was exec'd (VmHWM, Linux), or None where /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
 def own_peak_rss_mb() -> float:
     """This process's own peak RSS since it started (exec'd). Linux's ru_maxrss is not that: a child
     inherits the RSS its parent had when it forked (measured: a 10 MB child of a 2 GB parent reports
-    1.9 GB), so VmHWM from /proc is read where there is one."""
+    1.9 GB), so VmHWM is read where there is one."""
     import resource
 
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = vm_hwm_mb()
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 _PEAK_SCRIPT = """

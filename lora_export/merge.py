@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,7 +48,6 @@ class MergeResult:
     untied: bool = False  # tied embeddings untied because the adapter changed one side only
     weights: tuple[float, ...] = (1.0,)  # the linear combination's coefficient per adapter
     shards: int = 1
-    deltas: dict = field(default_factory=dict, repr=False)  # module -> max |dW|
 
 
 def default_merge_base(adapter: Adapter) -> str:
@@ -64,14 +63,6 @@ def round_trip(w, nf4: Nf4Settings):
                                   compress_statistics=nf4.double_quant, quant_type=nf4.quant_type,
                                   quant_storage=getattr(torch, nf4.quant_storage))
     return bnbf.dequantize_4bit(q, state).to(w.dtype)
-
-
-def nf4_round_trip(model, names: list[str], nf4: Nf4Settings) -> None:
-    """Replace each named linear weight of an in-memory model by its NF4 round trip."""
-    modules = dict(model.named_modules())
-    for name in names:
-        w = modules[name].weight
-        w.data.copy_(round_trip(w.data, nf4))
 
 
 def quantization_of(adapter: Adapter) -> tuple[list[str], Nf4Settings]:
@@ -287,5 +278,5 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     load_tokenizer(base_dir).save_pretrained(str(out_dir))
     return MergeResult(checkpoint=out_dir, merge_base=merge_base, changed=tuple(sorted(deltas)),
                        max_abs_delta=max(deltas.values(), default=0.0), replaced=tuple(sorted(replaced)),
-                       untied=untie, weights=tuple(weights), shards=shard_count, deltas=deltas)
+                       untied=untie, weights=tuple(weights), shards=shard_count)
 

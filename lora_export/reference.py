@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Sequence
 
 from .adapters import Adapter, attach
-from .base import Nf4Settings, load_fp32, load_nf4
+from .base import load_fp32, load_nf4
+from .merge import quantization_of
 
 
 def load_adapted(base_dir: Path, adapters: Adapter | Sequence[Adapter], weights: Sequence[float] | None = None):
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     first = adapters[0]
     if first.trained_on_4bit:
-        quant = {k: v for k, v in first.manifest["quantization"].items() if k != "quantized_modules"}
-        model = load_nf4(base_dir, Nf4Settings(**quant))
+        model = load_nf4(base_dir, quantization_of(first)[1])
     else:
         model = load_fp32(base_dir)
     return attach(model, adapters, weights)[0].eval()

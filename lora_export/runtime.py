@@ -49,10 +49,7 @@ class OrtCausalLM:
         path = self.dir / "model.onnx"
         if not path.is_file():
             raise BadInput.one(str(path), "no ONNX model here", "pass a directory written by `lora-export export`")
-        check_external_data(path)
-        import onnx
-
-        graph = onnx.load(str(path), load_external_data=False).graph
+        graph = check_external_data(path).graph
         self.padding_side = "right" if any(n.op_type == "GroupQueryAttention" for n in graph.node) else "left"
         del graph
         opts = ort.SessionOptions()

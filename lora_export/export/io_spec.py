@@ -27,8 +27,9 @@ def check_io(input_names: set[str], output_names: set[str], num_layers: int, whe
                            "re-export the model with `lora-export export`")
 
 
-def check_external_data(model_path: Path) -> None:
+def check_external_data(model_path: Path):
     """Refuse external-data locations that are not bare file names inside the model's directory.
+    Returns the graph read without its data (a ModelProto), for callers that need its structure.
 
     ONNX's own loader has had path-traversal bugs here (CVE-2022-25882, CVE-2024-27318/27319,
     CVE-2025-51480), so we read the graph without its data and check every location first.
@@ -56,6 +57,7 @@ def check_external_data(model_path: Path) -> None:
         raise BadInput.one(str(model_path), f"external data locations outside the model directory or missing: "
                            f"{', '.join(sorted(bad))}",
                            "do not load this model; re-export it so its data file sits beside model.onnx")
+    return model
 
 
 def _all_initializers(graph):
