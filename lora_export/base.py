@@ -108,7 +108,22 @@ def load_nf4(base_dir: Path, nf4: Nf4Settings):
     ).eval()
     if nf4.blocksize != 64:
         _requantize(model, base_dir, nf4)
+    pin_fp32_path(model)
     return model
+
+
+def pin_fp32_path(model) -> None:
+    """Keep every 4-bit layer on bitsandbytes' dequantize-then-matmul path, on every CPU.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode without grad repacks its weight and
+    computes in bf16 through ``gemv_4bit``, whatever the compute dtype says; training mode never does. The
+    trainer's eval loss, and anything else run on this model, must see the model the trainer trained.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _requantize(model, base_dir: Path, nf4: Nf4Settings) -> None:

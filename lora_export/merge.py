@@ -48,6 +48,7 @@ class MergeResult:
     untied: bool = False  # tied embeddings untied because the adapter changed one side only
     weights: tuple[float, ...] = (1.0,)  # the linear combination's coefficient per adapter
     shards: int = 1
+    as_trained: Path | None = None  # the base as the adapter saw it (dequant(NF4(W))), when asked for
 
 
 def default_merge_base(adapter: Adapter) -> str:
@@ -134,21 +135,32 @@ def _check_free_disk(shards: list[Path], out_dir: Path) -> None:
 
 
 def merge(base_dir: Path, adapters: Adapter | Sequence[Adapter], out_dir: Path, merge_base: str,
-          weights: Sequence[float] | None = None, progress: Callable[[str], None] = _quiet) -> MergeResult:
+          weights: Sequence[float] | None = None, progress: Callable[[str], None] = _quiet,
+          as_trained_dir: Path | None = None) -> MergeResult:
     """Merge ``adapters`` (combined linearly with ``weights``, default 1 each) into the base, streaming shard
     by shard, and write an fp32 safetensors checkpoint (config without quantization_config, tokenizer) to
-    ``out_dir``. Sanity checks: every LoRA-targeted weight changed, every tensor finite."""
+    ``out_dir``. Sanity checks: every LoRA-targeted weight changed, every tensor finite.
+
+    ``as_trained_dir``: for a QLoRA adapter, also write the base as it was trained against (every 4-bit
+    layer dequant(NF4(W)), the rest as in the base, fp32) in the same pass: the parity reference loads it
+    instead of quantizing every weight again."""
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     weights = tuple(float(w) for w in (weights or [1.0] * len(adapters)))
     _check_combination(adapters, weights, merge_base)
-    return rewrite_checkpoint(base_dir, adapters, weights, out_dir, merge_base, progress)
+    if not adapters[0].trained_on_4bit:
+        as_trained_dir = None  # the base itself is what a plain LoRA adapter was trained against
+    return rewrite_checkpoint(base_dir, adapters, weights, out_dir, merge_base, progress,
+                              nf4=quantization_of(adapters[0]) if as_trained_dir else None,
+                              as_trained_dir=as_trained_dir)
 
 
 def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float], out_dir: Path,
                        merge_base: str, progress: Callable[[str], None] = _quiet,
-                       nf4: tuple[list[str], Nf4Settings] | None = None) -> MergeResult:
+                       nf4: tuple[list[str], Nf4Settings] | None = None,
+                       as_trained_dir: Path | None = None) -> MergeResult:
     """The streaming pass. With no adapters it writes the base itself (after the NF4 round trip given by
-    ``nf4``): the base an unmerged side-path graph needs."""
+    ``nf4``): the base an unmerged side-path graph needs. With ``as_trained_dir`` it also writes the base
+    after the round trip (given by ``nf4``) next to the merge, from the same reads."""
     import torch
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
@@ -160,7 +172,7 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     if adapters:
         model, names, config = _peft_skeleton(base_dir, adapters, weights)
         inner = model.base_model.model
-        if merge_base == "nf4":
+        if merge_base == "nf4" or as_trained_dir:
             nf4 = quantization_of(adapters[0])
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -170,6 +182,7 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
         with torch.device("meta"):
             inner = AutoModelForCausalLM.from_config(config)
         names = []
+    round_trip_in_merge = merge_base == "nf4" or not adapters
     modules = dict(inner.named_modules())
     lora = {n: m for n, m in modules.items() if isinstance(m, LoraLayer)}
     saved = {n: m for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper)}
@@ -224,24 +237,38 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
 
     files = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
+    weight_map: dict[str, str] = {}
+    trained_map: dict[str, str] = {}
     for i, (shard, entries) in enumerate(zip(shards, headers)):
         progress(f"merging shard {i + 1}/{len(shards)} ({shard.name}, {shard.stat().st_size / 1e6:.0f} MB)")
-        declared = [(f"{m}.{p}", "F32" if e.dtype in ("F32", "F16", "BF16", "F64") else e.dtype, e.shape)
-                    for e in entries for m, p in plan(e.name)]
+        declared = [(f"{m}.{p}", _fp32_code(e.dtype), e.shape) for e in entries for m, p in plan(e.name)]
         writer = tensorfile.Writer(out_dir / files[i], declared)
+        trained = None
+        if as_trained_dir:
+            as_trained_dir.mkdir(parents=True, exist_ok=True)
+            trained = tensorfile.Writer(as_trained_dir / files[i], [(e.name, _fp32_code(e.dtype), e.shape)
+                                                                    for e in entries])
+            trained_map.update({e.name: files[i] for e in entries})
         with open(shard, "rb") as f:
             for e in entries:
                 t = tensorfile.read_tensor(f, e)
                 if t.is_floating_point():
                     t = t.to(torch.float32)
+                module_name, param = plan(e.name)[-1]  # the base's own module
+                rounded = nf4 is not None and module_name in quantized and param == "weight"
+                if rounded:
+                    t = round_trip(t, nf4[1])
+                if trained is not None:
+                    trained.write(e.name, t)  # before the merge, which adds to t in place
+                if rounded and not round_trip_in_merge:
+                    t = tensorfile.read_tensor(f, e).to(torch.float32)  # merge into the original weight
                 for module_name, param in plan(e.name):
-                    if nf4 and module_name in quantized and param == "weight":
-                        t = round_trip(t, nf4[1])
                     out = emit(module_name, param, t.clone() if module_name == out_name and untie else t)
                     writer.write(f"{module_name}.{param}", out)
                 del t
         writer.close()
+        if trained is not None:
+            trained.close()
         weight_map.update({name: files[i] for name, _, _ in declared})
     if len(files) > 1:
         total = sum((out_dir / f).stat().st_size for f in files)
@@ -276,7 +303,23 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     if (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
     load_tokenizer(base_dir).save_pretrained(str(out_dir))
+    if as_trained_dir:
+        _write_as_trained_files(base_dir, as_trained_dir, trained_map)
     return MergeResult(checkpoint=out_dir, merge_base=merge_base, changed=tuple(sorted(deltas)),
                        max_abs_delta=max(deltas.values(), default=0.0), replaced=tuple(sorted(replaced)),
-                       untied=untie, weights=tuple(weights), shards=shard_count)
+                       untied=untie, weights=tuple(weights), shards=shard_count, as_trained=as_trained_dir)
 
+
+def _fp32_code(dtype: str) -> str:
+    return "F32" if dtype in ("F32", "F16", "BF16", "F64") else dtype
+
+
+def _write_as_trained_files(base_dir: Path, out: Path, weight_map: dict) -> None:
+    """Config (fp32, no quantization_config) and shard index beside the as-trained base's weights."""
+    cfg = json.loads((base_dir / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if len(set(weight_map.values())) > 1:
+        (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")

@@ -14,13 +14,16 @@ import json
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
-from .runtime import Generation, generate
+from .isolate import run_in_child
+from .runtime import Generation, LogitStore, generate, greedy_tokens, release, teacher_forced
 from .targets import Tolerances
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: max_rel_diff, the reference's dtype and device, tolerance notes
+LOGIT_BUDGET_BYTES = 64 << 20  # logits one teacher-forced batch may produce at once
 MIN_STEPS = 17  # the prompt pass and at least 16 decode steps
 
 
@@ -58,6 +61,8 @@ class Metrics:
     top1_agreement: float
     greedy_min_identical: int | None = None  # shortest identical prefix of the two greedy continuations
     greedy_mean_identical: float | None = None
+    max_rel_diff: float = 0.0  # max |logit diff| / max |reference logit|: scales with the model's logits
+    reference_max_abs: float = 0.0  # max |reference logit| over the compared positions
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -66,27 +71,83 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+class Accumulator:
+    """Metrics of candidate rows against reference rows, added a sequence at a time in small row chunks
+    (float64 temporaries of a few MB), so that no set of logits has to be held whole."""
+
+    CHUNK = 32
+
+    def __init__(self) -> None:
+        self.sequences = self.rows = self.elements = self.top1 = 0
+        self.max_abs = self.sum_abs = self.sum_d2 = self.sum_r2 = self.cos = self.kl = self.max_kl = 0.0
+        self.ref_max = 0.0
+        self.prefixes: list[int] = []
+
+    def add(self, r: np.ndarray, c: np.ndarray, prefix: int | None = None, *also: "Accumulator") -> None:
+        """Add one sequence's rows; ``also``: other accumulators that take the same rows (computed once)."""
+        if r.shape != c.shape:
+            raise ValueError(f"logit rows of shape {c.shape} compared with reference rows {r.shape}")
+        for acc in (self, *also):
+            acc.sequences += 1
+        for i in range(0, len(r), self.CHUNK):
+            rr, cc = r[i:i + self.CHUNK].astype(np.float64), c[i:i + self.CHUNK].astype(np.float64)
+            d = np.abs(rr - cc)
+            lp, lq = _log_softmax(rr), _log_softmax(cc)
+            kl = (np.exp(lp) * (lp - lq)).sum(-1)
+            norms = np.maximum(np.linalg.norm(rr, axis=-1) * np.linalg.norm(cc, axis=-1), 1e-30)
+            part = (len(rr), d.size, float(d.max()), float(np.abs(rr).max()), float(d.sum()), float((d * d).sum()),
+                    float((rr * rr).sum()), float(((rr * cc).sum(-1) / norms).sum()), float(kl.sum()),
+                    float(kl.max()), int((rr.argmax(-1) == cc.argmax(-1)).sum()))
+            for acc in (self, *also):
+                acc._absorb(part)
+        if prefix is not None:
+            self.prefixes.append(prefix)
+
+    def _absorb(self, part: tuple) -> None:
+        rows, elements, max_abs, ref_max, sum_abs, sum_d2, sum_r2, cos, kl, max_kl, top1 = part
+        self.rows += rows
+        self.elements += elements
+        self.max_abs, self.ref_max, self.max_kl = max(self.max_abs, max_abs), max(self.ref_max, ref_max), \
+            max(self.max_kl, max_kl)
+        self.sum_abs += sum_abs
+        self.sum_d2 += sum_d2
+        self.sum_r2 += sum_r2
+        self.cos += cos
+        self.kl += kl
+        self.top1 += top1
+
+    def metrics(self) -> Metrics:
+        n = max(self.rows, 1)
+        return Metrics(
+            sequences=self.sequences, positions=self.rows, max_abs_diff=self.max_abs,
+            mean_abs_diff=self.sum_abs / max(self.elements, 1),
+            rel_l2=float(np.sqrt(self.sum_d2) / max(np.sqrt(self.sum_r2), 1e-30)), cosine=self.cos / n,
+            mean_kl=self.kl / n, max_kl=self.max_kl, top1_agreement=self.top1 / n,
+            greedy_min_identical=min(self.prefixes) if self.prefixes else None,
+            greedy_mean_identical=float(np.mean(self.prefixes)) if self.prefixes else None,
+            max_rel_diff=self.max_abs / max(self.ref_max, 1e-30), reference_max_abs=self.ref_max,
+        )
+
+
+def identical_prefix(reference_tokens: list[int], own_tokens: list[int]) -> int:
+    same = [x == y for x, y in zip(reference_tokens, own_tokens)]
+    return same.index(False) if False in same else len(same)
+
+
+def forced_prefix(reference_tokens: list[int], candidate_rows: np.ndarray, prompt_len: int) -> int:
+    """The candidate's own greedy continuation, read off its teacher-forced logits: up to the first token
+    where its argmax differs from the reference's, its inputs were the reference's tokens, so its own
+    greedy run would have computed exactly these logits. One run gives both measurements."""
+    own = candidate_rows[prompt_len - 1:].argmax(-1).tolist()
+    return identical_prefix(reference_tokens, own)
+
+
 def compare(ref: list[Generation], cand: list[Generation], own: list[Generation] | None = None) -> Metrics:
     """Metrics of candidate logits against reference logits on the same positions (and greedy texts, if given)."""
-    r = np.concatenate([g.logits for g in ref]).astype(np.float64)
-    c = np.concatenate([g.logits for g in cand]).astype(np.float64)
-    d = np.abs(r - c)
-    lp, lq = _log_softmax(r), _log_softmax(c)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    cos = (r * c).sum(-1) / np.maximum(np.linalg.norm(r, axis=-1) * np.linalg.norm(c, axis=-1), 1e-30)
-    prefixes = None
-    if own is not None:
-        prefixes = []
-        for a, b in zip(ref, own):
-            same = [x == y for x, y in zip(a.tokens, b.tokens)]
-            prefixes.append(same.index(False) if False in same else len(same))
-    return Metrics(
-        sequences=len(ref), positions=int(r.shape[0]), max_abs_diff=float(d.max()), mean_abs_diff=float(d.mean()),
-        rel_l2=float(np.linalg.norm(r - c) / max(np.linalg.norm(r), 1e-30)), cosine=float(cos.mean()),
-        mean_kl=float(kl.mean()), max_kl=float(kl.max()), top1_agreement=float((r.argmax(-1) == c.argmax(-1)).mean()),
-        greedy_min_identical=None if prefixes is None else int(min(prefixes)),
-        greedy_mean_identical=None if prefixes is None else float(np.mean(prefixes)),
-    )
+    acc = Accumulator()
+    for i, (r, c) in enumerate(zip(ref, cand)):
+        acc.add(r.logits, c.logits, None if own is None else identical_prefix(r.tokens, own[i].tokens))
+    return acc.metrics()
 
 
 @dataclass(frozen=True)
@@ -111,6 +172,9 @@ class ParityReport:
     stages: dict  # "merge", "export", "total", "adapter" -> Metrics pooled over shapes
     adapter_retention: float | None  # 1 - KL(adapted || export) / KL(adapted || base)
     checks: tuple[Check, ...]
+    reference_dtype: str = "float32"
+    reference_device: str = "cpu"
+    tolerance_notes: tuple[str, ...] = ()  # thresholds that differ from the target file they came from
 
     @property
     def passed(self) -> bool:
@@ -121,49 +185,119 @@ class ParityReport:
         return [c for c in self.checks if not c.passed]
 
 
-def _run(model, shape: Shape, steps: int, forced=None) -> list[Generation]:
-    out, i = [], 0
-    for batch in shape.batches:
-        f = None if forced is None else [forced[i + j].tokens for j in range(len(batch))]
-        out += generate(model, [list(p) for p in batch], steps, forced=f)
-        i += len(batch)
-    return out
+@dataclass(frozen=True)
+class Models:
+    """What parity runs, as zero-argument loaders (or ready models): loaded one at a time, in turn, and
+    released before the next, so that peak memory is one model plus a few MB of logits."""
+
+    reference: Callable[[], Any]  # the adapted model as trained (PyTorch)
+    candidate: Callable[[], Any]  # the export (ONNX Runtime)
+    merged: Callable[[], Any] | None = None  # the merged fp32 model (PyTorch): splits the error by stage
+    base: Callable[[], Any] | None = None  # the unadapted base (PyTorch): the adapter's own effect
+    isolate_candidate: bool = False  # run the export in a child process (then ``candidate`` must pickle)
 
 
-def measure(reference, candidate, shapes: list[Shape], steps: int, merged=None, base=None, progress=None):
-    """Run every model on every shape. Returns (per-shape Metrics, pooled stage Metrics, adapter retention)."""
-    per_shape, pooled = {}, {"ref": [], "cand": [], "merged": [], "base": []}
+def _open(model):
+    return model if hasattr(model, "step") else model()
+
+
+def candidate_stage(candidate, shapes: list[Shape], steps: int, ref_tokens: list[list[int]], ref_state: tuple,
+                    merged_state: tuple | None, progress=None):
+    """The export's run: each shape as its batches, teacher-forced with the reference's tokens through its KV
+    cache, compared as it goes with the reference's (and the merged model's) stored logits.
+    Returns (per-shape Metrics, total Metrics, export-stage Metrics or None)."""
+    model = _open(candidate)
+    ref_rows, merged_rows = LogitStore.reader(ref_state), LogitStore.reader(merged_state) if merged_state else None
+    per_shape, total, export = {}, Accumulator(), Accumulator()
+    i = 0
     for shape in shapes:
-        if progress:
-            progress(f"parity on {shape.name}: {sum(len(b) for b in shape.batches)} sequences x {steps} tokens")
-        ref = _run(reference, shape, steps)
-        cand = _run(candidate, shape, steps, forced=ref)
-        per_shape[shape.name] = compare(ref, cand, own=_run(candidate, shape, steps))
-        pooled["ref"] += ref
-        pooled["cand"] += cand
-        if merged is not None:
-            pooled["merged"] += _run(merged, shape, steps, forced=ref)
-        if base is not None:
-            pooled["base"] += _run(base, shape, steps, forced=ref)
-    stages = {"total": compare(pooled["ref"], pooled["cand"])}
-    if pooled["merged"]:
-        stages["merge"] = compare(pooled["ref"], pooled["merged"])
-        stages["export"] = compare(pooled["merged"], pooled["cand"])
+        acc = Accumulator()
+        for batch in shape.batches:
+            out = generate(model, [list(p) for p in batch], steps, forced=[ref_tokens[i + j] for j in range(len(batch))])
+            for j, g in enumerate(out):
+                r = ref_rows[i + j]
+                acc.add(r, g.logits, forced_prefix(ref_tokens[i + j], g.logits, len(batch[j])), total)
+                if merged_rows is not None:
+                    export.add(merged_rows[i + j], g.logits)
+            i += len(batch)
+        per_shape[shape.name] = acc.metrics()
+    return per_shape, total.metrics(), export.metrics() if merged_rows is not None else None
+
+
+def _sequences(shapes: list[Shape]) -> list[list[int]]:
+    return [list(p) for shape in shapes for batch in shape.batches for p in batch]
+
+
+def measure(models: Models, shapes: list[Shape], steps: int, work_dir: Path, progress=None,
+            vocab_size: int = 50_000):
+    """Run every model on every shape. Returns (per-shape Metrics, pooled stage Metrics, adapter retention).
+
+    1. The reference generates its greedy continuations (one batch, KV cache, last-position logits only),
+       then its logits come from one teacher-forced pass over prompt + continuation; they go to a file.
+    2. The merged and the unadapted model (PyTorch) each take the same teacher-forced pass, compared with
+       the reference as they go (the merged logits go to a file too, for the export stage).
+    3. The export runs each shape as its batches, prompt pass then decode steps through its KV cache,
+       teacher-forced with the reference's tokens; compared with the reference and the merged model.
+    Only one model is in memory at a time; logits live in files, read back a sequence at a time.
+    """
+    say = progress or (lambda msg: None)
+    seqs = _sequences(shapes)
+    budget = max(1, LOGIT_BUDGET_BYTES // (4 * vocab_size))
+    ref_store, merged_store = LogitStore(work_dir / "reference.f32"), LogitStore(work_dir / "merged.f32")
+    try:
+        say(f"parity: the reference generates {len(seqs)} sequences x {steps} tokens")
+        model = _open(models.reference)
+        tokens = greedy_tokens(model, seqs, steps)
+        full = [p + t[:-1] for p, t in zip(seqs, tokens)]
+        for i, rows in teacher_forced(model, full, budget):
+            ref_store.put(i, rows)
+        del model
+        release()
+
+        stages: dict[str, Metrics] = {}
+        for key, loader, store in (("merge", models.merged, merged_store), ("adapter", models.base, None)):
+            if loader is None:
+                continue
+            say("parity: the merged fp32 model (PyTorch)" if key == "merge" else "parity: the unadapted base (PyTorch)")
+            model, acc = _open(loader), Accumulator()
+            for i, rows in teacher_forced(model, full, budget):
+                acc.add(ref_store[i], rows)
+                if store is not None:
+                    store.put(i, rows)
+            stages[key] = acc.metrics()
+            del model
+            release()
+
+        say("parity: the export (ONNX Runtime), each shape through its KV cache")
+        stage_args = (models.candidate, shapes, steps, tokens, ref_store.state(),
+                      merged_store.state() if "merge" in stages else None)
+        if models.isolate_candidate:  # ONNX Runtime in a fresh process without torch: its peak stands alone
+            per_shape, total, export = run_in_child(candidate_stage, *stage_args, progress=say)
+        else:
+            per_shape, total, export = candidate_stage(*stage_args)
+    finally:
+        ref_store.close()
+        merged_store.close()
+    stages["total"] = total
+    if export is not None:
+        stages["export"] = export
     retention = None
-    if pooled["base"]:
-        stages["adapter"] = compare(pooled["ref"], pooled["base"])
+    if "adapter" in stages:
         effect = stages["adapter"].mean_kl
         retention = float(1 - stages["total"].mean_kl / effect) if effect > 0 else None
     return per_shape, stages, retention
 
 
 def judge(per_shape: dict, stages: dict, retention: float | None, tol: Tolerances, target: str, reference: str,
-          steps: int) -> ParityReport:
+          steps: int, notes: tuple[str, ...] = ()) -> ParityReport:
     checks = []
     for name, m in per_shape.items():
         if tol.max_abs_diff is not None:
             checks.append(Check(name, "max_abs_diff", "<=", tol.max_abs_diff, m.max_abs_diff,
                                 m.max_abs_diff <= tol.max_abs_diff))
+        if tol.max_rel_diff is not None:
+            checks.append(Check(name, "max_rel_diff", "<=", tol.max_rel_diff, m.max_rel_diff,
+                                m.max_rel_diff <= tol.max_rel_diff))
         if tol.mean_kl is not None:
             checks.append(Check(name, "mean_kl", "<=", tol.mean_kl, m.mean_kl, m.mean_kl <= tol.mean_kl))
         if tol.top1_agreement is not None:
@@ -178,12 +312,13 @@ def judge(per_shape: dict, stages: dict, retention: float | None, tol: Tolerance
         checks.append(Check("all", "adapter_retention", ">=", tol.min_adapter_retention, observed,
                             retention is not None and retention >= tol.min_adapter_retention))
     return ParityReport(target=target, reference=reference, steps=steps, shapes=per_shape, stages=stages,
-                        adapter_retention=retention, checks=tuple(checks))
+                        adapter_retention=retention, checks=tuple(checks), tolerance_notes=tuple(notes))
 
 
 def report_dict(report: ParityReport) -> dict:
     return {"schema_version": SCHEMA_VERSION, "target": report.target, "reference": report.reference,
-            "passed": report.passed, "steps": report.steps,
+            "reference_dtype": report.reference_dtype, "reference_device": report.reference_device,
+            "passed": report.passed, "steps": report.steps, "tolerance_notes": list(report.tolerance_notes),
             "shapes": {k: asdict(v) for k, v in report.shapes.items()},
             "stages": {k: asdict(v) for k, v in report.stages.items()},
             "adapter_retention": report.adapter_retention,
@@ -213,22 +348,27 @@ STAGE_LABELS = {"merge": "merge: merged fp32 (PyTorch) vs as trained",
 
 
 def markdown(report: ParityReport) -> str:
-    lines = [f"## Parity: {report.target} vs {report.reference}: {'PASS' if report.passed else 'FAIL'}", "",
-             "| shape | check | observed | threshold | result |", "|---|---|---|---|---|"]
+    lines = [f"## Parity: {report.target}: {'PASS' if report.passed else 'FAIL'}", "",
+             f"Reference: {report.reference}.", ""]
+    if report.tolerance_notes:
+        lines += ["**Thresholds differ from the target file they came from:**", ""]
+        lines += [f"- {n}" for n in report.tolerance_notes] + [""]
+    lines += ["| shape | check | observed | threshold | result |", "|---|---|---|---|---|"]
     lines += [f"| {c.shape} | {c.metric} | {c.observed:.4g} | {c.op} {c.threshold:g} | {'pass' if c.passed else 'FAIL'} |"
               for c in report.checks]
-    lines += ["", "| shape | sequences | positions | max abs diff | mean KL | top-1 | cosine | rel L2 | greedy identical (min/mean) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| shape | sequences | positions | max abs diff | max rel diff | mean KL | top-1 | cosine | rel L2 | "
+              "greedy identical (min/mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in report.shapes.items():
-        lines.append(f"| {name} | {m.sequences} | {m.positions} | {m.max_abs_diff:.3g} | {m.mean_kl:.3g} | "
+        lines.append(f"| {name} | {m.sequences} | {m.positions} | {m.max_abs_diff:.3g} | {m.max_rel_diff:.3g} | {m.mean_kl:.3g} | "
                      f"{m.top1_agreement:.1%} | {m.cosine:.6f} | {m.rel_l2:.3g} | {m.greedy_min_identical}/"
                      f"{m.greedy_mean_identical:.1f} of {report.steps} |")
     lines += ["", "Where the difference comes from (all shapes pooled):", "",
-              "| step | max abs diff | mean KL | top-1 |", "|---|---|---|---|"]
+              "| step | max abs diff | max rel diff | mean KL | top-1 |", "|---|---|---|---|---|"]
     for key, label in STAGE_LABELS.items():
         if key in report.stages:
             m = report.stages[key]
-            lines.append(f"| {label} | {m.max_abs_diff:.3g} | {m.mean_kl:.3g} | {m.top1_agreement:.1%} |")
+            lines.append(f"| {label} | {m.max_abs_diff:.3g} | {m.max_rel_diff:.3g} | {m.mean_kl:.3g} | "
+                         f"{m.top1_agreement:.1%} |")
     if report.adapter_retention is not None:
         lines += ["", f"Adapter retention: the export keeps {report.adapter_retention:.1%} of the adapter's effect "
                   "(1 - KL(trained || export) / KL(trained || base))."]

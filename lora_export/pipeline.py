@@ -9,6 +9,7 @@ Every output directory is written as a temporary sibling and renamed into place 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -24,12 +25,14 @@ from .errors import BadInput
 from .export import BACKENDS
 from .export.io_spec import check_external_data
 from .fingerprint import sha256_file
-from .merge import default_merge_base, merge, quantization_of, rewrite_checkpoint
+from .isolate import run_in_child
+from .merge import MergeResult, default_merge_base, merge, quantization_of, rewrite_checkpoint
 from .outputs import check_free_disk, check_new_output, scratch, staged
 from .precision import check_fp16_range
+from .reference import describe as describe_reference
 from .reference import load_adapted
-from .runtime import OrtCausalLM, TorchCausalLM
-from .targets import load_target, parse_target, tomllib
+from .runtime import OrtCausalLM, TorchCausalLM, check_providers, release
+from .targets import check_against_context, load_target, parse_target, tolerance_differences, tomllib
 from .tasks import encode_prompt
 from .versions import package_versions
 
@@ -61,80 +64,110 @@ class ExportResult:
     parity: parity.ParityReport
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What the preparing child hands back: checked adapters, the merge, and what the graph builder reads."""
+
+    adapters: tuple
+    weights: tuple[float, ...]
+    merge_base: str
+    merged: MergeResult
+    graph_source: Path  # the merged checkpoint; for --keep-adapter the base as trained (the side path's base)
+
+
 def export(req: ExportRequest, progress=_quiet) -> ExportResult:
     target = load_target(req.target)
     base = check_base(req.base)
-    paths = [req.adapter] if isinstance(req.adapter, (str, Path)) else list(req.adapter)
-    adapters = [load_adapter(p, base, allow_pickle=req.allow_pickle) for p in paths]
-    weights = tuple(req.adapter_weights or [1.0] * len(adapters))
+    check_against_context(target, _context_of(base)[0], str(base / "config.json"))
     out = Path(req.out)
     check_new_output(out)
-    merge_base = req.merge_base or default_merge_base(adapters[0])
-    check_free_disk(out, _export_bytes(base, target), "the merged fp32 checkpoint plus 2.2 x the export")
-    if req.keep_adapter and len(adapters) > 1:
-        raise BadInput.one("--keep-adapter", "an unmerged graph carries one adapter", "pass a single --adapter")
+    check_free_disk(out, _export_bytes(base, target), "the merged and the as-trained fp32 checkpoints plus 2.2 x the export")
     with staged(out) as tmp, scratch(out, "merged") as work:
-        progress(f"merging {len(adapters)} adapter(s) in fp32 into the {merge_base} base, shard by shard")
-        result = merge(base, adapters, work / "checkpoint", merge_base, weights, progress=progress)
-        merged = load_fp32(work / "checkpoint")
-        if target.precision == "fp16":
-            progress("checking that weights and activations fit fp16")
-            check_fp16_range(merged, load_prompts(load_tokenizer(base))[0], str(adapters[0].path))
+        # a child process: torch, PEFT and the merge's memory are gone before the graph builder starts
+        prep: Prepared = run_in_child(prepare, req, base, target, work, progress=progress)
+        adapters, merge_base = list(prep.adapters), prep.merge_base
         progress(f"building the {'unmerged' if req.keep_adapter else 'merged'} ONNX graph with {target.backend} "
                  f"({target.precision}, weights {target.quantization.scheme})")
-        if req.keep_adapter:
-            build_unmerged(base, adapters[0], merge_base, target, tmp, work)
-        else:
-            BACKENDS[target.backend].build(work / "checkpoint", tmp, target, tmp / "build.log")
-            if target.quantization.scales == "original":
-                from .quantize.nf4 import reuse_training_scales
+        BACKENDS[target.backend].build(prep.graph_source, tmp, target, tmp / "build.log",
+                                       **({"adapter": adapters[0].path} if req.keep_adapter else {}))
+        if target.quantization.scales == "original" and not req.keep_adapter:
+            from .quantize.nf4 import reuse_training_scales
 
-                n = reuse_training_scales(tmp, work / "checkpoint", base, adapters[0], target.quantization)
-                progress(f"re-coded {n} NF4 weights with the block scales the adapter was trained against")
-        entries = [{**_where(a.path, out), "weights_file": a.weights.name, "adapter_model_sha256": sha256_file(a.weights),
-                    "weight": w} for a, w in zip(adapters, weights)]
-        manifest = {
-            "schema_version": 2,
-            "base": {**_where(base, out), "files_sha256": {p.name: sha256_file(p) for p in
-                                                          sorted(base.glob("*.safetensors"))}},
-            "adapter": entries[0],
-            "adapters": entries,
-            "target": tomllib.loads(Path(target.source).read_text()),  # validate and bench apply this one
-            "merge_base": merge_base,
-            "graph": "unmerged" if req.keep_adapter else "merged",
-            "merged_modules": len(result.changed),
-            "max_abs_weight_change": result.max_abs_delta,
-            "replaced_modules": list(result.replaced),
-            "untied_embeddings": result.untied,
-            "versions": package_versions(),
-        }
+            n = reuse_training_scales(tmp, prep.merged.checkpoint, base, adapters[0], target.quantization)
+            progress(f"re-coded {n} NF4 weights with the block scales the adapter was trained against")
+        manifest = _manifest(req, base, out, target, prep)
         if target.quantization.scheme != "none" and not req.keep_adapter:
             from .quantize.survival import ERASED, measure_survival
 
             progress("measuring how much of the adapter's change survives the weight quantization")
-            survival = measure_survival(tmp, work / "checkpoint", base, adapters, merge_base, target.quantization)
+            survival = measure_survival(tmp, prep.merged.checkpoint, base, adapters, merge_base, target.quantization)
             manifest["quantization"] = survival.to_dict()
             if survival.tensors:
                 progress(f"adapter change kept through {survival.scheme} weights: median {survival.median_survival:.2f}, "
                          f"worst {survival.min_survival:.2f} over {len(survival.tensors)} tensors"
                          + (f"; ERASED (< {ERASED}) in {len(survival.erased)}: {survival.erased[0].node} ..."
                             if survival.erased else ""))
+            release()
         _write_manifest(tmp, manifest)
         progress("validating parity against the adapted model as trained")
-        report = validate(tmp, merged=merged)
+        report = validate(tmp, merged=prep.merged, progress=progress)
         total = report.stages["total"]
         manifest["parity"] = {"passed": report.passed, "failures": [str(c) for c in report.failures],
-                              "max_abs_diff": total.max_abs_diff, "mean_kl": total.mean_kl,
-                              "top1_agreement": total.top1_agreement, "adapter_retention": report.adapter_retention}
+                              "max_abs_diff": total.max_abs_diff, "max_rel_diff": total.max_rel_diff,
+                              "mean_kl": total.mean_kl, "top1_agreement": total.top1_agreement,
+                              "adapter_retention": report.adapter_retention}
         _write_manifest(tmp, manifest)
     return ExportResult(out=out, merge_base=merge_base, parity=report)
+
+
+def prepare(req: ExportRequest, base: Path, target, work: Path, progress=_quiet) -> Prepared:
+    """Check every adapter against the base, merge them in fp32 shard by shard (and for fp16 targets check
+    the range). For --keep-adapter, also write the base the side path sits on (the NF4 round trip for QLoRA)."""
+    paths = [req.adapter] if isinstance(req.adapter, (str, Path)) else list(req.adapter)
+    adapters = [load_adapter(p, base, allow_pickle=req.allow_pickle) for p in paths]
+    weights = tuple(req.adapter_weights or [1.0] * len(adapters))
+    merge_base = req.merge_base or default_merge_base(adapters[0])
+    if req.keep_adapter:
+        check_side_path(adapters)
+    progress(f"merging {len(adapters)} adapter(s) in fp32 into the {merge_base} base, shard by shard")
+    merged = merge(base, adapters, work / "checkpoint", merge_base, weights, progress=progress,
+                   as_trained_dir=work / "as-trained")
+    if target.precision == "fp16":
+        progress("checking that weights and activations fit fp16")
+        check_fp16_range(load_fp32(merged.checkpoint), load_prompts(load_tokenizer(base))[0], str(adapters[0].path))
+    source = merged.checkpoint
+    if req.keep_adapter:
+        source = unmerged_source(base, adapters[0], merge_base, work)
+    return Prepared(adapters=tuple(adapters), weights=weights, merge_base=merge_base, merged=merged,
+                    graph_source=source)
+
+
+def _manifest(req: ExportRequest, base: Path, out: Path, target, prep: Prepared) -> dict:
+    entries = [{**_where(a.path, out), "weights_file": a.weights.name, "adapter_model_sha256": sha256_file(a.weights),
+                "weight": w} for a, w in zip(prep.adapters, prep.weights)]
+    result = prep.merged
+    return {
+        "schema_version": 2,
+        "base": {**_where(base, out), "files_sha256": {p.name: sha256_file(p) for p in
+                                                      sorted(base.glob("*.safetensors"))}},
+        "adapter": entries[0],
+        "adapters": entries,
+        "target": tomllib.loads(Path(target.source).read_text()),  # validate and bench apply this one
+        "merge_base": prep.merge_base,
+        "graph": "unmerged" if req.keep_adapter else "merged",
+        "merged_modules": len(result.changed),
+        "max_abs_weight_change": result.max_abs_delta,
+        "replaced_modules": list(result.replaced),
+        "untied_embeddings": result.untied,
+        "versions": package_versions(),
+    }
 
 
 BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1.1, "int4": 0.6, "nf4": 0.6}  # with scales
 
 
 def _export_bytes(base: Path, target) -> int:
-    """Disk an export needs at its peak: the merged fp32 checkpoint (scratch) and 2.2 x the ONNX output
+    """Disk an export needs at its peak: the merged and as-trained fp32 checkpoints (scratch) and 2.2 x the ONNX output
     (the graph builder's own temporaries and our re-save), from the parameter count in the shard headers."""
     import math
 
@@ -144,20 +177,32 @@ def _export_bytes(base: Path, target) -> int:
     params = sum(math.prod(e.shape) for p in _base_shards(base) for e in read_header(p)[0])
     scheme = target.quantization.scheme
     weights = BYTES_PER_WEIGHT[scheme if scheme != "none" else target.precision]
-    return int(4 * params + 2.2 * weights * params)
+    return int(8 * params + 2.2 * weights * params)
+
+
+def check_side_path(adapters) -> None:
+    """--keep-adapter: one plain LoRA or rsLoRA adapter, which the builder can emit as a side path."""
+    if len(adapters) > 1:
+        raise BadInput.one("--keep-adapter", "an unmerged graph carries one adapter", "pass a single --adapter")
+    config = adapters[0].config
+    if config.get("use_dora") or config.get("modules_to_save"):
+        raise BadInput.one(str(adapters[0].path / "adapter_config.json"), "--keep-adapter supports plain LoRA and "
+                           "rsLoRA side paths only (this adapter uses DoRA or modules_to_save)",
+                           "export it merged (without --keep-adapter)")
+
+
+def unmerged_source(base: Path, adapter, merge_base: str, work: Path) -> Path:
+    """The checkpoint a side-path graph is built on: the base the adapter was trained against."""
+    if merge_base != "nf4":
+        return base
+    rewrite_checkpoint(base, [], (), work / "base-nf4", merge_base, nf4=quantization_of(adapter))
+    return work / "base-nf4"
 
 
 def build_unmerged(base: Path, adapter, merge_base: str, target, out_dir: Path, work: Path) -> None:
     """The adapter as a side path on the base it was trained against (the NF4 round trip for QLoRA)."""
-    config = adapter.config
-    if config.get("use_dora") or config.get("modules_to_save"):
-        raise BadInput.one(str(adapter.path / "adapter_config.json"), "--keep-adapter supports plain LoRA and "
-                           "rsLoRA side paths only (this adapter uses DoRA or modules_to_save)",
-                           "export it merged (without --keep-adapter)")
-    source = base
-    if merge_base == "nf4":
-        source = work / "base-nf4"
-        rewrite_checkpoint(base, [], (), source, merge_base, nf4=quantization_of(adapter))
+    check_side_path([adapter])
+    source = unmerged_source(base, adapter, merge_base, work)
     BACKENDS[target.backend].build(source, out_dir, target, out_dir / "build.log", adapter=adapter.path)
 
 
@@ -220,33 +265,56 @@ def load_prompts(tok, path: Path | None = None) -> tuple[list[list[int]], list[l
     return prompts, documents
 
 
+def _context_of(base: Path) -> tuple[int, int]:
+    """(context length, vocabulary size) of the base model, read from its config.json (no torch needed).
+
+    Architectures name the context differently (GPT-2 ``n_positions``, Llama ``max_position_embeddings``)."""
+    config = json.loads((base / "config.json").read_text())
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    positions = next((text[k] for k in CONTEXT_KEYS if isinstance(text.get(k), int) and text[k] > 0), 2048)
+    vocab = text.get("vocab_size")
+    return positions, vocab if isinstance(vocab, int) and vocab > 0 else 50_000
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
 def validate(export_dir: Path, report_json: Path | None = None, junit: Path | None = None,
-             prompts: Path | None = None, progress=_quiet, merged=None) -> parity.ParityReport:
+             prompts: Path | None = None, progress=_quiet, merged: MergeResult | None = None) -> parity.ParityReport:
     """Parity of an export against the adapted model as trained, with the target's tolerances.
 
-    ``merged`` is the merged fp32 model when the caller has it in memory (export does); else it is rebuilt.
+    ``merged`` is the merge (with the base as trained beside it) when the caller has it on disk (export
+    does); else the merge is redone into a temporary folder. Models are loaded one at a time
+    (see ``parity.measure``).
     """
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
     adapters, weights = _adapters_of(manifest, export_dir, base)
+    check_external_data(export_dir / "model.onnx")
+    check_providers(target.execution_providers, export_dir / "model.onnx")
+    max_positions, vocab_size = _context_of(base)
+    check_against_context(target, max_positions, str(base / "config.json"))
     tok = load_tokenizer(base)
-    candidate = OrtCausalLM(export_dir, target.execution_providers)
-    reference = TorchCausalLM(load_adapted(base, adapters, weights))
-    if merged is None:
-        with tempfile.TemporaryDirectory(prefix="lora-export-merged-") as tmp:
-            merged = load_fp32(merge(base, adapters, Path(tmp), manifest["merge_base"], weights).checkpoint)
-    merged = TorchCausalLM(merged)
-    unadapted = TorchCausalLM(load_fp32(base))
     steps = max(parity.MIN_STEPS, target.tolerances.greedy_tokens)
-    max_positions = getattr(unadapted.model.config, "max_position_embeddings", 2048)
     shapes = parity.make_shapes(*load_prompts(tok, prompts), max_positions, steps)
-    per_shape, stages, retention = parity.measure(reference, candidate, shapes, steps, merged=merged,
-                                                  base=unadapted, progress=progress)
-    ref_name = ("4-bit base" if adapters[0].trained_on_4bit else "fp32 base") + \
-        (" + adapter" if len(adapters) == 1 else f" + {len(adapters)} adapters") + " (PyTorch)"
-    report = parity.judge(per_shape, stages, retention, target.tolerances, target.name, ref_name, steps)
+    with tempfile.TemporaryDirectory(prefix="lora-export-parity-") as tmp:
+        if merged is None:
+            progress("merging again into a temporary folder (the reference's base and the merge/export breakdown)")
+            merged = merge(base, adapters, Path(tmp) / "merged", manifest["merge_base"], weights,
+                           as_trained_dir=Path(tmp) / "as-trained")
+        models = parity.Models(
+            reference=lambda: TorchCausalLM(load_adapted(base, adapters, weights, as_trained=merged.as_trained)),
+            candidate=functools.partial(OrtCausalLM, export_dir, target.execution_providers),
+            merged=lambda: TorchCausalLM(load_fp32(merged.checkpoint)),
+            base=lambda: TorchCausalLM(load_fp32(base)),
+            isolate_candidate=True,
+        )
+        per_shape, stages, retention = parity.measure(models, shapes, steps, Path(tmp), progress=progress,
+                                                      vocab_size=vocab_size)
+    report = parity.judge(per_shape, stages, retention, target.tolerances, target.name, describe_reference(adapters),
+                          steps, notes=tuple(tolerance_differences(target)))
     parity.write_reports(report, export_dir)
     if report_json:
         parity.write_json(report, Path(report_json))

@@ -1,8 +1,17 @@
-"""The reference an export is judged against: the adapted model as it was trained, in PyTorch.
+"""The reference an export is judged against: the adapted model as it was trained, defined by numbers.
 
-For a QLoRA adapter that is the 4-bit NF4 base (bitsandbytes, with the recorded settings) plus the adapter,
-unmerged, exactly as the trainer ran it; for a plain LoRA adapter, the fp32 base plus the adapter. Several
-adapters are all active at once, each output scaled by its weight: PEFT's unmerged linear combination.
+For a QLoRA adapter that is: every 4-bit layer's weight exactly as trained (its NF4/FP4 codes and block
+scales, made by bitsandbytes from the base with the settings recorded at training time), dequantized
+*once* into an fp32 ``nn.Linear``; the other weights as in the base; the adapter(s) attached unmerged
+through PEFT; everything computed in fp32 on the CPU. For a plain LoRA adapter: the fp32 base plus the
+adapter(s). Several adapters are all active at once, each output scaled by its weight (PEFT's unmerged
+linear combination).
+
+bitsandbytes only quantizes and dequantizes here; none of its matmul kernels runs. Its kernels are picked
+by hardware (bf16 through ``gemv_4bit`` on CPUs with AVX512-BF16 at inference, a batch-1 kernel and the
+compute dtype on CUDA), so a reference computed through them would be a different model on different
+machines. The dequantized weights are bit for bit the ones bitsandbytes' fp32 path multiplies with
+(``tests/test_reference.py`` checks it, and spies that no bitsandbytes op runs in a reference forward).
 """
 
 from __future__ import annotations
@@ -11,15 +20,51 @@ from pathlib import Path
 from typing import Sequence
 
 from .adapters import Adapter, attach
-from .base import load_fp32, load_nf4
-from .merge import quantization_of
+from .base import Nf4Settings, load_fp32
+from .merge import quantization_of, round_trip
+
+COMPUTE_DTYPE = "float32"
+DEVICE = "cpu"
 
 
-def load_adapted(base_dir: Path, adapters: Adapter | Sequence[Adapter], weights: Sequence[float] | None = None):
+def dequantize_layers(model, modules: Sequence[str], nf4: Nf4Settings) -> None:
+    """Replace each named linear layer's weight by dequant(quant_4bit(W)), once, in place (fp32)."""
+    import torch
+
+    layers = dict(model.named_modules())
+    with torch.no_grad():
+        for name in modules:
+            linear = layers[name]
+            linear.weight.data = round_trip(linear.weight.data, nf4).to(torch.float32)
+
+
+def load_base_as_trained(base_dir: Path, adapter: Adapter):
+    """The base exactly as the adapter saw it in training, as a plain fp32 transformers model."""
+    model = load_fp32(base_dir)
+    if adapter.trained_on_4bit:
+        dequantize_layers(model, *quantization_of(adapter))
+    return model
+
+
+def load_adapted(base_dir: Path, adapters: Adapter | Sequence[Adapter], weights: Sequence[float] | None = None,
+                 as_trained: Path | None = None):
+    """The reference model: the base as trained plus the adapter(s), unmerged, fp32, on the CPU.
+
+    ``as_trained``: that base already written to disk by the merge (``merge(..., as_trained_dir=...)``, the
+    same numbers): it is then memory-mapped instead of quantized and dequantized again in memory."""
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
+    model = load_fp32(as_trained) if as_trained else load_base_as_trained(base_dir, adapters[0])
+    return attach(model, adapters, weights)[0].eval()
+
+
+def describe(adapters: Sequence[Adapter]) -> str:
+    """What the reference is, for the report: weights, adapters, compute dtype and device."""
     first = adapters[0]
     if first.trained_on_4bit:
-        model = load_nf4(base_dir, quantization_of(first)[1])
+        nf4 = quantization_of(first)[1]
+        base = (f"{nf4.quant_type.upper()} base as trained (block {nf4.blocksize}, double quant "
+                f"{'on' if nf4.double_quant else 'off'}; 4-bit codes dequantized once)")
     else:
-        model = load_fp32(base_dir)
-    return attach(model, adapters, weights)[0].eval()
+        base = "fp32 base"
+    count = "adapter" if len(adapters) == 1 else f"{len(adapters)} adapters"
+    return f"{base} + {count} unmerged, computed in {COMPUTE_DTYPE} on {DEVICE} (PyTorch)"

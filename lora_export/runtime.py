@@ -31,6 +31,17 @@ def import_onnxruntime():
     return onnxruntime
 
 
+def check_providers(providers, path: Path) -> None:
+    """Refuse, before any work, execution providers this ONNX Runtime does not have."""
+    ort = import_onnxruntime()
+    providers = [providers] if isinstance(providers, str) else list(providers)
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:
+        raise BadInput.one(str(path), f"{', '.join(missing)} not available in this ONNX Runtime "
+                           f"(it has {', '.join(ort.get_available_providers())})",
+                           'for CUDA install "lora-export[gpu]" in a fresh environment; else use a CPU target')
+
+
 class OrtCausalLM:
     """An exported decoder in a plain ``onnxruntime.InferenceSession`` with its KV cache."""
 
@@ -57,11 +68,7 @@ class OrtCausalLM:
         if threads:
             opts.intra_op_num_threads = threads
         providers = [providers] if isinstance(providers, str) else list(providers)
-        missing = [p for p in providers if p not in ort.get_available_providers()]
-        if missing:
-            raise BadInput.one(str(path), f"{', '.join(missing)} not available in this ONNX Runtime "
-                               f"(it has {', '.join(ort.get_available_providers())})",
-                               'for CUDA install "lora-export[gpu]" in a fresh environment; else use a CPU target')
+        check_providers(providers, path)
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # ORT raises its own exception types; name the file and stop
@@ -142,24 +149,31 @@ class TorchCausalLM:
 
         self.model = model.eval()
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(inner.forward).parameters
         # transformers 5.x renames past_key_values to cache; use whichever this version's forward takes
-        self._cache_kw = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" in params
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past):
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past, last_only: bool = False,
+             use_cache: bool = True):
+        """``last_only``: logits of the last column only (greedy decoding needs no more)."""
         import torch
 
         mask = torch.from_numpy(attention_mask.astype(np.int64))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]  # left padding shifts positions
+        extra = {"logits_to_keep": 1} if last_only and self._keep_kw else {}
         with torch.no_grad():
             out = self.model(
                 input_ids=torch.from_numpy(input_ids.astype(np.int64)),
                 attention_mask=mask,
                 position_ids=positions,
-                use_cache=True,
-                **{self._cache_kw: past},
+                use_cache=use_cache,
+                **({self._cache_kw: past} if use_cache else {}),
+                **extra,
             )
-        cache = out.cache if self._cache_kw == "cache" else out.past_key_values
-        return out.logits.float().numpy(), cache
+        logits = out.logits[:, -1:] if last_only else out.logits
+        cache = (out.cache if self._cache_kw == "cache" else out.past_key_values) if use_cache else None
+        return logits.float().numpy(), cache
 
 
 @dataclass(frozen=True)
@@ -211,3 +225,105 @@ def generate(model, prompts: list[list[int]], steps: int, forced: list[list[int]
 def greedy(model, prompt: list[int], steps: int, forced: list[int] | None = None) -> Generation:
     """Greedy decoding of one prompt (batch 1); see ``generate``."""
     return generate(model, [prompt], steps, None if forced is None else [forced])[0]
+
+
+def greedy_tokens(model: TorchCausalLM, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Greedy continuations of a left-padded batch of prompts through the KV cache, keeping no logits
+    but the last position's: the whole batch in one go at the cost of a few rows of logits."""
+    lengths = np.array([len(p) for p in prompts])
+    mask = _mask(lengths, int(lengths.max()), "left")
+    ids = np.zeros(mask.shape, dtype=np.int64)
+    ids[mask.astype(bool)] = np.concatenate(prompts)
+    logits, past = model.step(ids, mask, None, last_only=True)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for i in range(steps):
+        nxt = logits[:, -1].argmax(-1)
+        for b, t in enumerate(nxt.tolist()):
+            tokens[b].append(int(t))
+        if i == steps - 1:
+            break
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+        logits, past = model.step(nxt.astype(np.int64)[:, None], mask, past, last_only=True)
+    return tokens
+
+
+def teacher_forced(model: TorchCausalLM, sequences: list[list[int]], budget_rows: int):
+    """Yield (index, logits of every position) for each whole sequence, from one forward pass per batch
+    (no KV cache); batches are formed so that batch x width stays within ``budget_rows`` logit rows."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    batch: list[int] = []
+    for i in order + [None]:
+        if i is not None and (not batch or (len(batch) + 1) * len(sequences[i]) <= budget_rows):
+            batch.append(i)
+            continue
+        if not batch:
+            return
+        lengths = np.array([len(sequences[j]) for j in batch])
+        mask = _mask(lengths, int(lengths.max()), "left")
+        ids = np.zeros(mask.shape, dtype=np.int64)
+        ids[mask.astype(bool)] = np.concatenate([sequences[j] for j in batch])
+        logits, _ = model.step(ids, mask, None, use_cache=False)
+        for b, j in enumerate(batch):
+            yield j, logits[b][mask[b].astype(bool)]
+        del logits
+        batch = [i]
+
+
+class LogitStore:
+    """Logit rows per sequence in a file (float32), read back one sequence at a time: a written file sits
+    in the page cache, not in the process's memory, so parity holds only one model's logits in RAM."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = None
+        self._index: dict[int, tuple[int, tuple[int, ...]]] = {}
+
+    def put(self, key: int, rows: np.ndarray) -> None:
+        if self._file is None:
+            self._file = open(self.path, "w+b")
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        self._file.seek(0, 2)
+        self._index[key] = (self._file.tell(), rows.shape)
+        rows.tofile(self._file)
+
+    def __getitem__(self, key: int) -> np.ndarray:
+        offset, shape = self._index[key]
+        self._file.seek(offset)
+        return np.fromfile(self._file, dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
+
+    def state(self) -> tuple:
+        """What another process needs to read this store: the file and the index."""
+        if self._file is not None:
+            self._file.flush()
+        return str(self.path), dict(self._index)
+
+    @classmethod
+    def reader(cls, state: tuple) -> "LogitStore":
+        store = cls(Path(state[0]))
+        store._index = dict(state[1])
+        if store._index:
+            store._file = open(store.path, "rb")
+        store._owner = False
+        return store
+
+    _owner = True
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._owner:
+            self.path.unlink(missing_ok=True)
+
+
+def release() -> None:
+    """Return freed memory to the system after a model is dropped (glibc keeps freed heap otherwise)."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

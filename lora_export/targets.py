@@ -1,15 +1,17 @@
 """Deployment targets: TOML profiles under ``targets/`` that fix everything an export needs.
 
 A target is loaded, checked against the schema below (every problem in a file reported at once), and
-turned into a frozen ``Target``. Parity tolerances default by precision (``DEFAULT_TOLERANCES``); a
-target's ``[tolerances]`` table overrides them field by field. ``lora-export targets list|show`` reads the
-same files.
+turned into a frozen ``Target``. Every numeric field is range-checked at load (``_RANGES``), so a loaded
+target carries no nan, no inf, and nothing the runtime or the checks cannot honour. Parity tolerances
+default by precision (``DEFAULT_TOLERANCES``); a target's ``[tolerances]`` table overrides them field by
+field. ``lora-export targets list|show`` reads the same files.
 """
 
 from __future__ import annotations
 
+import math
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import BadInput, Problem, raise_if
@@ -42,6 +44,8 @@ class Tolerances:
     """Parity thresholds. A field left as None (or 0 for greedy_tokens) is not checked."""
 
     max_abs_diff: float | None = None
+    # max |logit diff| / max |reference logit|: the same check made independent of the logits' scale
+    max_rel_diff: float | None = None
     mean_kl: float | None = None  # KL(reference || export), mean over compared positions
     top1_agreement: float | None = None
     greedy_tokens: int = 0  # this many greedily generated tokens must be identical to the reference's
@@ -50,7 +54,9 @@ class Tolerances:
 
 # Defaults by precision class (the quantization scheme when weights are quantized, else the precision).
 DEFAULT_TOLERANCES: dict[str, Tolerances] = {
-    "fp32": Tolerances(max_abs_diff=1e-4, greedy_tokens=64),
+    # fp32: relative to the reference logits' scale (two exact fp32 computations of a pretrained 135M model
+    # differ by ~1e-5 of its largest logit), plus a KL bound and an identical 64-token greedy continuation
+    "fp32": Tolerances(max_rel_diff=1e-4, mean_kl=1e-6, greedy_tokens=64),
     "fp16": Tolerances(mean_kl=1e-3, top1_agreement=0.995),
     "bf16": Tolerances(mean_kl=1e-3, top1_agreement=0.995),
     "int8": Tolerances(mean_kl=0.01, top1_agreement=0.98),
@@ -88,11 +94,75 @@ _SCHEMA = {
          "backend": str, "opset": int},
     "quantization": {"scheme": str, "block_size": int, "symmetric": bool, "lm_head": str, "sensitive_layers": str,
                      "accuracy_level": int, "scales": str},
-    "tolerances": {"max_abs_diff": float, "mean_kl": float, "top1_agreement": float, "greedy_tokens": int,
-                   "min_adapter_retention": float},
+    "tolerances": {"max_abs_diff": float, "max_rel_diff": float, "mean_kl": float, "top1_agreement": float,
+                   "greedy_tokens": int, "min_adapter_retention": float},
     "latency": {"max_ratio": float},
 }
 _REQUIRED = ("name", "runtime", "execution_providers", "precision", "backend")
+
+
+@dataclass(frozen=True)
+class _Range:
+    """What one numeric field may hold. Checked at load, so a loaded Target never carries nan, inf or nonsense."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False  # the low end itself is not allowed
+    power_of_two: bool = False
+    example: str = ""
+    why: str = ""
+
+    def describe(self, whole: bool) -> str:
+        if self.power_of_two:
+            return f"a power of two between {self.low:g} and {self.high:g}"
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"a whole number in {self.low:g}..{self.high:g}" if whole else f"in [{self.low:g}, {self.high:g}]"
+
+    def holds(self, value) -> bool:
+        if self.power_of_two and (value < 1 or value & (value - 1)):
+            return False
+        return (value > self.low if self.low_open else value >= self.low) and value <= self.high
+
+
+# Every numeric field of _SCHEMA has its range here (a test checks that none is missing).
+MAX_GREEDY_TOKENS = 4096
+_RANGES: dict[str, dict[str, _Range]] = {
+    "": {"opset": _Range(14, 23, example="21", why=" (the opsets ONNX Runtime 1.32 supports for these graphs)")},
+    "quantization": {
+        "block_size": _Range(16, 4096, power_of_two=True, example="32",
+                             why=" (what ONNX Runtime's block quantizers take)"),
+        "accuracy_level": _Range(0, 4, example="0",
+                                 why=" (MatMulNBits: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations)"),
+    },
+    "tolerances": {
+        "max_abs_diff": _Range(0, example="1e-4"),
+        "max_rel_diff": _Range(0, example="1e-3"),
+        "mean_kl": _Range(0, example="0.05"),
+        "top1_agreement": _Range(0, 1, example="0.92", why=" (a fraction)"),
+        "greedy_tokens": _Range(0, MAX_GREEDY_TOKENS, example="64", why=" (0 turns the check off)"),
+        "min_adapter_retention": _Range(0, 1, example="0.8", why=" (a fraction)"),
+    },
+    "latency": {"max_ratio": _Range(0, low_open=True, example="1.10", why=" (merged / base median decode latency)")},
+}
+
+
+def _out_of_range(where: str, good: dict[str, dict]) -> dict[str, Problem]:
+    """One problem per numeric field that is not finite or not in its range, by 'section.key'."""
+    bad: dict[str, Problem] = {}
+    for section, ranges in _RANGES.items():
+        for key, rng in ranges.items():
+            value = good[section].get(key)
+            name, allowed = f"{section}.{key}" if section else key, rng.describe(_SCHEMA[section][key] is int)
+            if value is None:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                bad[name] = Problem(where, f"{name} = {value} is not a finite number",
+                                    f"use e.g. {key} = {rng.example} ({allowed}; nan and inf are no thresholds)")
+            elif not rng.holds(value):
+                bad[name] = Problem(where, f"{name} {value!r} must be {allowed}{rng.why}",
+                                    f"use e.g. {key} = {rng.example} ({allowed})")
+    return bad
 
 
 def _type_ok(value, want) -> bool:
@@ -106,7 +176,7 @@ def _type_ok(value, want) -> bool:
 def _typed(where: str, data: dict, problems: list[Problem]) -> dict[str, dict]:
     """Every field of known name and right type, by section; problems for the rest."""
     good: dict[str, dict] = {}
-    for section, fields in _SCHEMA.items():
+    for section, known in _SCHEMA.items():
         table = data if section == "" else data.get(section, {})
         label = f"[{section}]" if section else "the top level"
         good[section] = {}
@@ -116,14 +186,17 @@ def _typed(where: str, data: dict, problems: list[Problem]) -> dict[str, dict]:
         for key, value in table.items():
             if section == "" and key in _SCHEMA:
                 continue
-            if key not in fields:
+            if key not in known:
                 problems.append(Problem(where, f"unknown field '{key}' in {label}",
-                                        f"remove it; known fields there: {', '.join(fields)}"))
-            elif not _type_ok(value, fields[key]):
-                problems.append(Problem(where, f"'{key}' in {label} must be {fields[key].__name__}, got {value!r}",
-                                        f"give {key} a {fields[key].__name__} value"))
+                                        f"remove it; known fields there: {', '.join(known)}"))
+            elif not _type_ok(value, known[key]):
+                problems.append(Problem(where, f"'{key}' in {label} must be {known[key].__name__}, got {value!r}",
+                                        f"give {key} a {known[key].__name__} value"))
+            elif known[key] is float and isinstance(value, int) and abs(value) > sys.float_info.max:
+                problems.append(Problem(where, f"'{key}' in {label} is too large to be a number",
+                                        f"give {key} a value in its range"))
             else:
-                good[section][key] = float(value) if fields[key] is float else value
+                good[section][key] = float(value) if known[key] is float else value
     return good
 
 
@@ -161,20 +234,16 @@ def parse_target(data: dict, where: str) -> Target:
     if quant.scales not in ("fresh", "original") or (quant.scales == "original" and quant.scheme != "nf4"):
         problems.append(Problem(where, f'quantization.scales = "{quant.scales}": "original" applies to nf4 only',
                                 'use scales = "fresh", or "original" with scheme = "nf4"'))
+    bad = _out_of_range(where, good)
     if quant.scheme in SCHEMES:
-        problems += [Problem(where, p, "change [quantization] accordingly") for p in SCHEMES[quant.scheme].check(quant)]
-
-    tol = good["tolerances"]
-    for key in ("mean_kl", "max_abs_diff"):
-        if tol.get(key, 0) < 0:
-            problems.append(Problem(where, f"tolerances.{key} is negative", "use a value >= 0"))
-    for key in ("top1_agreement", "min_adapter_retention"):
-        if not 0 <= tol.get(key, 0) <= 1:
-            problems.append(Problem(where, f"tolerances.{key} must lie in [0, 1]", "write it as a fraction, e.g. 0.92"))
-    if tol.get("greedy_tokens", 0) < 0:
-        problems.append(Problem(where, "tolerances.greedy_tokens is negative", "use a token count such as 64, or 0"))
-    if good["latency"].get("max_ratio", 1.0) <= 0:
-        problems.append(Problem(where, "latency.max_ratio must be positive", "use a ratio such as 1.10"))
+        for what in SCHEMES[quant.scheme].check(quant):
+            # a field already out of the general range is one problem; the scheme's narrower rule is its fix
+            same = [name for name in bad if name.startswith("quantization.") and name.split(".")[1] in what]
+            if same:
+                bad[same[0]].fix = f"for scheme {quant.scheme}: {what}"
+            else:
+                problems.append(Problem(where, what, "change [quantization] accordingly"))
+    problems += bad.values()
     raise_if(problems)
 
     target = Target(
@@ -183,7 +252,7 @@ def parse_target(data: dict, where: str) -> Target:
         opset=top.get("opset", 21), quantization=quant, tolerances=Tolerances(), latency=LatencyBudget(**good["latency"]),
         source=where,
     )
-    return replace(target, tolerances=replace(DEFAULT_TOLERANCES[target.precision_class], **tol))
+    return replace(target, tolerances=replace(DEFAULT_TOLERANCES[target.precision_class], **good["tolerances"]))
 
 
 def load_target(name_or_path: str | Path) -> Target:
@@ -205,3 +274,60 @@ def load_target(name_or_path: str | Path) -> Target:
 
 def available() -> list[str]:
     return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+
+
+def check_against_context(target: Target, max_positions: int, where: str) -> None:
+    """Raise BadInput when the greedy-token check cannot fit the model's context (``where``: the model's config).
+
+    Comparing ``greedy_tokens`` generated tokens needs at least one prompt position before them.
+    """
+    greedy = target.tolerances.greedy_tokens
+    if greedy and greedy + 1 > max_positions:
+        fix = (f"lower greedy_tokens to at most {max_positions - 1}" if max_positions > 1 else "set greedy_tokens = 0")
+        raise BadInput.one(target.source or where,
+                           f"tolerances.greedy_tokens = {greedy} needs {greedy + 1} positions (a prompt token and "
+                           f"{greedy} generated ones), but the model ({where}) has a context of {max_positions}",
+                           f"{fix} in [tolerances] of {target.source or 'the target'}")
+
+
+def _original_file(target: Target) -> Path | None:
+    """The TOML file ``target`` came from: its source when that is a .toml file, else the shipped one by name."""
+    source = Path(target.source) if target.source else None
+    if source is not None and source.suffix == ".toml" and source.is_file():
+        return source
+    if target.name in available():
+        return TARGETS_DIR / f"{target.name}.toml"
+    return None
+
+
+def _show(value) -> str:
+    if value is None:
+        return "not set"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def tolerance_differences(target: Target) -> list[str]:
+    """One line per tolerance or latency field whose value differs from the target file it came from.
+
+    An export's manifest carries its target's table, and validate/bench apply that one; a threshold edited
+    there shows up here, so a report can say so. [] when every value matches.
+    """
+    path = _original_file(target)
+    if path is None:
+        return [f"no target file to compare with: {target.source or 'the target'} is not a .toml file and "
+                f"'{target.name}' is not a shipped target ({', '.join(available())})"]
+    try:
+        original = load_target(path)
+    except BadInput as e:
+        return [f"no target file to compare with: {path} does not load ({'; '.join(p.what for p in e.problems)})"]
+    label = path.name if path.resolve().parent == TARGETS_DIR else str(path)
+    lines = []
+    for section in ("tolerances", "latency"):
+        mine, theirs = getattr(target, section), getattr(original, section)
+        for f in fields(mine):
+            now, then = getattr(mine, f.name), getattr(theirs, f.name)
+            if now != then:
+                lines.append(f"{section}.{f.name} = {_show(now)} (target file {label} says {_show(then)})")
+    return lines

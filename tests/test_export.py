@@ -93,7 +93,8 @@ def test_int4_export_quantizes_the_body_keeps_lm_head_int8_and_keeps_the_adapter
     trained = TorchCausalLM(load_adapted(tiny_base, load_adapter(tiny_adapter, tiny_base)))
     prompts = load_prompts(load_tokenizer(tiny_base))[0][:4]
     shape = parity.Shape("b1", tuple((tuple(p),) for p in prompts))
-    _, stages, retention = parity.measure(trained, TorchCausalLM(load_fp32(tiny_base)), [shape], 8)
+    models = parity.Models(reference=trained, candidate=TorchCausalLM(load_fp32(tiny_base)))
+    _, stages, retention = parity.measure(models, [shape], 8, tmp_path)
     assert r.parity.adapter_retention > 0.75, r.parity.adapter_retention
     assert r.parity.stages["total"].mean_kl < 0.25 * stages["total"].mean_kl
 

@@ -2,6 +2,7 @@
 own error type (BadInput), never anything else."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -82,9 +83,23 @@ def tables():
 @given(data=tables())
 def test_any_target_table_parses_or_raises_bad_input(data):
     try:
-        parse_target(data, "fuzz.toml")
+        target = parse_target(data, "fuzz.toml")
     except BadInput as e:
         assert "fuzz.toml" in str(e)
+    else:
+        assert_cannot_lie(target)
+
+
+def assert_cannot_lie(target):
+    """A target that loads carries only finite numbers, each in the range the runtime and the checks can honour."""
+    tol = target.tolerances
+    for value in (tol.max_abs_diff, tol.max_rel_diff, tol.mean_kl, tol.top1_agreement, tol.min_adapter_retention):
+        assert value is None or (math.isfinite(value) and value >= 0)
+    assert all(v is None or v <= 1 for v in (tol.top1_agreement, tol.min_adapter_retention))
+    assert 0 <= tol.greedy_tokens <= 4096 and 14 <= target.opset <= 23
+    assert math.isfinite(target.latency.max_ratio) and target.latency.max_ratio > 0
+    block = target.quantization.block_size
+    assert 16 <= block <= 4096 and block & (block - 1) == 0 and 0 <= target.quantization.accuracy_level <= 4
 
 
 @SETTINGS
@@ -93,6 +108,8 @@ def test_any_target_text_loads_or_raises_bad_input(text, tmp_path_factory):
     f = tmp_path_factory.mktemp("t") / "t.toml"
     f.write_text(text)
     try:
-        load_target(f)
+        target = load_target(f)
     except BadInput:
         pass
+    else:
+        assert_cannot_lie(target)

@@ -33,8 +33,8 @@ def test_good_export_passes(fp32_export, tmp_path, capsys):
     rc = main(["validate", str(fp32_export.out), "--junit", str(tmp_path / "p.xml"), "--report", str(tmp_path / "p.json")])
     assert rc == 0, capsys.readouterr()
     suite = ET.parse(tmp_path / "p.xml").getroot()
-    # one test case per metric and shape: 3 shapes x (max_abs_diff, greedy_identical_tokens)
-    assert suite.get("failures") == "0" and int(suite.get("tests")) == 6
+    # one test case per metric and shape: 3 shapes x (max_rel_diff, mean_kl, greedy_identical_tokens)
+    assert suite.get("failures") == "0" and int(suite.get("tests")) == 9
 
 
 def test_perturbed_export_fails_naming_the_metric(fp32_export, tmp_path, capsys):
@@ -43,18 +43,18 @@ def test_perturbed_export_fails_naming_the_metric(fp32_export, tmp_path, capsys)
     rc = main(["validate", str(bad), "--junit", str(tmp_path / "p.xml")])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "parity FAILED: b1-short/max_abs_diff" in err and "needs <= 0.0001" in err
+    assert "parity FAILED: b1-short/max_rel_diff" in err and "needs <= 0.0001" in err
     suite = ET.parse(tmp_path / "p.xml").getroot()
     failed = [(c.get("classname").rsplit(".", 1)[-1], c.get("name")) for c in suite.iter("testcase")
               if c.find("failure") is not None]
-    assert ("b2-padded", "max_abs_diff") in failed and suite.get("failures") == str(len(failed))
+    assert ("b2-padded", "max_rel_diff") in failed and suite.get("failures") == str(len(failed))
 
 
 def test_report_schema_and_stages(fp32_export):
     import json
 
     report = json.loads((fp32_export.out / "parity.json").read_text())
-    assert report["schema_version"] == 2 and report["passed"] is True
+    assert report["schema_version"] == 3 and report["passed"] is True
     assert set(report["shapes"]) == {"b1-short", "b1-long", "b2-padded"}
     assert report["steps"] == 64  # fp32: a 64-token greedy continuation must be identical
     for m in report["shapes"].values():
@@ -88,3 +88,46 @@ def test_metrics_on_synthetic_logits():
     shifted = compare(ref, [Generation([1, 3], ref[0].logits + 5.0)], own=[Generation([1, 3], ref[0].logits)])
     assert shifted.max_abs_diff == pytest.approx(5) and shifted.mean_kl == pytest.approx(0, abs=1e-12)
     assert shifted.greedy_min_identical == 1  # softmax ignores the shift; the second greedy token differs
+
+
+def test_thresholds_edited_in_the_manifest_show_in_the_report(fp32_export, tmp_path, capsys):
+    """Loosening a threshold in export_manifest.json cannot pass silently: the report names the edit."""
+    import json
+
+    edited = tmp_path / "edited"
+    shutil.copytree(fp32_export.out, edited)
+    manifest = json.loads((edited / "export_manifest.json").read_text())
+    manifest["target"]["tolerances"]["max_rel_diff"] = 1e6
+    (edited / "export_manifest.json").write_text(json.dumps(manifest))
+    rc = main(["validate", str(edited)])
+    out = capsys.readouterr().out
+    report = json.loads((edited / "parity.json").read_text())
+    assert rc == 0 and report["tolerance_notes"] and "max_rel_diff" in report["tolerance_notes"][0]
+    assert "Thresholds differ from the target file" in out and "max_rel_diff" in out
+    clean = json.loads((fp32_export.out / "parity.json").read_text())
+    assert clean["tolerance_notes"] == [] and clean["reference_dtype"] == "float32"
+    assert "dequantized once" in clean["reference"]
+
+
+def test_streamed_metrics_equal_the_whole_array_formulas():
+    """The accumulator reads logits a chunk of rows at a time; its figures are the whole-array ones."""
+    from lora_export.parity import Accumulator
+
+    rng = np.random.default_rng(1)
+    r = [rng.normal(0, 8, (n, 300)).astype(np.float32) for n in (70, 33, 5)]
+    c = [x + rng.normal(0, 0.05, x.shape).astype(np.float32) for x in r]
+    acc = Accumulator()
+    for a, b in zip(r, c):
+        acc.add(a, b)
+    m = acc.metrics()
+    R, C = np.concatenate(r).astype(np.float64), np.concatenate(c).astype(np.float64)
+    lp = R - R.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = C - C.max(-1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    assert m.positions == 108 and m.sequences == 3
+    assert m.max_abs_diff == pytest.approx(np.abs(R - C).max()) and m.mean_abs_diff == pytest.approx(np.abs(R - C).mean())
+    assert m.max_rel_diff == pytest.approx(np.abs(R - C).max() / np.abs(R).max())
+    assert m.rel_l2 == pytest.approx(np.linalg.norm(R - C) / np.linalg.norm(R))
+    assert m.mean_kl == pytest.approx((np.exp(lp) * (lp - lq)).sum(-1).mean())
+    assert m.top1_agreement == pytest.approx((R.argmax(-1) == C.argmax(-1)).mean())

@@ -18,7 +18,7 @@ def test_every_shipped_target_loads():
 
 def test_fp32_target_tolerances_are_the_documented_ones():
     t = load_target("ort-cpu-fp32").tolerances
-    assert t.max_abs_diff == 1e-4 and t.greedy_tokens == 64
+    assert t.max_rel_diff == 1e-4 and t.mean_kl == 1e-6 and t.max_abs_diff is None and t.greedy_tokens == 64
 
 
 def test_bad_target_lists_every_problem(tmp_path):
@@ -86,3 +86,203 @@ def test_malformed_toml(tmp_path):
     bad.write_text("name = \n")
     with pytest.raises(BadInput, match="not valid TOML"):
         load_target(bad)
+
+
+# --- targets that cannot lie: every numeric field is range-checked at load --------------------------------
+
+def _with(section: str, line: str, scheme: str = "none") -> str:
+    """MINIMAL plus one line in one section (top level when section is "")."""
+    quant = f'[quantization]\nscheme = "{scheme}"\n' + (line + "\n" if section == "quantization" else "")
+    text = MINIMAL + (line + "\n" if section == "" else "") + quant
+    return text + (f"[{section}]\n{line}\n" if section in ("tolerances", "latency") else "")
+
+
+BAD_VALUES = [  # section, line, what the message must name
+    ("tolerances", "max_abs_diff = nan", "tolerances.max_abs_diff = nan is not a finite number"),
+    ("tolerances", "max_abs_diff = inf", "tolerances.max_abs_diff = inf is not a finite number"),
+    ("tolerances", "max_abs_diff = -inf", "tolerances.max_abs_diff = -inf is not a finite number"),
+    ("tolerances", "max_abs_diff = -1e-4", "tolerances.max_abs_diff -0.0001 must be >= 0"),
+    ("tolerances", "max_rel_diff = nan", "tolerances.max_rel_diff = nan is not a finite number"),
+    ("tolerances", "max_rel_diff = -0.5", "tolerances.max_rel_diff -0.5 must be >= 0"),
+    ("tolerances", "mean_kl = inf", "tolerances.mean_kl = inf is not a finite number"),
+    ("tolerances", "mean_kl = -0.01", "tolerances.mean_kl -0.01 must be >= 0"),
+    ("tolerances", "top1_agreement = nan", "tolerances.top1_agreement = nan is not a finite number"),
+    ("tolerances", "top1_agreement = 1.5", "tolerances.top1_agreement 1.5 must be in [0, 1]"),
+    ("tolerances", "top1_agreement = -0.1", "tolerances.top1_agreement -0.1 must be in [0, 1]"),
+    ("tolerances", "min_adapter_retention = inf", "tolerances.min_adapter_retention = inf is not a finite number"),
+    ("tolerances", "min_adapter_retention = 2", "tolerances.min_adapter_retention 2.0 must be in [0, 1]"),
+    ("tolerances", "greedy_tokens = -1", "tolerances.greedy_tokens -1 must be a whole number in 0..4096"),
+    ("tolerances", "greedy_tokens = 1_000_000_000", "greedy_tokens 1000000000 must be a whole number in 0..4096"),
+    ("tolerances", "greedy_tokens = 4097", "tolerances.greedy_tokens 4097 must be"),
+    ("", "opset = -1", "opset -1 must be a whole number in 14..23 (the opsets ONNX Runtime 1.32 supports"),
+    ("", "opset = 13", "opset 13 must be a whole number in 14..23"),
+    ("", "opset = 24", "opset 24 must be a whole number in 14..23"),
+    ("quantization", "block_size = 7", "quantization.block_size 7 must be a power of two between 16 and 4096"),
+    ("quantization", "block_size = 48", "quantization.block_size 48 must be a power of two"),
+    ("quantization", "block_size = 8192", "quantization.block_size 8192 must be a power of two"),
+    ("quantization", "block_size = 0", "quantization.block_size 0 must be a power of two"),
+    ("quantization", "accuracy_level = 9", "quantization.accuracy_level 9 must be a whole number in 0..4"),
+    ("quantization", "accuracy_level = -1", "quantization.accuracy_level -1 must be a whole number in 0..4"),
+    ("latency", "max_ratio = inf", "latency.max_ratio = inf is not a finite number"),
+    ("latency", "max_ratio = nan", "latency.max_ratio = nan is not a finite number"),
+    ("latency", "max_ratio = 0", "latency.max_ratio 0.0 must be > 0"),
+    ("latency", "max_ratio = -1.1", "latency.max_ratio -1.1 must be > 0"),
+]
+
+
+@pytest.mark.parametrize("section, line, message", BAD_VALUES, ids=[b[1] for b in BAD_VALUES])
+def test_a_bad_number_is_bad_input_naming_the_field(tmp_path, section, line, message):
+    f = tmp_path / "mine.toml"
+    f.write_text(_with(section, line))
+    with pytest.raises(BadInput) as e:
+        load_target(f)
+    assert len(e.value.problems) == 1, e.value.problems
+    (problem,) = e.value.problems
+    assert message in problem.what and problem.where == str(f)
+    assert "e.g." in problem.fix  # every message names a fix with a value that works
+
+
+GOOD_VALUES = [  # the edges of each range load
+    ("tolerances", "max_abs_diff = 0"), ("tolerances", "mean_kl = 0.0"), ("tolerances", "max_rel_diff = 1e-3"),
+    ("tolerances", "top1_agreement = 1"), ("tolerances", "min_adapter_retention = 0"),
+    ("tolerances", "greedy_tokens = 0"), ("tolerances", "greedy_tokens = 4096"),
+    ("", "opset = 14"), ("", "opset = 23"), ("quantization", "block_size = 16"),
+    ("quantization", "block_size = 4096"), ("quantization", "accuracy_level = 4"), ("latency", "max_ratio = 1e-3"),
+]
+
+
+@pytest.mark.parametrize("section, line", GOOD_VALUES, ids=[g[1] for g in GOOD_VALUES])
+def test_the_edges_of_each_range_load(tmp_path, section, line):
+    f = tmp_path / "mine.toml"
+    f.write_text(_with(section, line))
+    load_target(f)
+
+
+def test_every_numeric_field_has_a_range():
+    from lora_export.targets import _RANGES, _SCHEMA
+
+    numeric = {(s, k) for s, fields in _SCHEMA.items() for k, t in fields.items() if t in (int, float)}
+    assert numeric == {(s, k) for s, ranges in _RANGES.items() for k in ranges}
+
+
+@pytest.mark.parametrize("scheme, block, narrower", [("int4", 7, "MatMulNBits"), ("int8", 8192, "MatMulNBits"),
+                                                     ("nf4", 0, "nf4 block_size")])
+def test_an_out_of_range_block_size_is_one_problem_with_the_schemes_rule_as_fix(tmp_path, scheme, block, narrower):
+    f = tmp_path / "mine.toml"
+    lm_head = 'lm_head = "unquantized"\n' if scheme == "nf4" else ""
+    f.write_text(_with("quantization", f"block_size = {block}\n{lm_head}", scheme=scheme))
+    with pytest.raises(BadInput) as e:
+        load_target(f)
+    (problem,) = e.value.problems
+    assert f"quantization.block_size {block}" in problem.what and narrower in problem.fix
+
+
+def test_a_block_size_in_range_but_not_the_schemes_is_still_refused_by_the_scheme(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text(_with("quantization", "block_size = 1024", scheme="int4"))
+    with pytest.raises(BadInput, match="block_size 1024 is not supported for MatMulNBits"):
+        load_target(f)
+
+
+def test_every_bad_number_in_one_file_is_reported_together(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text(MINIMAL + 'opset = 99\n[quantization]\nscheme = "int4"\nblock_size = 7\naccuracy_level = 9\n'
+                 '[tolerances]\nmax_abs_diff = nan\nmax_rel_diff = -1\nmean_kl = inf\ntop1_agreement = 2\n'
+                 'greedy_tokens = 1000000000\nmin_adapter_retention = -inf\n[latency]\nmax_ratio = 0\n')
+    with pytest.raises(BadInput) as e:
+        load_target(f)
+    named = sorted(p.what.split()[0] for p in e.value.problems)
+    assert named == ["latency.max_ratio", "opset", "quantization.accuracy_level", "quantization.block_size",
+                     "tolerances.greedy_tokens", "tolerances.max_abs_diff", "tolerances.max_rel_diff",
+                     "tolerances.mean_kl", "tolerances.min_adapter_retention", "tolerances.top1_agreement"]
+    assert str(e.value).startswith("10 problems:")
+
+
+def test_a_manifest_table_with_an_absurd_number_is_bad_input():
+    from lora_export.targets import parse_target
+
+    data = {**_shipped_table("ort-cpu-fp32"), "tolerances": {"max_abs_diff": 10 ** 400, "mean_kl": float("nan")}}
+    with pytest.raises(BadInput) as e:
+        parse_target(data, "m.json:target")
+    assert len(e.value.problems) == 2 and all(p.where == "m.json:target" for p in e.value.problems)
+
+
+def test_max_rel_diff_parses_and_is_the_fp32_default(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text(_with("tolerances", "max_rel_diff = 0.002"))
+    assert load_target(f).tolerances.max_rel_diff == 0.002
+    assert DEFAULT_TOLERANCES["fp32"].max_rel_diff == 1e-4
+    assert all(t.max_rel_diff is None for k, t in DEFAULT_TOLERANCES.items() if k != "fp32")
+
+
+# --- greedy tokens against the model's context --------------------------------------------------------------
+
+@pytest.mark.parametrize("greedy, positions, fits", [(64, 128, True), (127, 128, True), (128, 128, False),
+                                                     (4096, 2048, False), (0, 1, True), (1, 1, False)])
+def test_check_against_context(greedy, positions, fits):
+    from dataclasses import replace
+
+    from lora_export.targets import check_against_context
+
+    base = load_target("ort-cpu-fp32")
+    target = replace(base, tolerances=replace(base.tolerances, greedy_tokens=greedy))
+    if fits:
+        check_against_context(target, positions, "base/config.json")
+        return
+    with pytest.raises(BadInput) as e:
+        check_against_context(target, positions, "base/config.json")
+    (problem,) = e.value.problems
+    assert problem.where == target.source
+    assert f"greedy_tokens = {greedy}" in problem.what and f"context of {positions}" in problem.what
+    assert "base/config.json" in problem.what
+    assert (f"lower greedy_tokens to at most {positions - 1}" if positions > 1 else "greedy_tokens = 0") in problem.fix
+
+
+# --- thresholds edited after the fact show -----------------------------------------------------------------
+
+def _shipped_table(name):
+    from lora_export.targets import tomllib
+
+    return tomllib.loads((TARGETS_DIR / f"{name}.toml").read_text())
+
+
+def test_a_shipped_target_has_no_differences():
+    from lora_export.targets import tolerance_differences
+
+    assert all(tolerance_differences(load_target(n)) == [] for n in available())
+
+
+def test_an_edited_manifest_target_lists_each_changed_threshold():
+    from lora_export.targets import parse_target, tolerance_differences
+
+    data = _shipped_table("ort-cpu-int4")
+    where = "/exports/x/export_manifest.json:target"
+    assert tolerance_differences(parse_target(data, where)) == []
+    data["tolerances"] = {**data["tolerances"], "mean_kl": 1, "max_rel_diff": 0.5}
+    data["latency"] = {"max_ratio": 3.0}
+    assert tolerance_differences(parse_target(data, where)) == [
+        "tolerances.max_rel_diff = 0.5 (target file ort-cpu-int4.toml says not set)",
+        "tolerances.mean_kl = 1 (target file ort-cpu-int4.toml says 0.05)",
+        "latency.max_ratio = 3 (target file ort-cpu-int4.toml says 1.1)",
+    ]
+
+
+def test_a_users_target_file_is_compared_with_itself(tmp_path):
+    from dataclasses import replace
+
+    from lora_export.targets import tolerance_differences
+
+    f = tmp_path / "mine.toml"
+    f.write_text(_with("tolerances", "greedy_tokens = 8"))
+    target = load_target(f)
+    assert tolerance_differences(target) == []
+    edited = replace(target, tolerances=replace(target.tolerances, greedy_tokens=16))
+    assert tolerance_differences(edited) == [f"tolerances.greedy_tokens = 16 (target file {f} says 8)"]
+
+
+def test_no_target_file_to_compare_with():
+    from lora_export.targets import parse_target, tolerance_differences
+
+    data = {**_shipped_table("ort-cpu-fp32"), "name": "somebody-elses"}
+    (line,) = tolerance_differences(parse_target(data, "/gone/export_manifest.json:target"))
+    assert line.startswith("no target file to compare with:") and "somebody-elses" in line

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import BadInput, LoraExportError
+from ..isolate import die_with_parent
 from ..quantize import SCHEMES
 from .backend import Backend
 
@@ -59,7 +60,7 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     _rmtree(out_dir.parent / (out_dir.name + ".cache"))
     if proc.returncode != 0 or not (out_dir / "model.onnx").is_file():
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:])
@@ -74,17 +75,6 @@ def _builder_ep(target) -> str:
         if provider in PROVIDERS:
             return PROVIDERS[provider]
     raise AssertionError("checked in build()")
-
-
-def _die_with_parent() -> None:
-    """Linux: the builder gets SIGKILL when we die, so a killed export leaves no builder writing on."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _rmtree(path: Path) -> None:
