@@ -194,11 +194,50 @@ class Models:
     candidate: Callable[[], Any]  # the export (ONNX Runtime)
     merged: Callable[[], Any] | None = None  # the merged fp32 model (PyTorch): splits the error by stage
     base: Callable[[], Any] | None = None  # the unadapted base (PyTorch): the adapter's own effect
-    isolate_candidate: bool = False  # run the export in a child process (then ``candidate`` must pickle)
+    # run the PyTorch models in one child process and the export in another (the loaders must then pickle):
+    # the caller's process stays light, and neither runtime's memory is stacked on the other's
+    isolate: bool = False
 
 
 def _open(model):
     return model if hasattr(model, "step") else model()
+
+
+def _call(fn, *args, progress=None):
+    return fn(*args, progress=progress)
+
+
+def torch_stages(reference, merged, base, seqs: list[list[int]], steps: int, budget: int, stores: tuple[Path, Path],
+                 progress=None):
+    """The PyTorch models, one after the other: the reference's greedy tokens and logits (to a file), then
+    the merged and the unadapted model teacher-forced on them. Returns (tokens, stage Metrics, store states)."""
+    say = progress or (lambda msg: None)
+    ref_store, merged_store = LogitStore(stores[0]), LogitStore(stores[1])
+    say(f"parity: the reference generates {len(seqs)} sequences x {steps} tokens")
+    model = _open(reference)
+    tokens = greedy_tokens(model, seqs, steps)
+    full = [p + t[:-1] for p, t in zip(seqs, tokens)]
+    for i, rows in teacher_forced(model, full, budget):
+        ref_store.put(i, rows)
+    del model
+    release()
+    stages: dict[str, Metrics] = {}
+    for key, loader, store in (("merge", merged, merged_store), ("adapter", base, None)):
+        if loader is None:
+            continue
+        say("parity: the merged fp32 model (PyTorch)" if key == "merge" else "parity: the unadapted base (PyTorch)")
+        model, acc = _open(loader), Accumulator()
+        for i, rows in teacher_forced(model, full, budget):
+            acc.add(ref_store[i], rows)
+            if store is not None:
+                store.put(i, rows)
+        stages[key] = acc.metrics()
+        del model
+        release()
+    states = ref_store.state(), merged_store.state() if "merge" in stages else None
+    ref_store.close()
+    merged_store.close()
+    return tokens, stages, *states
 
 
 def candidate_stage(candidate, shapes: list[Shape], steps: int, ref_tokens: list[list[int]], ref_state: tuple,
@@ -221,6 +260,9 @@ def candidate_stage(candidate, shapes: list[Shape], steps: int, ref_tokens: list
                     export.add(merged_rows[i + j], g.logits)
             i += len(batch)
         per_shape[shape.name] = acc.metrics()
+    for store in (ref_rows, merged_rows):
+        if store is not None:
+            store.close()
     return per_shape, total.metrics(), export.metrics() if merged_rows is not None else None
 
 
@@ -241,43 +283,18 @@ def measure(models: Models, shapes: list[Shape], steps: int, work_dir: Path, pro
     Only one model is in memory at a time; logits live in files, read back a sequence at a time.
     """
     say = progress or (lambda msg: None)
-    seqs = _sequences(shapes)
-    budget = max(1, LOGIT_BUDGET_BYTES // (4 * vocab_size))
-    ref_store, merged_store = LogitStore(work_dir / "reference.f32"), LogitStore(work_dir / "merged.f32")
+    run = run_in_child if models.isolate else _call
+    stores = (work_dir / "reference.f32", work_dir / "merged.f32")
     try:
-        say(f"parity: the reference generates {len(seqs)} sequences x {steps} tokens")
-        model = _open(models.reference)
-        tokens = greedy_tokens(model, seqs, steps)
-        full = [p + t[:-1] for p, t in zip(seqs, tokens)]
-        for i, rows in teacher_forced(model, full, budget):
-            ref_store.put(i, rows)
-        del model
-        release()
-
-        stages: dict[str, Metrics] = {}
-        for key, loader, store in (("merge", models.merged, merged_store), ("adapter", models.base, None)):
-            if loader is None:
-                continue
-            say("parity: the merged fp32 model (PyTorch)" if key == "merge" else "parity: the unadapted base (PyTorch)")
-            model, acc = _open(loader), Accumulator()
-            for i, rows in teacher_forced(model, full, budget):
-                acc.add(ref_store[i], rows)
-                if store is not None:
-                    store.put(i, rows)
-            stages[key] = acc.metrics()
-            del model
-            release()
-
+        tokens, stages, ref_state, merged_state = run(
+            torch_stages, models.reference, models.merged, models.base, _sequences(shapes), steps,
+            max(1, LOGIT_BUDGET_BYTES // (4 * vocab_size)), stores, progress=say)
         say("parity: the export (ONNX Runtime), each shape through its KV cache")
-        stage_args = (models.candidate, shapes, steps, tokens, ref_store.state(),
-                      merged_store.state() if "merge" in stages else None)
-        if models.isolate_candidate:  # ONNX Runtime in a fresh process without torch: its peak stands alone
-            per_shape, total, export = run_in_child(candidate_stage, *stage_args, progress=say)
-        else:
-            per_shape, total, export = candidate_stage(*stage_args)
+        per_shape, total, export = run(candidate_stage, models.candidate, shapes, steps, tokens, ref_state,
+                                       merged_state, progress=say)
     finally:
-        ref_store.close()
-        merged_store.close()
+        for path in stores:
+            path.unlink(missing_ok=True)
     stages["total"] = total
     if export is not None:
         stages["export"] = export

@@ -31,7 +31,7 @@ from .outputs import check_free_disk, check_new_output, scratch, staged
 from .precision import check_fp16_range
 from .reference import describe as describe_reference
 from .reference import load_adapted
-from .runtime import OrtCausalLM, TorchCausalLM, check_providers, release
+from .runtime import OrtCausalLM, TorchCausalLM, check_providers
 from .targets import check_against_context, load_target, parse_target, tolerance_differences, tomllib
 from .tasks import encode_prompt
 from .versions import package_versions
@@ -88,29 +88,17 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
         adapters, merge_base = list(prep.adapters), prep.merge_base
         progress(f"building the {'unmerged' if req.keep_adapter else 'merged'} ONNX graph with {target.backend} "
                  f"({target.precision}, weights {target.quantization.scheme})")
-        BACKENDS[target.backend].build(prep.graph_source, tmp, target, tmp / "build.log",
-                                       **({"adapter": adapters[0].path} if req.keep_adapter else {}))
-        if target.quantization.scales == "original" and not req.keep_adapter:
-            from .quantize.nf4 import reuse_training_scales
-
-            n = reuse_training_scales(tmp, prep.merged.checkpoint, base, adapters[0], target.quantization)
-            progress(f"re-coded {n} NF4 weights with the block scales the adapter was trained against")
+        graph_args = (target, prep.graph_source, tmp, adapters[0].path if req.keep_adapter else None)
+        if BACKENDS[target.backend].own_process:
+            build_graph(*graph_args)
+        else:
+            run_in_child(build_graph, *graph_args, progress=progress)
         manifest = _manifest(req, base, out, target, prep)
         if target.quantization.scheme != "none" and not req.keep_adapter:
-            from .quantize.survival import ERASED, measure_survival
-
-            progress("measuring how much of the adapter's change survives the weight quantization")
-            survival = measure_survival(tmp, prep.merged.checkpoint, base, adapters, merge_base, target.quantization)
-            manifest["quantization"] = survival.to_dict()
-            if survival.tensors:
-                progress(f"adapter change kept through {survival.scheme} weights: median {survival.median_survival:.2f}, "
-                         f"worst {survival.min_survival:.2f} over {len(survival.tensors)} tensors"
-                         + (f"; ERASED (< {ERASED}) in {len(survival.erased)}: {survival.erased[0].node} ..."
-                            if survival.erased else ""))
-            release()
+            manifest["quantization"] = run_in_child(requantized, tmp, prep, base, target, progress=progress)
         _write_manifest(tmp, manifest)
         progress("validating parity against the adapted model as trained")
-        report = validate(tmp, merged=prep.merged, progress=progress)
+        report = validate(tmp, prepared=prep, progress=progress)
         total = report.stages["total"]
         manifest["parity"] = {"passed": report.passed, "failures": [str(c) for c in report.failures],
                               "max_abs_diff": total.max_abs_diff, "max_rel_diff": total.max_rel_diff,
@@ -118,6 +106,35 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
                               "adapter_retention": report.adapter_retention}
         _write_manifest(tmp, manifest)
     return ExportResult(out=out, merge_base=merge_base, parity=report)
+
+
+def build_graph(target, checkpoint: Path, out_dir: Path, adapter: Path | None, progress=_quiet) -> None:
+    """The target's graph backend on a checkpoint (in a child process: the torch-dynamo backend loads the
+    model in-process, and the export's own process stays light)."""
+    BACKENDS[target.backend].build(checkpoint, out_dir, target, out_dir / "build.log",
+                                   **({"adapter": adapter} if adapter is not None else {}))
+
+
+def requantized(export_dir: Path, prep: Prepared, base: Path, target, progress=_quiet) -> dict:
+    """After the build of a quantized graph: NF4 with the training's scales if asked, and how much of the
+    adapter's change survives the weight quantization (for the manifest). Runs in a child process."""
+    from .quantize.survival import ERASED, measure_survival
+
+    adapters = list(prep.adapters)
+    if target.quantization.scales == "original":
+        from .quantize.nf4 import reuse_training_scales
+
+        n = reuse_training_scales(export_dir, prep.merged.checkpoint, base, adapters[0], target.quantization)
+        progress(f"re-coded {n} NF4 weights with the block scales the adapter was trained against")
+    progress("measuring how much of the adapter's change survives the weight quantization")
+    survival = measure_survival(export_dir, prep.merged.checkpoint, base, adapters, prep.merge_base,
+                                target.quantization)
+    if survival.tensors:
+        progress(f"adapter change kept through {survival.scheme} weights: median {survival.median_survival:.2f}, "
+                 f"worst {survival.min_survival:.2f} over {len(survival.tensors)} tensors"
+                 + (f"; ERASED (< {ERASED}) in {len(survival.erased)}: {survival.erased[0].node} ..."
+                    if survival.erased else ""))
+    return survival.to_dict()
 
 
 def prepare(req: ExportRequest, base: Path, target, work: Path, progress=_quiet) -> Prepared:
@@ -280,36 +297,34 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence
 
 
 def validate(export_dir: Path, report_json: Path | None = None, junit: Path | None = None,
-             prompts: Path | None = None, progress=_quiet, merged: MergeResult | None = None) -> parity.ParityReport:
+             prompts: Path | None = None, progress=_quiet, prepared: Prepared | None = None) -> parity.ParityReport:
     """Parity of an export against the adapted model as trained, with the target's tolerances.
 
-    ``merged`` is the merge (with the base as trained beside it) when the caller has it on disk (export
-    does); else the merge is redone into a temporary folder. Models are loaded one at a time
-    (see ``parity.measure``).
+    ``prepared`` is the checked adapters and the merge (with the base as trained beside it) when the caller
+    has them (export does); else the adapters are checked and the merge redone into a temporary folder.
+    This process stays light (no torch): the checks, the merge and each runtime's models run in child
+    processes one after the other, one model in memory at a time (see ``parity.measure``).
     """
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
-    adapters, weights = _adapters_of(manifest, export_dir, base)
     check_external_data(export_dir / "model.onnx")
     check_providers(target.execution_providers, export_dir / "model.onnx")
     max_positions, vocab_size = _context_of(base)
     check_against_context(target, max_positions, str(base / "config.json"))
-    tok = load_tokenizer(base)
     steps = max(parity.MIN_STEPS, target.tolerances.greedy_tokens)
-    shapes = parity.make_shapes(*load_prompts(tok, prompts), max_positions, steps)
     with tempfile.TemporaryDirectory(prefix="lora-export-parity-") as tmp:
-        if merged is None:
-            progress("merging again into a temporary folder (the reference's base and the merge/export breakdown)")
-            merged = merge(base, adapters, Path(tmp) / "merged", manifest["merge_base"], weights,
-                           as_trained_dir=Path(tmp) / "as-trained")
+        prepared, token_ids = run_in_child(validation_inputs, export_dir, manifest, base, prompts, Path(tmp), prepared,
+                                           progress=progress)
+        shapes = parity.make_shapes(*token_ids, max_positions, steps)
+        adapters, merged = list(prepared.adapters), prepared.merged
         models = parity.Models(
-            reference=lambda: TorchCausalLM(load_adapted(base, adapters, weights, as_trained=merged.as_trained)),
+            reference=functools.partial(reference_model, base, prepared.adapters, prepared.weights, merged.as_trained),
             candidate=functools.partial(OrtCausalLM, export_dir, target.execution_providers),
-            merged=lambda: TorchCausalLM(load_fp32(merged.checkpoint)),
-            base=lambda: TorchCausalLM(load_fp32(base)),
-            isolate_candidate=True,
+            merged=functools.partial(torch_model, merged.checkpoint),
+            base=functools.partial(torch_model, base),
+            isolate=True,
         )
         per_shape, stages, retention = parity.measure(models, shapes, steps, Path(tmp), progress=progress,
                                                       vocab_size=vocab_size)
@@ -321,6 +336,27 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     if junit:
         parity.write_junit(report, Path(junit))
     return report
+
+
+def validation_inputs(export_dir: Path, manifest: dict, base: Path, prompts: Path | None, tmp: Path,
+                      prepared: Prepared | None, progress=_quiet):
+    """(Prepared, parity prompt token ids): the adapters checked unchanged and merged again unless given."""
+    token_ids = load_prompts(load_tokenizer(base), prompts)
+    if prepared is None:
+        adapters, weights = _adapters_of(manifest, export_dir, base)
+        progress("merging again into a temporary folder (the reference's base and the merge/export breakdown)")
+        merged = merge(base, adapters, tmp / "merged", manifest["merge_base"], weights, as_trained_dir=tmp / "as-trained")
+        prepared = Prepared(adapters=tuple(adapters), weights=tuple(weights), merge_base=manifest["merge_base"],
+                            merged=merged, graph_source=merged.checkpoint)
+    return prepared, token_ids
+
+
+def reference_model(base: Path, adapters, weights, as_trained: Path | None) -> TorchCausalLM:
+    return TorchCausalLM(load_adapted(base, list(adapters), weights, as_trained=as_trained))
+
+
+def torch_model(checkpoint: Path) -> TorchCausalLM:
+    return TorchCausalLM(load_fp32(checkpoint))
 
 
 def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, rounds: int = 100,

@@ -271,7 +271,8 @@ def teacher_forced(model: TorchCausalLM, sequences: list[list[int]], budget_rows
 
 class LogitStore:
     """Logit rows per sequence in a file (float32), read back one sequence at a time: a written file sits
-    in the page cache, not in the process's memory, so parity holds only one model's logits in RAM."""
+    in the page cache, not in the process's memory, so parity holds only one model's logits in RAM.
+    Another process reads it through ``reader(state())``; whoever made the path removes the file."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -303,17 +304,12 @@ class LogitStore:
         store._index = dict(state[1])
         if store._index:
             store._file = open(store.path, "rb")
-        store._owner = False
         return store
-
-    _owner = True
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._owner:
-            self.path.unlink(missing_ok=True)
 
 
 def release() -> None:

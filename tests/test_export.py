@@ -69,7 +69,7 @@ def test_failed_build_leaves_nothing(tiny_base, tiny_adapter, tmp_path, monkeypa
         (out_dir / "model.onnx").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setitem(BACKENDS, "genai-builder", Backend("genai-builder", (), broken))
+    monkeypatch.setitem(BACKENDS, "genai-builder", Backend("genai-builder", (), broken, own_process=True))
     out = tmp_path / "x" / "export"
     with pytest.raises(OSError):
         export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-fp32", out=out))

@@ -14,3 +14,6 @@ class Backend:
     #: (checkpoint dir, output dir, Target, log file, adapter dir or None) -> None; writes model.onnx (+ data)
     #: and genai_config.json. With an adapter dir, the LoRA stays unmerged: a side path beside each MatMul.
     build: Callable[..., None]
+    #: False: ``build`` loads the model in the calling process (the pipeline then calls it in a child
+    #: process, so that the export's own process stays light); True: it runs its own subprocess already
+    own_process: bool = False

@@ -83,4 +83,4 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-GENAI_BUILDER = Backend(name="genai-builder", architectures=ARCHITECTURES, build=build)
+GENAI_BUILDER = Backend(name="genai-builder", architectures=ARCHITECTURES, build=build, own_process=True)
