@@ -161,10 +161,11 @@ def measure(models: dict, prompt: list[int], new_tokens: int, rounds: int, warmu
 
 
 def vm_hwm_mb(pid: int | str = "self") -> float | None:
-    """A process's own peak RSS since it was exec'd (VmHWM, Linux), or None where /proc cannot say."""
+    """A process's own peak RSS since it was exec'd (VmHWM, Linux) in MB (10^6 bytes; /proc says kB = 1024
+    bytes), or None where /proc cannot say."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e6
     except (OSError, StopIteration):
         return None
 

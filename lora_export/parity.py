@@ -23,7 +23,7 @@ from .runtime import Generation, LogitStore, generate, greedy_tokens, release, t
 from .targets import Tolerances
 
 SCHEMA_VERSION = 3  # 3: max_rel_diff, the reference's dtype and device, tolerance notes
-LOGIT_BUDGET_BYTES = 64 << 20  # logits one teacher-forced batch may produce at once
+LOGIT_BUDGET_BYTES = 16 << 20  # logits one teacher-forced batch may produce at once (about one sequence)
 MIN_STEPS = 17  # the prompt pass and at least 16 decode steps
 
 
@@ -75,7 +75,7 @@ class Accumulator:
     """Metrics of candidate rows against reference rows, added a sequence at a time in small row chunks
     (float64 temporaries of a few MB), so that no set of logits has to be held whole."""
 
-    CHUNK = 32
+    CHUNK = 8  # rows per step: float64 temporaries of a few MB even for a 150k vocabulary
 
     def __init__(self) -> None:
         self.sequences = self.rows = self.elements = self.top1 = 0
@@ -194,8 +194,8 @@ class Models:
     candidate: Callable[[], Any]  # the export (ONNX Runtime)
     merged: Callable[[], Any] | None = None  # the merged fp32 model (PyTorch): splits the error by stage
     base: Callable[[], Any] | None = None  # the unadapted base (PyTorch): the adapter's own effect
-    # run the PyTorch models in one child process and the export in another (the loaders must then pickle):
-    # the caller's process stays light, and neither runtime's memory is stacked on the other's
+    # run the reference (PEFT), the other PyTorch models, and the export each in a child process of its own
+    # (the loaders must then pickle): the caller stays light, and no stage's memory is stacked on another's
     isolate: bool = False
 
 
@@ -207,37 +207,44 @@ def _call(fn, *args, progress=None):
     return fn(*args, progress=progress)
 
 
-def torch_stages(reference, merged, base, seqs: list[list[int]], steps: int, budget: int, stores: tuple[Path, Path],
-                 progress=None):
-    """The PyTorch models, one after the other: the reference's greedy tokens and logits (to a file), then
-    the merged and the unadapted model teacher-forced on them. Returns (tokens, stage Metrics, store states)."""
-    say = progress or (lambda msg: None)
-    ref_store, merged_store = LogitStore(stores[0]), LogitStore(stores[1])
-    say(f"parity: the reference generates {len(seqs)} sequences x {steps} tokens")
-    model = _open(reference)
+def reference_stage(reference, seqs: list[list[int]], steps: int, budget: int, store: Path, progress=None):
+    """The reference generates its greedy continuations (one batch, KV cache, last-position logits only); its
+    logits for every position come from a teacher-forced pass and go to a file. Returns (tokens, store state)."""
+    (progress or (lambda msg: None))(f"parity: the reference generates {len(seqs)} sequences x {steps} tokens")
+    model, ref_store = _open(reference), LogitStore(store)
     tokens = greedy_tokens(model, seqs, steps)
-    full = [p + t[:-1] for p, t in zip(seqs, tokens)]
-    for i, rows in teacher_forced(model, full, budget):
+    for i, rows in teacher_forced(model, [p + t[:-1] for p, t in zip(seqs, tokens)], budget):
         ref_store.put(i, rows)
-    del model
-    release()
+    state = ref_store.state()
+    ref_store.close()
+    return tokens, state
+
+
+def comparison_stages(merged, base, seqs: list[list[int]], tokens: list[list[int]], budget: int, ref_state: tuple,
+                      store: Path, progress=None):
+    """The merged and the unadapted model (PyTorch), one after the other, teacher-forced on the reference's
+    tokens and compared with its logits as they go; the merged logits go to a file for the export stage.
+    Returns (stage Metrics, merged store state or None)."""
+    say = progress or (lambda msg: None)
+    full = [p + t[:-1] for p, t in zip(seqs, tokens)]
+    ref_store, merged_store = LogitStore.reader(ref_state), LogitStore(store)
     stages: dict[str, Metrics] = {}
-    for key, loader, store in (("merge", merged, merged_store), ("adapter", base, None)):
+    for key, loader, out in (("merge", merged, merged_store), ("adapter", base, None)):
         if loader is None:
             continue
         say("parity: the merged fp32 model (PyTorch)" if key == "merge" else "parity: the unadapted base (PyTorch)")
         model, acc = _open(loader), Accumulator()
         for i, rows in teacher_forced(model, full, budget):
             acc.add(ref_store[i], rows)
-            if store is not None:
-                store.put(i, rows)
+            if out is not None:
+                out.put(i, rows)
         stages[key] = acc.metrics()
         del model
         release()
-    states = ref_store.state(), merged_store.state() if "merge" in stages else None
+    state = merged_store.state() if "merge" in stages else None
     ref_store.close()
     merged_store.close()
-    return tokens, stages, *states
+    return stages, state
 
 
 def candidate_stage(candidate, shapes: list[Shape], steps: int, ref_tokens: list[list[int]], ref_state: tuple,
@@ -284,11 +291,14 @@ def measure(models: Models, shapes: list[Shape], steps: int, work_dir: Path, pro
     """
     say = progress or (lambda msg: None)
     run = run_in_child if models.isolate else _call
+    seqs, budget = _sequences(shapes), max(1, LOGIT_BUDGET_BYTES // (4 * vocab_size))
     stores = (work_dir / "reference.f32", work_dir / "merged.f32")
     try:
-        tokens, stages, ref_state, merged_state = run(
-            torch_stages, models.reference, models.merged, models.base, _sequences(shapes), steps,
-            max(1, LOGIT_BUDGET_BYTES // (4 * vocab_size)), stores, progress=say)
+        tokens, ref_state = run(reference_stage, models.reference, seqs, steps, budget, stores[0], progress=say)
+        stages, merged_state = {}, None
+        if models.merged is not None or models.base is not None:
+            stages, merged_state = run(comparison_stages, models.merged, models.base, seqs, tokens, budget, ref_state,
+                                       stores[1], progress=say)
         say("parity: the export (ONNX Runtime), each shape through its KV cache")
         per_shape, total, export = run(candidate_stage, models.candidate, shapes, steps, tokens, ref_state,
                                        merged_state, progress=say)

@@ -5,6 +5,9 @@
     lora-export bench   -> bench()      the merged export against the base export, interleaved
 
 Every output directory is written as a temporary sibling and renamed into place only when complete.
+This process never imports torch before the graph is built: the checks and the merge, the graph build,
+and each parity model run in child processes one after the other (``isolate.run_in_child``), so the peak
+memory of the whole command is that of its biggest single stage, not their sum.
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import bench as latency
-from . import parity
 from .adapters import attach, load_adapter
 from .base import check_base, load_fp32, load_tokenizer
 from .data import load_jsonl
@@ -31,10 +33,12 @@ from .outputs import check_free_disk, check_new_output, scratch, staged
 from .precision import check_fp16_range
 from .reference import describe as describe_reference
 from .reference import load_adapted
-from .runtime import OrtCausalLM, TorchCausalLM, check_providers
 from .targets import check_against_context, load_target, parse_target, tolerance_differences, tomllib
 from .tasks import encode_prompt
 from .versions import package_versions
+
+if TYPE_CHECKING:  # imported where used: numpy and ONNX Runtime stay out of the export's process until parity
+    from . import parity
 
 EMBEDDED = Path(__file__).resolve().parent / "embedded"
 MANIFEST = "export_manifest.json"
@@ -73,6 +77,7 @@ class Prepared:
     merge_base: str
     merged: MergeResult
     graph_source: Path  # the merged checkpoint; for --keep-adapter the base as trained (the side path's base)
+    prompt_ids: tuple | None = None  # the default parity prompts, tokenized (prompts, documents)
 
 
 def export(req: ExportRequest, progress=_quiet) -> ExportResult:
@@ -156,7 +161,7 @@ def prepare(req: ExportRequest, base: Path, target, work: Path, progress=_quiet)
     if req.keep_adapter:
         source = unmerged_source(base, adapters[0], merge_base, work)
     return Prepared(adapters=tuple(adapters), weights=weights, merge_base=merge_base, merged=merged,
-                    graph_source=source)
+                    graph_source=source, prompt_ids=load_prompts(load_tokenizer(base)))
 
 
 def _manifest(req: ExportRequest, base: Path, out: Path, target, prep: Prepared) -> dict:
@@ -305,18 +310,26 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     This process stays light (no torch): the checks, the merge and each runtime's models run in child
     processes one after the other, one model in memory at a time (see ``parity.measure``).
     """
+    from . import parity  # numpy and ONNX Runtime only here: the export's process stays light until parity
+    from .runtime import OrtCausalLM
+
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
     check_external_data(export_dir / "model.onnx")
-    check_providers(target.execution_providers, export_dir / "model.onnx")
     max_positions, vocab_size = _context_of(base)
     check_against_context(target, max_positions, str(base / "config.json"))
     steps = max(parity.MIN_STEPS, target.tolerances.greedy_tokens)
     with tempfile.TemporaryDirectory(prefix="lora-export-parity-") as tmp:
-        prepared, token_ids = run_in_child(validation_inputs, export_dir, manifest, base, prompts, Path(tmp), prepared,
-                                           progress=progress)
+        if prepared is not None and prepared.prompt_ids is not None and prompts is None:
+            from .runtime import check_providers
+
+            check_providers(target.execution_providers, export_dir / "model.onnx")
+            token_ids = prepared.prompt_ids
+        else:
+            prepared, token_ids = run_in_child(validation_inputs, export_dir, manifest, base, prompts, Path(tmp),
+                                               prepared, target.execution_providers, progress=progress)
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         adapters, merged = list(prepared.adapters), prepared.merged
         models = parity.Models(
@@ -339,8 +352,12 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
 
 
 def validation_inputs(export_dir: Path, manifest: dict, base: Path, prompts: Path | None, tmp: Path,
-                      prepared: Prepared | None, progress=_quiet):
-    """(Prepared, parity prompt token ids): the adapters checked unchanged and merged again unless given."""
+                      prepared: Prepared | None, providers: tuple[str, ...], progress=_quiet):
+    """(Prepared, parity prompt token ids): the runtime's providers checked, the adapters checked unchanged
+    and merged again unless given. Runs in a child process (it imports torch)."""
+    from .runtime import check_providers
+
+    check_providers(providers, export_dir / "model.onnx")
     token_ids = load_prompts(load_tokenizer(base), prompts)
     if prepared is None:
         adapters, weights = _adapters_of(manifest, export_dir, base)
@@ -351,18 +368,25 @@ def validation_inputs(export_dir: Path, manifest: dict, base: Path, prompts: Pat
     return prepared, token_ids
 
 
-def reference_model(base: Path, adapters, weights, as_trained: Path | None) -> TorchCausalLM:
+def reference_model(base: Path, adapters, weights, as_trained: Path | None):
+    from .runtime import TorchCausalLM
+
     return TorchCausalLM(load_adapted(base, list(adapters), weights, as_trained=as_trained))
 
 
-def torch_model(checkpoint: Path) -> TorchCausalLM:
+def torch_model(checkpoint: Path):
+    from .runtime import TorchCausalLM
+
     return TorchCausalLM(load_fp32(checkpoint))
 
 
 def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, rounds: int = 100,
-          plot_path: Path | None = None, memory: bool = True, eager: bool = False) -> latency.BenchResult:
+          plot_path: Path | None = None, memory: bool = True, eager: bool = False):
     """Time the export against the unadapted base export for the same target (built once, into bench-base/),
     and, for a merged export of a plain LoRA adapter, against the unmerged side-path graph (bench-unmerged/)."""
+    from . import bench as latency
+    from .runtime import TorchCausalLM
+
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .runtime import greedy
 
 
 @dataclass(frozen=True)
@@ -27,6 +26,8 @@ def encode_prompt(tok, prompt: str) -> list[int]:
 
 def task_accuracy(model, tok, examples, max_new_tokens: int | None = None) -> Accuracy:
     """Share of examples whose greedy continuation starts with the expected completion (whitespace-normalised)."""
+    from .runtime import greedy
+
     correct = 0
     for ex in examples:
         want = ex.completion.split()

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import BadInput, LoraExportError
-from ..isolate import die_with_parent
+from ..isolate import die_with_parent, lean_env
 from ..quantize import SCHEMES
 from .backend import Backend
 
@@ -60,7 +60,7 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent, env=lean_env())
     _rmtree(out_dir.parent / (out_dir.name + ".cache"))
     if proc.returncode != 0 or not (out_dir / "model.onnx").is_file():
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:])
