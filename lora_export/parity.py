@@ -316,7 +316,8 @@ def measure(models: Models, shapes: list[Shape], steps: int, work_dir: Path, pro
 
 
 def judge(per_shape: dict, stages: dict, retention: float | None, tol: Tolerances, target: str, reference: str,
-          steps: int, notes: tuple[str, ...] = ()) -> ParityReport:
+          steps: int, notes: tuple[str, ...] = (), reference_compute: tuple[str, str] = ("float32", "cpu")
+          ) -> ParityReport:
     checks = []
     for name, m in per_shape.items():
         if tol.max_abs_diff is not None:
@@ -339,7 +340,8 @@ def judge(per_shape: dict, stages: dict, retention: float | None, tol: Tolerance
         checks.append(Check("all", "adapter_retention", ">=", tol.min_adapter_retention, observed,
                             retention is not None and retention >= tol.min_adapter_retention))
     return ParityReport(target=target, reference=reference, steps=steps, shapes=per_shape, stages=stages,
-                        adapter_retention=retention, checks=tuple(checks), tolerance_notes=tuple(notes))
+                        adapter_retention=retention, checks=tuple(checks), tolerance_notes=tuple(notes),
+                        reference_dtype=reference_compute[0], reference_device=reference_compute[1])
 
 
 def report_dict(report: ParityReport) -> dict:

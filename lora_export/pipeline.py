@@ -31,6 +31,8 @@ from .isolate import run_in_child
 from .merge import MergeResult, default_merge_base, merge, quantization_of, rewrite_checkpoint
 from .outputs import check_free_disk, check_new_output, scratch, staged
 from .precision import check_fp16_range
+from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
+from .reference import DEVICE as REFERENCE_DEVICE
 from .reference import describe as describe_reference
 from .reference import load_adapted
 from .targets import check_against_context, load_target, parse_target, tolerance_differences, tomllib
@@ -154,14 +156,15 @@ def prepare(req: ExportRequest, base: Path, target, work: Path, progress=_quiet)
     progress(f"merging {len(adapters)} adapter(s) in fp32 into the {merge_base} base, shard by shard")
     merged = merge(base, adapters, work / "checkpoint", merge_base, weights, progress=progress,
                    as_trained_dir=work / "as-trained")
+    prompt_ids = load_prompts(load_tokenizer(base))
     if target.precision == "fp16":
         progress("checking that weights and activations fit fp16")
-        check_fp16_range(load_fp32(merged.checkpoint), load_prompts(load_tokenizer(base))[0], str(adapters[0].path))
+        check_fp16_range(load_fp32(merged.checkpoint), prompt_ids[0], str(adapters[0].path))
     source = merged.checkpoint
     if req.keep_adapter:
         source = unmerged_source(base, adapters[0], merge_base, work)
     return Prepared(adapters=tuple(adapters), weights=weights, merge_base=merge_base, merged=merged,
-                    graph_source=source, prompt_ids=load_prompts(load_tokenizer(base)))
+                    graph_source=source, prompt_ids=prompt_ids)
 
 
 def _manifest(req: ExportRequest, base: Path, out: Path, target, prep: Prepared) -> dict:
@@ -342,7 +345,8 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
         per_shape, stages, retention = parity.measure(models, shapes, steps, Path(tmp), progress=progress,
                                                       vocab_size=vocab_size)
     report = parity.judge(per_shape, stages, retention, target.tolerances, target.name, describe_reference(adapters),
-                          steps, notes=tuple(tolerance_differences(target)))
+                          steps, notes=tuple(tolerance_differences(target)),
+                          reference_compute=(REFERENCE_DTYPE, REFERENCE_DEVICE))
     parity.write_reports(report, export_dir)
     if report_json:
         parity.write_json(report, Path(report_json))
