@@ -133,7 +133,7 @@ def _tensors(weights: Path):
                 yield key, f.get_tensor(key)
     except Exception as e:  # safetensors and torch raise several types for a corrupt file
         raise BadInput.one(str(weights), f"cannot be read ({type(e).__name__}: {e})",
-                           "the file is truncated or corrupt: save the adapter again") from None
+                           "the file is truncated or corrupt: save the adapter again") from e
 
 
 def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: bool = True,

@@ -1,54 +1,95 @@
 """Command line: parse arguments, call one library function, map the outcome to an exit code.
 
 Exit codes: 0 success; 1 the verdict failed (parity or latency budget); 2 bad input or usage, with a
-one-paragraph message naming the file, the problem and the fix (a traceback only with --debug).
+one-paragraph message naming the file, the problem and the fix; 3 the toolchain failed (the graph builder,
+the ONNX exporter, ONNX Runtime, a stage's process), with the log's path. A traceback only with --debug.
+
+The terminal gets one line per stage and the result; everything the libraries print goes to a log file
+(``export.log``, ``train.log``, ... in the output directory), shown live with ``-v``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
-import time
+import tempfile
+import traceback
 from pathlib import Path
 
-EXIT_OK, EXIT_VERDICT, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_VERDICT, EXIT_BAD_INPUT, EXIT_TOOLCHAIN = 0, 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own usage errors also exit 2, with our wording
         self.print_usage(sys.stderr)
-        print(f"lora-export: error: {message}. Fix: see `lora-export {self.prog.split()[-1]} --help`.",
-              file=sys.stderr)
+        print(f"{self.prog}: error: {message}. Fix: see `{self.prog} --help`.", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
 
-def _progress():
-    start = time.time()
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one worth showing."""
 
-    def say(msg: str) -> None:
-        elapsed = int(time.time() - start)
-        print(f"[{elapsed // 60}:{elapsed % 60:02d}] {msg}", file=sys.stderr, flush=True)
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default is not None and default is not False and default is not argparse.SUPPRESS
+                and "%(default)" not in text
+                and not isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction, argparse._VersionAction))):
+            text += " (default: %(default)s)"
+        return text
 
-    return say
+
+class _Versions(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .versions import package_versions
+
+        found = package_versions()
+        print(f"lora-export {found.pop('lora-export', '?')}")
+        for name, version in found.items():
+            print(f"  {name} {version}")
+        parser.exit()
+
+
+def _common() -> argparse.ArgumentParser:
+    """-v and --debug, accepted before or after the command (after it, they do not reset what came before)."""
+    c = argparse.ArgumentParser(add_help=False)
+    c.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show every library's output live (it always goes to the command's log file)")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="on an error, also print the Python traceback")
+    return c
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lora-export", description="QLoRA adapter -> merged ONNX model, with parity and latency proven.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = _Parser(prog="lora-export", formatter_class=_Help,
+                description="QLoRA adapter -> merged ONNX model, with parity and latency proven. Exit codes: 0 "
+                            "success, 1 the verdict failed (parity or latency budget), 2 bad input, 3 the "
+                            "toolchain failed (see the log).")
+    p.add_argument("--version", action=_Versions, help="print the version and those of the packages it drives")
+    p.add_argument("-v", "--verbose", action="store_true", help="show every library's output live")
+    p.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
+    common = [_common()]
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="the whole pipeline on the embedded default")
+    def command(name, help):
+        return sub.add_parser(name, help=help, description=help, parents=common, formatter_class=_Help)
+
+    d = command("demo", "the whole pipeline on the embedded default: train, export, validate, bench")
     d.add_argument("--out", type=Path, help="output folder (default: a new ./lora-export-demo-N)")
 
-    t = sub.add_parser("train", help="train a QLoRA adapter on a 4-bit NF4 base (or plain LoRA)")
-    t.add_argument("--base", type=Path, required=True)
+    t = command("train", "train a QLoRA adapter on a 4-bit NF4 base (or plain LoRA)")
+    t.add_argument("--base", type=Path, required=True, help="base model directory (config.json, safetensors, tokenizer)")
     t.add_argument("--data", type=Path, required=True, help="JSONL: {text}, {prompt, completion} or {messages} records")
-    t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--rank", type=int, default=8)
-    t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--dropout", type=float, default=0.0)
-    t.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated names")
+    t.add_argument("--out", type=Path, required=True, help="adapter directory to create (must not exist or be empty)")
+    t.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    t.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha/r)")
+    t.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout probability, in [0, 1)")
+    t.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated module names")
     t.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     t.add_argument("--dora", action="store_true", help="weight-decomposed LoRA")
     t.add_argument("--modules-to-save", default="", help="comma-separated modules trained in full (e.g. lm_head)")
@@ -56,69 +97,72 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--blocksize", type=int, default=64, help="NF4 block size")
     t.add_argument("--quant-storage", default="uint8", choices=["uint8", "bfloat16", "float16", "float32"],
                    help="storage dtype of the 4-bit weights (bfloat16 for FSDP)")
-    t.add_argument("--no-double-quant", action="store_true")
-    t.add_argument("--steps", type=int, default=100)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--max-length", type=int, default=256)
+    t.add_argument("--no-double-quant", action="store_true", help="do not quantize the NF4 block scales again")
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear decay, short warm-up)")
+    t.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    t.add_argument("--max-length", type=int, default=256, help="tokens per sequence (longer ones are cut)")
     t.add_argument("--packing", action="store_true", help="concatenate examples into --max-length blocks")
     t.add_argument("--eval-split", type=float, default=0.0, help="share of examples held out for the eval loss")
     t.add_argument("--eval-data", type=Path, help="a separate JSONL for the eval loss")
-    t.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps")
+    t.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed for initialization, shuffling and dropout")
 
-    e = sub.add_parser("export", help="merge an adapter and export ONNX for a target, then validate parity")
-    e.add_argument("--base", type=Path, required=True)
+    e = command("export", "merge an adapter and export ONNX for a target, then validate parity")
+    e.add_argument("--base", type=Path, required=True, help="base model directory the adapter was trained on")
     e.add_argument("--adapter", type=Path, required=True, action="append",
                    help="a PEFT adapter directory; repeat it to merge several, combined linearly")
     e.add_argument("--adapter-weight", type=float, action="append",
-                   help="one weight per --adapter, in order (default 1.0 each)")
-    e.add_argument("--target", required=True, help="a shipped target name or a .toml file")
-    e.add_argument("--out", type=Path, required=True)
-    e.add_argument("--merge-base", choices=["nf4", "original"], help="default: nf4 for QLoRA adapters")
+                   help="one weight per --adapter, in order (default: 1.0 each)")
+    e.add_argument("--target", required=True, help="a shipped target name (`lora-export targets`) or a .toml file")
+    e.add_argument("--out", type=Path, required=True, help="export directory to create (must not exist or be empty)")
+    e.add_argument("--merge-base", choices=["nf4", "original"],
+                   help="weights the adapter is merged into (default: nf4 for QLoRA adapters, else original)")
     e.add_argument("--keep-adapter", action="store_true",
                    help="export the unmerged graph: the LoRA as a side path beside each MatMul (plain LoRA/rsLoRA)")
     e.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickle-only adapter_model.bin (read with torch.load(weights_only=True))")
 
-    v = sub.add_parser("validate", help="parity of an export against the adapted model; exit 1 on failure")
-    v.add_argument("export_dir", type=Path)
+    v = command("validate", "parity of an export against the adapted model as trained; exit 1 on failure")
+    v.add_argument("export_dir", type=Path, help="a directory written by `lora-export export`")
     v.add_argument("--report", type=Path, help="also write the JSON report here")
     v.add_argument("--junit", type=Path, help="also write JUnit XML here")
-    v.add_argument("--prompts", type=Path, help="JSONL of prompt (or text) records; default: the embedded eval set")
+    v.add_argument("--prompts", type=Path, help="JSONL of prompt (or text) records (default: the embedded eval set)")
 
-    b = sub.add_parser("bench", help="latency of the merged export against the base export")
-    b.add_argument("export_dir", type=Path)
+    b = command("bench", "latency of the merged export against the base export; exit 1 over the budget")
+    b.add_argument("export_dir", type=Path, help="a directory written by `lora-export export`")
     b.add_argument("--json", type=Path, help="also write the JSON results here")
-    b.add_argument("--plot", type=Path, help="write the PNG plot here (default EXPORT_DIR/bench.png)")
+    b.add_argument("--plot", type=Path, help="write the PNG plot here (default: EXPORT_DIR/bench.png)")
     b.add_argument("--rounds", type=int, default=100, help="interleaved rounds (doubled once if inconclusive)")
     b.add_argument("--eager", action="store_true", help="also time PyTorch eager with the PEFT adapter unmerged")
 
-    g = sub.add_parser("targets", help="list or show deployment targets")
-    g.add_argument("action", nargs="?", choices=["list", "show"], default="list")
-    g.add_argument("name", nargs="?")
+    g = command("targets", "list or show deployment targets")
+    g.add_argument("action", nargs="?", choices=["list", "show"], default="list", help="list them, or show one")
+    g.add_argument("name", nargs="?", help="the target to show")
     return p
 
 
-def _run(args) -> int:
-    say = _progress()
-    if args.command == "targets":
-        from .targets import available, load_target
+def _targets(args) -> int:
+    from .targets import available, load_target
 
-        if args.action == "show":
-            if not args.name:
-                from .errors import BadInput
+    if args.action == "show":
+        if not args.name:
+            from .errors import BadInput
 
-                raise BadInput.one("targets show", "no target named", "run `lora-export targets show NAME`")
-            print(Path(load_target(args.name).source).read_text(), end="")
-        else:
-            for name in available():
-                print(f"{name:24s} {load_target(name).description}")
-        return EXIT_OK
+            raise BadInput.one("targets show", "no target named", "run `lora-export targets show NAME`")
+        print(Path(load_target(args.name).source).read_text(), end="")
+    else:
+        for name in available():
+            print(f"{name:24s} {load_target(name).description}")
+    return EXIT_OK
+
+
+def _run(args, console) -> int:
+    say = console.progress
     if args.command == "train":
         from .base import Nf4Settings
-        from .train import TrainConfig, train
+        from .train import TrainConfig, step_bar, train
 
         nf4 = Nf4Settings(double_quant=not args.no_double_quant, blocksize=args.blocksize, compute_dtype="auto",
                           quant_storage=args.quant_storage)
@@ -128,9 +172,10 @@ def _run(args) -> int:
             modules_to_save=tuple(m for m in args.modules_to_save.split(",") if m), quantize=not args.no_quant,
             steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
             packing=args.packing, eval_split=args.eval_split, eval_data=args.eval_data, save_steps=args.save_steps,
-            resume=args.resume, seed=args.seed, nf4=nf4), log=say)
+            resume=args.resume, seed=args.seed, nf4=nf4), log=say,
+            callbacks=[step_bar(console.err)] if console.interactive else ())
         evaluated = f", eval loss {r.eval_loss:.3f}" if r.eval_loss is not None else ""
-        print(f"adapter written to {r.adapter_dir} (loss {r.first_loss:.3f} -> {r.final_loss:.3f}{evaluated})")
+        console.result(f"adapter written to {r.adapter_dir} (loss {r.first_loss:.3f} -> {r.final_loss:.3f}{evaluated})")
         return EXIT_OK
     if args.command == "export":
         from .pipeline import ExportRequest, export
@@ -139,36 +184,77 @@ def _run(args) -> int:
                                  adapter_weights=tuple(args.adapter_weight) if args.adapter_weight else None,
                                  merge_base=args.merge_base, allow_pickle=args.allow_pickle,
                                  keep_adapter=args.keep_adapter), progress=say)
-        return _verdict(r.parity, f"export written to {r.out} (merge base {r.merge_base})")
+        return _verdict(console, r.parity, f"export written to {r.out} (merge base {r.merge_base})")
     if args.command == "validate":
         from .pipeline import validate
 
-        return _verdict(validate(args.export_dir, args.report, args.junit, args.prompts, progress=say), "")
+        return _verdict(console, validate(args.export_dir, args.report, args.junit, args.prompts, progress=say), "")
     if args.command == "bench":
         from .bench import markdown
         from .pipeline import bench
 
         r = bench(args.export_dir, args.json, progress=say, rounds=args.rounds, plot_path=args.plot, eager=args.eager)
-        print(markdown(r))
+        console.result(markdown(r))
         return EXIT_OK if r.within_budget else EXIT_VERDICT
     if args.command == "demo":
         from .demo import demo
 
-        return EXIT_OK if demo(args.out, progress=say).passed else EXIT_VERDICT
+        result = demo(args.out, progress=say, bar=console.err if console.interactive else None)
+        console.result(result.table)
+        console.result(f"everything is under {result.out}")
+        return EXIT_OK if result.passed else EXIT_VERDICT
     raise AssertionError(args.command)
 
 
-def _verdict(report, headline: str) -> int:
+def _verdict(console, report, headline: str) -> int:
     from .parity import markdown
 
-    print(markdown(report))
+    console.result(markdown(report))
     if headline:
-        print(headline)
+        console.result(headline)
     if report.passed:
         return EXIT_OK
     for c in report.failures:
-        print(f"parity FAILED: {c}", file=sys.stderr)
+        console.error(f"parity FAILED: {c}")
     return EXIT_VERDICT
+
+
+def _log_home(args) -> Path | None:
+    """The folder the command's log ends in: its output directory (the export's for validate and bench)."""
+    if args.command in ("validate", "bench"):
+        return args.export_dir
+    return getattr(args, "out", None)
+
+
+def _settle_log(tmp_log: Path, home: Path | None, command: str, code: int) -> Path | None:
+    """Move the log into the output directory when there is one to hold it; keep it where it is when the
+    toolchain failed and no output was written; drop it after a bad input (the message says everything)."""
+    if code == EXIT_BAD_INPUT:
+        tmp_log.unlink(missing_ok=True)
+        return None
+    if home is not None and Path(home).is_dir() and os.access(home, os.W_OK):
+        dest = Path(home) / f"{command}.log"
+        try:
+            shutil.move(str(tmp_log), dest)
+            return dest
+        except OSError:
+            pass
+    return tmp_log
+
+
+def _outcome(e: BaseException) -> tuple[int | None, str]:
+    """The exit code and message for an exception that ended a command (None: let it propagate)."""
+    from .errors import BadInput, LoraExportError
+
+    if isinstance(e, BadInput):
+        return EXIT_BAD_INPUT, f"lora-export: error: {e}"
+    if isinstance(e, LoraExportError):
+        return EXIT_TOOLCHAIN, f"lora-export: the toolchain failed: {e}"
+    if isinstance(e, KeyboardInterrupt):
+        return 130, "lora-export: interrupted; nothing partial was left behind"
+    if isinstance(e, Exception):  # not ours: a bug here or in a library; never exit 1, which means a verdict
+        return EXIT_TOOLCHAIN, f"lora-export: internal error: {type(e).__name__}: {e}"
+    return None, ""  # SystemExit and the like
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,16 +263,43 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .errors import LoraExportError
 
-    try:
-        return _run(args)
-    except LoraExportError as e:
-        if args.debug:
-            raise
-        print(f"lora-export: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("lora-export: interrupted; nothing partial was left behind", file=sys.stderr)
-        return 130
+    debug, verbose = getattr(args, "debug", False), getattr(args, "verbose", False)
+    if args.command == "targets":  # reads a file or two: nothing to log
+        try:
+            return _targets(args)
+        except LoraExportError as e:
+            print(f"lora-export: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    if args.command == "demo" and args.out is None:
+        from .demo import default_out
+
+        args.out = default_out()
+    from .console import captured
+
+    fd, name = tempfile.mkstemp(prefix=f"lora-export-{args.command}-", suffix=".log")
+    os.close(fd)
+    tmp_log, failure, trace = Path(name), None, ""
+    with captured(tmp_log, verbose) as console:
+        console.detail(f"lora-export {' '.join(sys.argv[1:] if argv is None else argv)}")
+        try:
+            code = _run(args, console)
+        except BaseException as e:
+            code, failure = _outcome(e)
+            if code is None:
+                raise
+            trace = traceback.format_exc()
+            console.detail(trace)
+    log = _settle_log(tmp_log, _log_home(args), args.command, code)
+    terminal = sys.stderr
+    if failure is not None:
+        if debug:
+            print(trace, file=terminal, end="")
+        print(failure, file=terminal)
+        if code == EXIT_TOOLCHAIN:
+            print(f"The full log is {log}; rerun with --debug for the traceback.", file=terminal)
+    elif log is not None:
+        print(f"log: {log}", file=terminal)
+    return code
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ class DemoResult:
     rows: tuple[Row, ...]
     passed: bool
 
+    @property
+    def table(self) -> str:
+        return summary_markdown(list(self.rows))
+
 
 def default_out(cwd: Path | None = None) -> Path:
     cwd = Path(cwd or Path.cwd())
@@ -56,8 +60,14 @@ def default_out(cwd: Path | None = None) -> Path:
 
 
 def demo(out: Path | None = None, progress=print, targets=TARGETS, training: dict | None = None,
-         bench_rounds: int = 40, base_dir: Path = EMBEDDED / "base", data_dir: Path = EMBEDDED / "demo") -> DemoResult:
-    """Run the whole pipeline; ``base_dir`` and ``data_dir`` (train.jsonl, eval.jsonl) default to the embedded ones."""
+         bench_rounds: int = 40, base_dir: Path = EMBEDDED / "base", data_dir: Path = EMBEDDED / "demo",
+         bar=None) -> DemoResult:
+    """Run the whole pipeline; ``base_dir`` and ``data_dir`` (train.jsonl, eval.jsonl) default to the embedded ones.
+
+    ``progress`` gets one line per stage (and indented detail lines); ``bar``: a terminal stream to draw the
+    training progress bar on. The summary table is in the result (``.table``) and in ``summary.md``."""
+    from .train import step_bar
+
     out = Path(out) if out else default_out()
     check_new_output(out)
     evalset = load_jsonl(data_dir / "eval.jsonl").examples
@@ -67,7 +77,8 @@ def demo(out: Path | None = None, progress=print, targets=TARGETS, training: dic
     with staged(out) as tmp:
         progress("training a QLoRA adapter on the embedded base (4-bit NF4, double quant, CPU)")
         adapter = train(TrainConfig(base=base_dir, data=data_dir / "train.jsonl", out=tmp / "adapter",
-                                    **(training or DEMO_TRAINING)), log=lambda m: progress(f"  {m}")).adapter_dir
+                                    **(training or DEMO_TRAINING)), log=lambda m: progress(f"  {m.strip()}"),
+                        callbacks=[step_bar(bar)] if bar is not None else ()).adapter_dir
         progress(f"task accuracy of the base and the adapted model on {len(evalset)} held-out examples")
         rows.append(Row("base (PyTorch fp32)", task_accuracy(TorchCausalLM(load_fp32(base_dir)), tok, evalset).value))
         adapted = load_adapted(base_dir, load_adapter(adapter, base_dir))
@@ -75,10 +86,10 @@ def demo(out: Path | None = None, progress=print, targets=TARGETS, training: dic
         for name in targets:
             progress(f"exporting for {name}")
             result = export(ExportRequest(base=base_dir, adapter=adapter, target=name, out=tmp / f"export-{name}"),
-                            progress=lambda m, n=name: progress(f"  {n}: {m}"))
-            progress(f"  {name}: benchmarking merged vs base")
+                            progress=lambda m, n=name: progress(f"  {n}: {m.strip()}"))
+            progress(f"{name}: benchmarking merged vs base")
             # the export lives in the staging folder until the demo completes
-            b = bench(tmp / f"export-{name}", progress=lambda m, n=name: progress(f"  {n}: {m}"), rounds=bench_rounds,
+            b = bench(tmp / f"export-{name}", progress=lambda m, n=name: progress(f"  {n}: {m.strip()}"), rounds=bench_rounds,
                       memory=False)  # keeps the demo short; `lora-export bench` measures peak memory too
             progress(f"  {name}: task accuracy of the export in ONNX Runtime")
             acc = task_accuracy(OrtCausalLM(tmp / f"export-{name}"), tok, evalset).value
@@ -88,10 +99,11 @@ def demo(out: Path | None = None, progress=print, targets=TARGETS, training: dic
                             b.decode_ratio.median, b.ratios["unmerged"]["decode"].median if "unmerged" in b.ratios else None,
                             b.verdict))
             passed &= result.parity.passed and b.within_budget
+            progress(f"{name}: parity {'PASS' if result.parity.passed else 'FAIL'} (max rel diff {m.max_rel_diff:.2g}, "
+                     f"mean KL {m.mean_kl:.2g}), merged/base decode {b.decode_ratio.median:.3f} ({b.verdict}), "
+                     f"task accuracy {acc:.1%}")
         (tmp / "summary.md").write_text(summary_markdown(rows))
         (tmp / "summary.json").write_text(json.dumps({"passed": passed, "rows": [r.__dict__ for r in rows]}, indent=2))
-    print(summary_markdown(rows))
-    print(f"everything is under {out}")
     return DemoResult(out=out, rows=tuple(rows), passed=passed)
 
 

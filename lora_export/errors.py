@@ -1,6 +1,8 @@
 """One exception family. Every error says what went wrong, where, and how to fix it.
 
-Library code raises these; only ``cli.py`` turns them into exit codes (2 for bad input).
+Library code raises these; only ``cli.py`` turns them into exit codes: 2 for ``BadInput`` (the user's input
+cannot be used), 3 for ``ToolchainFailed`` (a library or tool we drive failed: the graph builder, the ONNX
+exporter, ONNX Runtime, a child process that died) and for any exception that is not ours.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class BadInput(LoraExportError):
             return str(self.problems[0])
         lines = [f"{len(self.problems)} problems:"] + [f"  - {p}" for p in self.problems]
         return "\n".join(lines)
+
+
+class ToolchainFailed(LoraExportError):
+    """A tool we drive failed on input we had accepted: not the user's fault, so not exit 2."""
 
 
 def raise_if(problems: list[Problem]) -> None:

@@ -23,10 +23,10 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from .errors import LoraExportError
+from .errors import ToolchainFailed
 
 
-class StageCrashed(LoraExportError):
+class StageCrashed(ToolchainFailed):
     """The child process died without a result (killed, out of memory, or a crash in native code)."""
 
 

@@ -240,7 +240,7 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     weight_map: dict[str, str] = {}
     trained_map: dict[str, str] = {}
     for i, (shard, entries) in enumerate(zip(shards, headers)):
-        progress(f"merging shard {i + 1}/{len(shards)} ({shard.name}, {shard.stat().st_size / 1e6:.0f} MB)")
+        progress(f"  merging shard {i + 1}/{len(shards)} ({shard.name}, {shard.stat().st_size / 1e6:.0f} MB)")
         declared = [(f"{m}.{p}", _fp32_code(e.dtype), e.shape) for e in entries for m, p in plan(e.name)]
         writer = tensorfile.Writer(out_dir / files[i], declared)
         trained = None

@@ -22,7 +22,7 @@ from .isolate import run_in_child
 from .runtime import Generation, LogitStore, generate, greedy_tokens, release, teacher_forced
 from .targets import Tolerances
 
-SCHEMA_VERSION = 3  # 3: max_rel_diff, the reference's dtype and device, tolerance notes
+SCHEMA_VERSION = 4  # 3: max_rel_diff, the reference's dtype and device, tolerance notes; 4: metrics along the continuation
 LOGIT_BUDGET_BYTES = 16 << 20  # logits one teacher-forced batch may produce at once (about one sequence)
 MIN_STEPS = 17  # the prompt pass and at least 16 decode steps
 
@@ -63,6 +63,9 @@ class Metrics:
     greedy_mean_identical: float | None = None
     max_rel_diff: float = 0.0  # max |logit diff| / max |reference logit|: scales with the model's logits
     reference_max_abs: float = 0.0  # max |reference logit| over the compared positions
+    # along the generated continuation, position by position (0: the prompt pass's last row), over sequences:
+    along_max_abs_diff: tuple[float, ...] = ()  # max |logit diff|
+    along_mean_kl: tuple[float, ...] = ()  # mean KL(reference || candidate)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -82,9 +85,14 @@ class Accumulator:
         self.max_abs = self.sum_abs = self.sum_d2 = self.sum_r2 = self.cos = self.kl = self.max_kl = 0.0
         self.ref_max = 0.0
         self.prefixes: list[int] = []
+        self.along_max: list[float] = []  # per continuation position: max |diff| over sequences
+        self.along_kl: list[float] = []  # per continuation position: summed KL, and how many sequences
+        self.along_n: list[int] = []
 
-    def add(self, r: np.ndarray, c: np.ndarray, prefix: int | None = None, *also: "Accumulator") -> None:
-        """Add one sequence's rows; ``also``: other accumulators that take the same rows (computed once)."""
+    def add(self, r: np.ndarray, c: np.ndarray, prefix: int | None = None, *also: "Accumulator",
+            continuation: int | None = None) -> None:
+        """Add one sequence's rows; ``also``: other accumulators that take the same rows (computed once);
+        ``continuation``: the row where the generated continuation starts, to record metrics along it."""
         if r.shape != c.shape:
             raise ValueError(f"logit rows of shape {c.shape} compared with reference rows {r.shape}")
         for acc in (self, *also):
@@ -94,6 +102,8 @@ class Accumulator:
             d = np.abs(rr - cc)
             lp, lq = _log_softmax(rr), _log_softmax(cc)
             kl = (np.exp(lp) * (lp - lq)).sum(-1)
+            if continuation is not None:
+                self._along(i - continuation, d.max(-1), kl)
             norms = np.maximum(np.linalg.norm(rr, axis=-1) * np.linalg.norm(cc, axis=-1), 1e-30)
             part = (len(rr), d.size, float(d.max()), float(np.abs(rr).max()), float(d.sum()), float((d * d).sum()),
                     float((rr * rr).sum()), float(((rr * cc).sum(-1) / norms).sum()), float(kl.sum()),
@@ -102,6 +112,17 @@ class Accumulator:
                 acc._absorb(part)
         if prefix is not None:
             self.prefixes.append(prefix)
+
+    def _along(self, first: int, row_max: np.ndarray, row_kl: np.ndarray) -> None:
+        for k, (dm, kl) in enumerate(zip(row_max.tolist(), row_kl.tolist())):
+            pos = first + k
+            if pos < 0:
+                continue
+            while len(self.along_max) <= pos:
+                self.along_max.append(0.0), self.along_kl.append(0.0), self.along_n.append(0)
+            self.along_max[pos] = max(self.along_max[pos], dm)
+            self.along_kl[pos] += kl
+            self.along_n[pos] += 1
 
     def _absorb(self, part: tuple) -> None:
         rows, elements, max_abs, ref_max, sum_abs, sum_d2, sum_r2, cos, kl, max_kl, top1 = part
@@ -126,6 +147,8 @@ class Accumulator:
             greedy_min_identical=min(self.prefixes) if self.prefixes else None,
             greedy_mean_identical=float(np.mean(self.prefixes)) if self.prefixes else None,
             max_rel_diff=self.max_abs / max(self.ref_max, 1e-30), reference_max_abs=self.ref_max,
+            along_max_abs_diff=tuple(self.along_max),
+            along_mean_kl=tuple(k / max(n, 1) for k, n in zip(self.along_kl, self.along_n)),
         )
 
 
@@ -262,7 +285,8 @@ def candidate_stage(candidate, shapes: list[Shape], steps: int, ref_tokens: list
             out = generate(model, [list(p) for p in batch], steps, forced=[ref_tokens[i + j] for j in range(len(batch))])
             for j, g in enumerate(out):
                 r = ref_rows[i + j]
-                acc.add(r, g.logits, forced_prefix(ref_tokens[i + j], g.logits, len(batch[j])), total)
+                acc.add(r, g.logits, forced_prefix(ref_tokens[i + j], g.logits, len(batch[j])), total,
+                        continuation=len(batch[j]) - 1)
                 if merged_rows is not None:
                     export.add(merged_rows[i + j], g.logits)
             i += len(batch)
@@ -398,13 +422,48 @@ def markdown(report: ParityReport) -> str:
             m = report.stages[key]
             lines.append(f"| {label} | {m.max_abs_diff:.3g} | {m.max_rel_diff:.3g} | {m.mean_kl:.3g} | "
                          f"{m.top1_agreement:.1%} |")
+    if any(m.along_max_abs_diff for m in report.shapes.values()):
+        lines += ["", f"Where along the {report.steps}-token continuation the export drifts, per shape "
+                  "(max |logit diff| and mean KL at each position): [parity.png](parity.png)", "",
+                  "![per-position logit difference and KL](parity.png)"]
     if report.adapter_retention is not None:
         lines += ["", f"Adapter retention: the export keeps {report.adapter_retention:.1%} of the adapter's effect "
                   "(1 - KL(trained || export) / KL(trained || base))."]
     return "\n".join(lines) + "\n"
 
 
+def write_plot(report: ParityReport, path: Path) -> bool:
+    """Max |logit diff| and mean KL at each position of the continuation, one line per shape (log scale):
+    where parity drifts is where a user looks first. Returns False when there is nothing to plot."""
+    curves = {name: m for name, m in report.shapes.items() if m.along_max_abs_diff}
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floor = 1e-12  # an exact match is drawn at the floor (a log axis has no zero)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for name, m in curves.items():
+        x = np.arange(len(m.along_max_abs_diff))
+        top.plot(x, np.maximum(m.along_max_abs_diff, floor), label=name)
+        bottom.plot(x, np.maximum(m.along_mean_kl, floor), label=name)
+    for ax, label in ((top, "max |logit diff|"), (bottom, "mean KL(reference || export)")):
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    bottom.set_xlabel("position in the continuation (0: the prompt pass)")
+    top.legend()
+    top.set_title(f"Parity along the continuation: {report.target} ({'PASS' if report.passed else 'FAIL'})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_reports(report: ParityReport, out_dir: Path) -> None:
     write_json(report, out_dir / "parity.json")
     write_junit(report, out_dir / "parity.xml")
+    write_plot(report, out_dir / "parity.png")
     (out_dir / "parity.md").write_text(markdown(report))

@@ -273,7 +273,7 @@ def read_manifest(export_dir: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise BadInput.one(str(path), f"not valid JSON ({e})", "re-export the model") from None
+        raise BadInput.one(str(path), f"not valid JSON ({e})", "re-export the model") from e
 
 
 def load_prompts(tok, path: Path | None = None) -> tuple[list[list[int]], list[list[int]]]:

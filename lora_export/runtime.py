@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInput
+from .errors import BadInput, ToolchainFailed
 from .export.io_spec import (
     check_external_data,
     check_io,
@@ -25,9 +25,9 @@ from .export.io_spec import (
 def import_onnxruntime():
     try:
         import onnxruntime
-    except ImportError:
-        raise BadInput.one("onnxruntime", "ONNX Runtime is not installed",
-                           'pip install "lora-export[cpu]" (or "lora-export[gpu]" for CUDA), not both') from None
+    except ImportError as e:
+        raise ToolchainFailed('ONNX Runtime is not installed. Fix: pip install "lora-export[cpu]" (or '
+                              '"lora-export[gpu]" for CUDA), not both') from e
     return onnxruntime
 
 
@@ -73,7 +73,7 @@ class OrtCausalLM:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # ORT raises its own exception types; name the file and stop
             raise BadInput.one(str(path), f"ONNX Runtime cannot load this model ({e})",
-                               "re-export it with `lora-export export`") from None
+                               "re-export it with `lora-export export`") from e
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -268,7 +268,7 @@ def load_target(name_or_path: str | Path) -> Target:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise BadInput.one(str(path), f"not valid TOML ({e})", "fix the syntax; see targets/ort-cpu-fp32.toml") from None
+        raise BadInput.one(str(path), f"not valid TOML ({e})", "fix the syntax; see targets/ort-cpu-fp32.toml") from e
     return parse_target(data, str(path))
 
 

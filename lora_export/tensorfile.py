@@ -42,7 +42,7 @@ def read_header(path: Path) -> tuple[list[Entry], dict]:
         try:
             header = json.loads(f.read(size))
         except (ValueError, UnicodeDecodeError) as e:
-            raise BadInput.one(str(path), f"the safetensors header is not valid JSON ({e})", "save the model again") from None
+            raise BadInput.one(str(path), f"the safetensors header is not valid JSON ({e})", "save the model again") from e
     metadata = header.pop("__metadata__", {}) or {}
     entries = []
     for name, info in header.items():

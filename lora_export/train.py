@@ -186,11 +186,51 @@ def _scratch():
         yield Path(tmp)
 
 
+def _loss_lines(log):
+    """A TrainerCallback: one detail line per logging step with the loss (and the eval loss when there is one).
+    Made here, not at import: this module's readers (the adapter checks) must not import transformers."""
+    from transformers import TrainerCallback
+
+    class LossLines(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            shown = {k: v for k, v in (logs or {}).items() if k in ("loss", "eval_loss")}
+            if shown:
+                log(f"  step {state.global_step}/{state.max_steps}: "
+                    + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in shown.items()))
+
+    return LossLines()
+
+
+def step_bar(stream):
+    """A TrainerCallback drawing a progress bar over training steps on ``stream`` (a terminal): tqdm, shown
+    only once training has run for 3 s."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class StepBar(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                            file=stream, delay=3, leave=False, disable=False, dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return StepBar()
+
+
 def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     """Train a (Q)LoRA adapter and write it, complete, to ``cfg.out`` (written in a temporary sibling first).
 
-    ``log`` receives one line per stage; the Trainer shows its own progress bar with the loss.
-    ``callbacks`` are extra transformers TrainerCallbacks.
+    ``log`` receives one line per stage, and an indented line (a detail) with the loss at each logging step;
+    ``callbacks`` are extra transformers TrainerCallbacks (the CLI adds ``step_bar`` on a terminal).
     """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -237,10 +277,10 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
             eval_strategy="steps" if eval_rows else "no", eval_steps=max(1, cfg.steps // 5),
             report_to=[], seed=cfg.seed, data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(),
             bf16=nf4.compute_dtype == "bfloat16", dataloader_num_workers=0, remove_unused_columns=False,
-            disable_tqdm=False,
+            disable_tqdm=True,  # progress is ours: loss lines through ``log``, a bar from the caller on a terminal
         )
         trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
-                          data_collator=_collate(tok.pad_token_id), callbacks=list(callbacks))
+                          data_collator=_collate(tok.pad_token_id), callbacks=[_loss_lines(log), *callbacks])
         trainer.train(resume_from_checkpoint=_last_checkpoint(cfg.out) if cfg.resume else None)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None

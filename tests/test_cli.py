@@ -1,8 +1,10 @@
 """The CLI contract: 0 success, 1 verdict failed, 2 bad input with a clear message and no traceback."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,10 +60,10 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(argv, fragment, tiny_
 
 
 def test_debug_shows_the_traceback(capsys):
-    from lora_export.errors import BadInput
-
-    with pytest.raises(BadInput):
-        main(["--debug", "validate", "/no/such/export"])
+    rc, _, err = run(["--debug", "validate", "/no/such/export"], capsys)
+    assert rc == 2 and "Traceback" in err and "BadInput" in err and "not an export directory" in err
+    rc, _, err = run(["validate", "/no/such/export", "--debug"], capsys)  # after the command as well
+    assert rc == 2 and "Traceback" in err
 
 
 def test_console_script_exit_code_and_stderr(tmp_path):
@@ -106,3 +108,86 @@ def test_example_ci_workflow_uses_real_commands():
         argv = shlex.split(command.replace("${{ matrix.target }}", "ort-cpu-int4"))
         assert argv[0] == "lora-export"
         build_parser().parse_args(argv[1:])  # exits 2 on an unknown flag
+
+
+def _commands():
+    import argparse
+
+    from lora_export.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_every_option_has_help_and_shows_its_default(capsys):
+    import argparse
+
+    parser, commands = _commands()
+    for name, command in [("lora-export", parser), *commands.items()]:
+        for action in command._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+        text = command.format_help()
+        for action in command._actions:
+            if (action.option_strings and action.default not in (None, argparse.SUPPRESS)
+                    and not isinstance(action.default, bool)):
+                assert f"(default: {action.default})" in " ".join(text.split()), (name, action.option_strings)
+
+
+def test_version_names_the_packages(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("lora-export 0.") and "torch " in out and "onnxruntime" in out
+
+
+def test_usage_error_names_the_program_once(capsys):
+    for argv, prog in ((["--no-such-flag"], "lora-export"), (["export", "--base"], "lora-export export")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"see `{prog} --help`" in err and "lora-export lora-export" not in err
+
+
+def test_an_internal_error_exits_3_with_the_log_path(tiny_base, tiny_adapter, tmp_path, capsys, monkeypatch):
+    """A bug (an exception that is not ours) never reads as a verdict (1) nor as the user's fault (2)."""
+    import lora_export.pipeline as pipeline
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("injected")
+
+    monkeypatch.setattr(pipeline, "check_free_disk", broken)
+    argv = ["export", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--target", "ort-cpu-fp32",
+            "--out", str(tmp_path / "o")]
+    rc, _, err = run(argv, capsys)
+    assert rc == 3 and "internal error: ZeroDivisionError: injected" in err and "Traceback" not in err
+    log = Path(re.search(r"The full log is (\S+);", err).group(1))
+    assert "ZeroDivisionError" in log.read_text() and "--debug" in err  # the traceback is kept in the log
+    log.unlink()
+    rc, _, err = run(["--debug", *argv], capsys)
+    assert rc == 3 and "Traceback" in err and "ZeroDivisionError" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_toolchain_failure_exits_3(tiny_base, tiny_adapter, tmp_path, capsys, monkeypatch):
+    """The graph builder failing is the toolchain's failure, not bad input: exit 3, naming the builder's log."""
+    import lora_export.export.genai_builder as builder
+
+    monkeypatch.setattr(builder, "ARCHITECTURES", builder.ARCHITECTURES)  # the real builder, fed a broken option
+    monkeypatch.setattr(builder, "_builder_ep", lambda target: "no-such-provider")
+    rc, _, err = run(["export", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--target", "ort-cpu-fp32",
+                      "--out", str(tmp_path / "o")], capsys)
+    assert rc == 3 and "the toolchain failed: the onnxruntime-genai builder failed" in err, err
+    assert "The full log is" in err and not (tmp_path / "o").exists()
+
+
+def test_quiet_by_default_and_the_log_keeps_the_rest(fp32_export, capsys):
+    """validate prints stage lines and the report; library output goes to validate.log in the export."""
+    rc, out, err = run(["validate", str(fp32_export.out)], capsys)
+    assert rc == 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert all(line.startswith("[") or line.startswith("log: ") for line in lines), lines
+    log = fp32_export.out / "validate.log"
+    assert f"log: {log}" in err and "parity: the reference generates" in log.read_text()

@@ -23,6 +23,7 @@ def test_demo_path_on_a_tiny_model(tiny_base, tmp_path):
     assert rows["export ort-cpu-int4"].latency_ratio > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["passed"] == r.passed
+    assert r.table == (out / "summary.md").read_text()
 
 
 def test_default_out_never_overwrites(tmp_path):
@@ -46,5 +47,11 @@ def test_lora_export_demo_end_to_end(tmp_path):
     assert rows["export ort-cpu-fp32"]["parity"] == "PASS"
     assert "| model | task accuracy |" in p.stdout
     assert "[0:" in p.stderr  # progress lines while it works
+    # one screen: stage lines, the table and the log's path; every library's output is in demo.log instead
+    shown = (p.stdout + p.stderr).splitlines()
+    assert len(shown) <= 40, "\n".join(shown)
+    assert not [line for line in shown if "Warning" in line or "[INFO]" in line or "Loading weights" in line]
+    log = (out / "demo.log").read_text()
+    assert f"log: {out / 'demo.log'}" in p.stderr and "onnxruntime-genai" in log and len(log.splitlines()) > len(shown)
     for name in ("bench.json", "bench.md", "bench.png"):  # the bench on the embedded model wrote all three
         assert (out / "export-ort-cpu-fp32" / name).is_file(), name

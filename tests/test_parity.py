@@ -54,11 +54,16 @@ def test_report_schema_and_stages(fp32_export):
     import json
 
     report = json.loads((fp32_export.out / "parity.json").read_text())
-    assert report["schema_version"] == 3 and report["passed"] is True
+    assert report["schema_version"] == 4 and report["passed"] is True
     assert set(report["shapes"]) == {"b1-short", "b1-long", "b2-padded"}
     assert report["steps"] == 64  # fp32: a 64-token greedy continuation must be identical
     for m in report["shapes"].values():
         assert m["greedy_min_identical"] == 64 and m["positions"] > 64 * m["sequences"]
+        # metrics along the continuation: one value per generated position, within the shape's own maximum
+        assert len(m["along_max_abs_diff"]) == len(m["along_mean_kl"]) == 64
+        assert 0 < max(m["along_max_abs_diff"]) <= m["max_abs_diff"]
+    png = fp32_export.out / "parity.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(parity.png)" in (fp32_export.out / "parity.md").read_text()
     # merging into the nf4 base reproduces the trained model; the adapter changed the model a lot more
     assert report["stages"]["merge"]["max_abs_diff"] < 1e-4
     assert report["stages"]["adapter"]["mean_kl"] > 1e3 * report["stages"]["total"]["mean_kl"]
@@ -131,3 +136,22 @@ def test_streamed_metrics_equal_the_whole_array_formulas():
     assert m.rel_l2 == pytest.approx(np.linalg.norm(R - C) / np.linalg.norm(R))
     assert m.mean_kl == pytest.approx((np.exp(lp) * (lp - lq)).sum(-1).mean())
     assert m.top1_agreement == pytest.approx((R.argmax(-1) == C.argmax(-1)).mean())
+
+
+def test_metrics_along_the_continuation_locate_the_drift():
+    """A candidate that is exact on the prompt and drifts from the 3rd generated position on: the curve says so."""
+    from lora_export.parity import Accumulator
+
+    rng = np.random.default_rng(0)
+    prompt, generated, vocab = 5, 20, 32
+    r = rng.normal(size=(prompt - 1 + generated, vocab)).astype(np.float32)
+    c = r.copy()
+    c[prompt - 1 + 3:, 0] += 0.5 * np.arange(1, generated - 2)  # one logit, growing with the position
+    acc = Accumulator()
+    acc.add(r, c, None, continuation=prompt - 1)
+    acc.add(r, r, None, continuation=prompt - 1)  # a second, exact sequence: the max is over sequences
+    m = acc.metrics()
+    assert len(m.along_max_abs_diff) == generated
+    assert m.along_max_abs_diff[:3] == (0.0, 0.0, 0.0) and m.along_max_abs_diff[3] == pytest.approx(0.5)
+    assert m.along_max_abs_diff[-1] == pytest.approx(0.5 * (generated - 3))
+    assert m.along_mean_kl[:3] == (0.0, 0.0, 0.0) and 0 < m.along_mean_kl[3] < m.along_mean_kl[-1]

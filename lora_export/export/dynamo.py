@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import BadInput, LoraExportError
+from ..errors import BadInput, ToolchainFailed
 from .backend import Backend
 
 ARCHITECTURES = (
@@ -28,7 +28,7 @@ SCHEMES = ("none", "nf4")  # nf4 is a post-process on any graph; int4/int8 come 
 PRECISIONS = ("fp32", "fp16")
 
 
-class ExportFailed(LoraExportError):
+class ExportFailed(ToolchainFailed):
     pass
 
 
@@ -108,7 +108,7 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
         except Exception as e:  # torch.export raises many types; the log keeps the detail
             log.write(f"{type(e).__name__}: {e}\n")
             raise ExportFailed(f"torch.onnx.export(dynamo=True) failed for {arch}: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''} (details in {log_path})") from None
+                               f"{str(e).splitlines()[0] if str(e) else ''} (details in {log_path})") from e
         _single_data_file(Path(tmp) / "model.onnx", out_dir)
     (out_dir / "genai_config.json").write_text(json.dumps(_genai_config(config, layers, kv_heads, head_dim), indent=2))
     _copy_tokenizer(checkpoint, out_dir)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import BadInput, LoraExportError
+from ..errors import BadInput, ToolchainFailed
 from ..isolate import die_with_parent, lean_env
 from ..quantize import SCHEMES
 from .backend import Backend
@@ -26,7 +26,7 @@ ARCHITECTURES = (
 PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
 
 
-class BuildFailed(LoraExportError):
+class BuildFailed(ToolchainFailed):
     pass
 
 
@@ -43,8 +43,8 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
         raise BadInput.one(target.source, f"execution providers {', '.join(target.execution_providers)} are not "
                            "supported by the genai-builder backend", f"include one of {', '.join(PROVIDERS)}")
     if importlib.util.find_spec("onnxruntime_genai") is None:
-        raise BadInput.one("onnxruntime-genai", "the graph builder is not installed",
-                           'pip install "lora-export[cpu]" (or "lora-export[gpu]" for CUDA)')
+        raise ToolchainFailed('onnxruntime-genai (the graph builder) is not installed. Fix: pip install '
+                              '"lora-export[cpu]" (or "lora-export[gpu]" for CUDA)')
     scheme = SCHEMES[target.quantization.scheme]
     options = {"hf_remote": "false", **scheme.builder_options(target.quantization)}
     if adapter is not None:  # the builder's own LoRA path: MatMul A, MatMul B (scaling folded in), Add

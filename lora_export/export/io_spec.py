@@ -42,7 +42,7 @@ def check_external_data(model_path: Path):
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
         raise BadInput.one(str(model_path), f"not a readable ONNX model ({type(e).__name__})",
-                           "re-export it with `lora-export export`") from None
+                           "re-export it with `lora-export export`") from e
     bad = set()
     for tensor in _all_initializers(model.graph):
         for entry in tensor.external_data:
