@@ -7,12 +7,14 @@ unknown module names, shape mismatches, pickle-only files, NaN/Inf, a base other
 
 from __future__ import annotations
 
-import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInput, Problem, raise_if
 from .fingerprint import fingerprint
+from .jsonfile import read_object
 from .train import MANIFEST
 
 SUPPORTED_PEFT_TYPES = ("LORA",)
@@ -62,18 +64,18 @@ def _io_features(module) -> tuple[int, int] | None:
     return None
 
 
+def _number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _read_config(path: Path, problems: list[Problem]) -> dict:
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file():
         problems.append(Problem(str(path), "no adapter_config.json", "save the adapter with PEFT's save_pretrained()"))
         return {}
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        problems.append(Problem(str(cfg_path), f"not valid JSON ({e})", "restore the file PEFT wrote"))
-        return {}
-    if not isinstance(config, dict):
-        problems.append(Problem(str(cfg_path), "the top level is not a JSON object", "restore the file PEFT wrote"))
+    restore = "restore the adapter_config.json PEFT wrote with the adapter"
+    config = read_object(cfg_path, restore, problems)
+    if config is None:
         return {}
     if config.get("peft_type") not in SUPPORTED_PEFT_TYPES:
         problems.append(Problem(str(cfg_path), f"peft_type {config.get('peft_type')!r} is not supported",
@@ -81,26 +83,81 @@ def _read_config(path: Path, problems: list[Problem]) -> dict:
         return config
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        problems.append(Problem(str(cfg_path), f"rank r = {r!r}: a LoRA rank must be a positive integer",
-                                "restore the adapter_config.json PEFT wrote with the adapter"))
+        problems.append(Problem(str(cfg_path), f"rank r = {r!r}: a LoRA rank must be a positive integer", restore))
     alpha = config.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        problems.append(Problem(str(cfg_path), f"lora_alpha = {alpha!r} is not a number", "restore the file PEFT wrote"))
+    if not _number(alpha) or alpha <= 0:
+        problems.append(Problem(str(cfg_path), f"lora_alpha = {alpha!r}: it must be a positive finite number "
+                                "(the update is scaled by lora_alpha / r)", restore))
+    dropout = config.get("lora_dropout", 0.0)
+    if not _number(dropout) or not 0 <= dropout < 1:
+        problems.append(Problem(str(cfg_path), f"lora_dropout = {dropout!r}: it must be a number in [0, 1)", restore))
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if key in config and not isinstance(config[key], bool):
+            problems.append(Problem(str(cfg_path), f"{key} = {config[key]!r}: it must be true or false", restore))
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
-                                                for v in pattern.values()):
-            problems.append(Problem(str(cfg_path), f"{key} must map module names to positive numbers",
-                                    "restore the file PEFT wrote"))
+        if not isinstance(pattern, dict) or any(not _number(v) or v <= 0 for v in pattern.values()):
+            problems.append(Problem(str(cfg_path), f"{key} must map module names to positive numbers", restore))
     if config.get("lora_bias"):
         problems.append(Problem(str(cfg_path), "lora_bias = true (a trained bias on lora_B) is not supported",
                                 "train the adapter without lora_bias"))
     targets = config.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets and
-                                         all(isinstance(t, str) for t in targets))):
-        problems.append(Problem(str(cfg_path), f"target_modules = {targets!r} names no module",
-                                "restore the adapter_config.json PEFT wrote with the adapter"))
+                                         all(isinstance(t, str) and t for t in targets))):
+        problems.append(Problem(str(cfg_path), f"target_modules = {str(targets)[:80]!r} names no module", restore))
     return config
+
+
+def _configured_rank(config: dict, name: str) -> int | None:
+    """The rank PEFT gives module ``name``: the first rank_pattern key that matches it (PEFT's rule: the
+    whole name, or its end after a dot), else ``r``."""
+    for key, rank in (config.get("rank_pattern") or {}).items():
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", name) is not None
+        except re.error:
+            hit = name == key or name.endswith("." + key)
+        if hit:
+            return rank
+    r = config.get("r")
+    return r if isinstance(r, int) and not isinstance(r, bool) else None
+
+
+def _config_problems(config: dict, cfg_path: Path, modules: dict, found: dict, arch: str) -> list[Problem]:
+    """What adapter_config.json says against what the tensors hold and what the base has."""
+    problems = []
+    restore = "restore the adapter_config.json PEFT wrote with the adapter"
+    for name, parts in sorted(found.items()):
+        want, have = _configured_rank(config, name), parts.get("A", (None,))[0]
+        if want is not None and have is not None and want != have:
+            problems.append(Problem(str(cfg_path), f"rank {want} for {name}, but its saved lora_A has rank {have}",
+                                    restore))
+            break  # one is enough to say the config and the tensors disagree
+    if config.get("use_dora") is True:
+        missing = [n for n, parts in found.items() if "magnitude" not in parts]
+        if missing:
+            problems.append(Problem(str(cfg_path), f"use_dora = true, but {len(missing)} adapted module(s) have no "
+                                    f"DoRA magnitude vector (e.g. {sorted(missing)[0]})",
+                                    "save the DoRA adapter again with PEFT, or set use_dora = false if it is plain LoRA"))
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        for key in targets:
+            if not isinstance(key, str) or not key:
+                continue
+            hits = [n for n in modules if n == key or n.endswith("." + key)]
+            if not hits:
+                problems.append(Problem(str(cfg_path), f"target_modules names {key!r}, which matches no module of "
+                                        f"the base ({arch})", "export with the base the adapter was trained on"))
+            elif not any(_io_features(modules[n]) for n in hits):
+                kind = type(modules[hits[0]]).__name__
+                problems.append(Problem(str(cfg_path), f"target_modules names {key!r}, a {kind}: LoRA adapts linear, "
+                                        "Conv1D and embedding layers only", restore))
+    elif isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as e:
+            problems.append(Problem(str(cfg_path), f"target_modules {targets[:80]!r} is not a valid regular "
+                                    f"expression ({e})", restore))
+    return problems
 
 
 def _weights_file(path: Path, allow_pickle: bool, problems: list[Problem]) -> Path | None:
@@ -139,7 +196,6 @@ def _tensors(weights: Path):
 def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: bool = True,
                  allow_pickle: bool = False) -> Adapter:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(adapter_dir)
     if not path.is_dir():
@@ -149,9 +205,10 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
     weights = _weights_file(path, allow_pickle, problems)
     raise_if(problems)
 
-    base_cfg = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(base_cfg)
+    from .base import config_of, skeleton as meta_skeleton
+
+    base_cfg = config_of(base_dir)
+    skeleton = meta_skeleton(base_dir, base_cfg)
     modules = dict(skeleton.named_modules())
 
     found: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -160,7 +217,11 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
         if not isinstance(tensor, torch.Tensor):
             problems.append(Problem(str(weights), f"entry {key} is not a tensor", "save the adapter again"))
             continue
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():
+            problems.append(Problem(str(weights), f"tensor {key} has dtype {str(tensor.dtype).replace('torch.', '')}: "
+                                    "LoRA weights are floating point", "save the adapter again from its trained model"))
+            continue
+        if not torch.isfinite(tensor).all():
             problems.append(Problem(str(weights), f"tensor {key} holds NaN or Inf",
                                     "retrain the adapter; a diverged run cannot be exported"))
         where = _module_of(key)
@@ -197,12 +258,14 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
             problems.append(Problem(str(weights), f"{name}: DoRA magnitude {m} does not fit {io[1]} outputs",
                                     "the adapter was trained for a different base; pass that base with --base"))
 
+    problems += _config_problems(config, path / "adapter_config.json", modules, found, arch)
     manifest = None
     if (path / MANIFEST).is_file():
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            problems.append(Problem(str(path / MANIFEST), f"not valid JSON ({e})", "restore the file the trainer wrote"))
+        manifest = read_object(path / MANIFEST, "restore the file the trainer wrote, or delete it for an adapter "
+                               "made by another tool", problems)
+        wrong = manifest_problems(manifest, path / MANIFEST) if manifest is not None else []
+        problems += wrong
+        manifest = None if wrong else manifest
     if manifest and check_fingerprint:
         want = manifest.get("base", {}).get("weights_sha256", {})
         if want and fingerprint(base_dir) != want:
@@ -212,6 +275,42 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
     raise_if(problems)
     return Adapter(path=path, config=config, manifest=manifest, targeted=tuple(sorted(found)),
                    weights=weights, saved=tuple(sorted(saved)))
+
+
+def manifest_problems(manifest: dict, where: Path) -> list[Problem]:
+    """A training manifest's shape: what the export reads from it must be there, with the right types."""
+    from .base import BLOCKSIZES
+
+    fix = "restore the training_manifest.json the trainer wrote, or delete it for an adapter made by another tool"
+    problems = []
+    kind = manifest.get("kind")
+    if kind not in ("qlora", "lora"):
+        problems.append(Problem(str(where), f"kind = {kind!r}: it must be \"qlora\" or \"lora\"", fix))
+    base = manifest.get("base", {})
+    if not isinstance(base, dict) or not isinstance(base.get("weights_sha256", {}), dict):
+        problems.append(Problem(str(where), "base must be an object with a weights_sha256 object", fix))
+    quant = manifest.get("quantization")
+    if kind == "qlora":
+        if not isinstance(quant, dict):
+            problems.append(Problem(str(where), "a QLoRA manifest without its quantization block (how the base was "
+                                    "quantized is what the nf4 merge reproduces)", fix))
+        else:
+            wrong = [k for k, ok in (
+                ("quant_type", quant.get("quant_type") in ("nf4", "fp4")),
+                ("double_quant", isinstance(quant.get("double_quant"), bool)),
+                ("blocksize", quant.get("blocksize") in BLOCKSIZES),
+                ("compute_dtype", quant.get("compute_dtype") in ("float32", "bfloat16", "float16")),
+                ("load_dtype", quant.get("load_dtype", "float32") in ("float32", "bfloat16", "float16")),
+                ("quant_storage", quant.get("quant_storage", "uint8") in ("uint8", "bfloat16", "float16", "float32")),
+                ("quantized_modules", isinstance(quant.get("quantized_modules"), list)
+                 and all(isinstance(m, str) for m in quant["quantized_modules"])),
+            ) if not ok]
+            unknown = sorted(set(quant) - {"quant_type", "double_quant", "blocksize", "compute_dtype", "load_dtype",
+                                           "quant_storage", "quantized_modules"})
+            if wrong or unknown:
+                problems.append(Problem(str(where), "quantization block has missing or invalid "
+                                        f"{', '.join(wrong + unknown)}", fix))
+    return problems
 
 
 def attach(model, adapters, weights=None, low_cpu_mem_usage: bool = False):

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import BadInput, Problem, raise_if
+from .jsonfile import read_object
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,9 @@ def check_base(base_dir: str | Path) -> Path:
     if not cfg.is_file():
         problems.append(Problem(str(base), "no config.json", "save the model with save_pretrained() into this directory"))
     else:
-        try:
-            json.loads(cfg.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            problems.append(Problem(str(cfg), f"not valid JSON ({e})", "restore the model's config.json"))
+        config = read_object(cfg, "restore the model's config.json", problems)
+        if config is not None:
+            problems += _config_field_problems(config, cfg)
     if not list(base.glob("*.safetensors")):
         hint = " (only pickle .bin files: convert them to safetensors)" if list(base.glob("*.bin")) else ""
         problems.append(Problem(str(base), f"no .safetensors weight files{hint}",
@@ -60,10 +60,68 @@ def check_base(base_dir: str | Path) -> Path:
     return base
 
 
+# Sizes every causal LM config has under these names (when it has them): positive whole numbers.
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "vocab_size", "max_position_embeddings", "head_dim", "n_embd", "n_layer", "n_head", "n_positions")
+
+
+def _config_field_problems(config: dict, where: Path) -> list[Problem]:
+    """What can be checked without transformers (this runs in the light parent process)."""
+    fix = "restore the model's config.json"
+    problems = []
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        problems.append(Problem(str(where), f"model_type = {model_type!r}: it must name the architecture", fix))
+    for key in SIZE_FIELDS:
+        value = config.get(key)
+        if key in config and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            problems.append(Problem(str(where), f"{key} = {str(value)[:40]!r}: it must be a positive whole number", fix))
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        problems.append(Problem(str(where), f"architectures = {str(archs)[:60]!r}: it must be a list of class names", fix))
+    return problems
+
+
+def config_of(base_dir: Path):
+    """transformers' config of the base, or BadInput: an unknown model_type (remote code is never run), or
+    fields transformers refuses."""
+    from transformers import AutoConfig
+
+    where = Path(base_dir) / "config.json"
+    try:
+        return AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
+    except Exception as e:  # transformers raises ValueError, KeyError, TypeError... for a config it cannot use
+        raw = json.loads(where.read_text()) if where.is_file() else {}
+        remote = " and points to remote code (auto_map), which lora-export never runs" if raw.get("auto_map") else ""
+        raise BadInput.one(str(where), f"transformers cannot load this config{remote} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''})",
+                           "use a model whose model_type this transformers knows, saved with save_pretrained()") from e
+
+
+def skeleton(base_dir: Path, config=None, dtype=None):
+    """The base's module tree on the meta device (no weights): names, types and shapes, or BadInput."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = config if config is not None else config_of(base_dir)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    except Exception as e:  # a config transformers read but cannot build a causal LM from
+        raise BadInput.one(str(Path(base_dir) / "config.json"), f"no causal language model can be built from this "
+                           f"config ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                           "pass a causal LM's directory (a *ForCausalLM architecture) with --base") from e
+
+
 def load_tokenizer(base_dir: Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=False)
+    except Exception as e:  # tokenizers and transformers raise many types for unreadable files
+        raise BadInput.one(str(base_dir), f"the tokenizer files cannot be read ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''})",
+                           "save the tokenizer again with tokenizer.save_pretrained() here") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

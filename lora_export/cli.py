@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import traceback
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("export_dir", type=Path, help="a directory written by `lora-export export`")
     v.add_argument("--report", type=Path, help="also write the JSON report here")
     v.add_argument("--junit", type=Path, help="also write JUnit XML here")
-    v.add_argument("--prompts", type=Path, help="JSONL of prompt (or text) records (default: the embedded eval set)")
+    v.add_argument("--prompts", type=Path, help="JSONL of {text} or {prompt, completion} records, the prompt is used (default: the embedded eval set)")
 
     b = command("bench", "latency of the merged export against the base export; exit 1 over the budget")
     b.add_argument("export_dir", type=Path, help="a directory written by `lora-export export`")
@@ -219,6 +220,13 @@ def _verdict(console, report, headline: str) -> int:
     return EXIT_VERDICT
 
 
+def _terminate(signum, frame):
+    from .errors import Terminated
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough; a second must not interrupt the clean-up
+    raise Terminated()
+
+
 def _log_home(args) -> Path | None:
     """The folder the command's log ends in: its output directory (the export's for validate and bench)."""
     if args.command in ("validate", "bench"):
@@ -229,7 +237,7 @@ def _log_home(args) -> Path | None:
 def _settle_log(tmp_log: Path, home: Path | None, command: str, code: int) -> Path | None:
     """Move the log into the output directory when there is one to hold it; keep it where it is when the
     toolchain failed and no output was written; drop it after a bad input (the message says everything)."""
-    if code == EXIT_BAD_INPUT:
+    if code in (EXIT_BAD_INPUT, 130, 143):  # the message says everything; nothing is left behind
         tmp_log.unlink(missing_ok=True)
         return None
     if home is not None and Path(home).is_dir() and os.access(home, os.W_OK):
@@ -244,14 +252,16 @@ def _settle_log(tmp_log: Path, home: Path | None, command: str, code: int) -> Pa
 
 def _outcome(e: BaseException) -> tuple[int | None, str]:
     """The exit code and message for an exception that ended a command (None: let it propagate)."""
-    from .errors import BadInput, LoraExportError
+    from .errors import BadInput, LoraExportError, Terminated
 
     if isinstance(e, BadInput):
         return EXIT_BAD_INPUT, f"lora-export: error: {e}"
     if isinstance(e, LoraExportError):
         return EXIT_TOOLCHAIN, f"lora-export: the toolchain failed: {e}"
     if isinstance(e, KeyboardInterrupt):
-        return 130, "lora-export: interrupted; nothing partial was left behind"
+        return 130, "lora-export: interrupted (SIGINT); nothing partial was left behind"
+    if isinstance(e, Terminated):
+        return 143, "lora-export: terminated (SIGTERM); nothing partial was left behind"
     if isinstance(e, Exception):  # not ours: a bug here or in a library; never exit 1, which means a verdict
         return EXIT_TOOLCHAIN, f"lora-export: internal error: {type(e).__name__}: {e}"
     return None, ""  # SystemExit and the like
@@ -279,16 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     fd, name = tempfile.mkstemp(prefix=f"lora-export-{args.command}-", suffix=".log")
     os.close(fd)
     tmp_log, failure, trace = Path(name), None, ""
-    with captured(tmp_log, verbose) as console:
-        console.detail(f"lora-export {' '.join(sys.argv[1:] if argv is None else argv)}")
-        try:
-            code = _run(args, console)
-        except BaseException as e:
-            code, failure = _outcome(e)
-            if code is None:
-                raise
-            trace = traceback.format_exc()
-            console.detail(trace)
+    # SIGTERM unwinds like Ctrl-C (removing temporary folders) instead of killing the process where it stands
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with captured(tmp_log, verbose) as console:
+            console.detail(f"lora-export {' '.join(sys.argv[1:] if argv is None else argv)}")
+            try:
+                code = _run(args, console)
+            except BaseException as e:
+                code, failure = _outcome(e)
+                if code is None:
+                    raise
+                trace = traceback.format_exc()
+                console.detail(trace)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     log = _settle_log(tmp_log, _log_home(args), args.command, code)
     terminal = sys.stderr
     if failure is not None:

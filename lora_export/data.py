@@ -41,6 +41,9 @@ class Dataset:
     examples: tuple[Example, ...]
 
 
+MAX_PROBLEMS = 20  # bad lines reported before stopping: a binary file must not print hundreds
+
+
 def load_jsonl(path: str | Path) -> Dataset:
     path = Path(path)
     if not path.is_file():
@@ -49,6 +52,9 @@ def load_jsonl(path: str | Path) -> Dataset:
     problems: list[Problem] = []
     examples: list[Example] = []
     for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+        if len(problems) >= MAX_PROBLEMS:  # checked first: a line that is not JSON counts as much as any other
+            problems.append(Problem(str(path), f"stopped after {MAX_PROBLEMS} bad lines", "fix these and run again"))
+            break
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -56,6 +62,9 @@ def load_jsonl(path: str | Path) -> Dataset:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             problems.append(Problem(where, f"not valid JSON ({e.msg})", "write one JSON object per line"))
+            continue
+        except RecursionError:
+            problems.append(Problem(where, "nested too deeply to read", "write one flat JSON object per line"))
             continue
         if isinstance(rec, dict) and isinstance(rec.get("text"), str) and rec["text"]:
             examples.append(Example("", rec["text"]))
@@ -68,9 +77,6 @@ def load_jsonl(path: str | Path) -> Dataset:
             problems.append(Problem(where, "record is none of {text}, {prompt, completion}, {messages ending with an "
                                     "assistant turn}", 'use {"text": "..."}, {"prompt": "...", "completion": "..."} or '
                                     '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}'))
-        if len(problems) >= 20:
-            problems.append(Problem(str(path), "stopped after 20 bad lines", "fix these and run again"))
-            break
     if not problems and not examples:
         problems.append(Problem(str(path), "the dataset is empty", "add at least one record"))
     raise_if(problems)

@@ -47,6 +47,10 @@ class ToolchainFailed(LoraExportError):
     """A tool we drive failed on input we had accepted: not the user's fault, so not exit 2."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so every temporary folder is removed on the way out."""
+
+
 def raise_if(problems: list[Problem]) -> None:
     """Raise one BadInput listing every collected problem, if there are any."""
     if problems:

@@ -72,6 +72,9 @@ def run_in_child(fn: Callable[..., Any], *args, progress: Callable[[str], None] 
                     raise payload
                 else:
                     return payload
+        except BaseException:
+            proc.kill()  # interrupted (a signal) or failed: the stage stops now, not when it would have finished
+            raise
         finally:
             try:
                 proc.wait(timeout=30)

@@ -16,11 +16,33 @@ from pathlib import Path
 from .errors import BadInput, Problem
 
 
+NAME_MAX = 255  # bytes in one file name on Linux file systems
+_SIBLING = ".{name}.partial-{pid}-xxxxxxxx"  # the longest temporary sibling name we create
+
+
 def output_problem(out: Path) -> Problem | None:
+    """Why ``out`` cannot be a new output directory, checked before any work: it exists and is not an empty
+    directory, it is a symbolic link, its name is too long for a temporary sibling, or its folder is not
+    writable."""
     out = Path(out)
+    if out.is_symlink():
+        return Problem(str(out), "is a symbolic link; an output is written beside it and renamed into place, which "
+                       "would replace the link", "pass the real directory path (or a new one) as --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         return Problem(str(out), "output directory exists and is not empty",
                        "choose a new --out directory, or remove this one")
+    longest = len(_SIBLING.format(name=out.name, pid=os.getpid()).encode())
+    if longest > NAME_MAX:
+        return Problem(str(out), f"the name is {len(out.name.encode())} bytes; with the temporary sibling's prefix "
+                       f"and suffix it passes the file system's {NAME_MAX}-byte limit",
+                       f"use a name of at most {NAME_MAX - longest + len(out.name.encode())} bytes")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return Problem(str(out), f"{folder} is not a directory", "choose --out inside a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return Problem(str(out), f"its folder {folder} is not writable", "choose --out in a folder you can write")
     return None
 
 
@@ -67,19 +89,66 @@ def scratch(out: Path, tag: str):
 
 
 @contextmanager
+def claimed(out: Path):
+    """Hold ``.NAME.lock`` beside ``out`` (our pid in it) while writing ``out``: a second run for the same
+    output is refused at once instead of failing after all its work. A lock whose process is gone is taken."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and _alive(holder):
+                raise BadInput.one(str(out), f"another lora-export (pid {holder}) is writing this output now",
+                                   "wait for it to finish, or choose another --out") from None
+            lock.unlink(missing_ok=True)  # left by a killed run
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    else:
+        raise BadInput.one(str(out), "its lock file keeps reappearing", "choose another --out")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+@contextmanager
 def staged(out: Path):
     """Yield a temporary sibling of ``out``; rename it to ``out`` only if the block completes.
 
     A failure never leaves anything at ``out``: the sibling is removed on any exception, and one left by a
-    killed run is swept by the next run.
+    killed run is swept by the next run. The output is claimed (``claimed``) for the whole block.
     """
     out = Path(out)
-    sweep_stale(out)
-    with scratch(out, "partial") as tmp:
-        yield tmp
-        if out.exists():
-            out.rmdir()  # checked empty before the work started
-        tmp.rename(out)
+    with claimed(out):
+        sweep_stale(out)
+        with scratch(out, "partial") as tmp:
+            yield tmp
+            try:
+                if out.exists():
+                    out.rmdir()  # checked empty before the work started
+                tmp.rename(out)
+            except OSError as e:
+                raise BadInput.one(str(out), f"something else wrote here while this run worked ({e.strerror})",
+                                   "choose a new --out; this run's output was removed") from e
+
+
+def sweep_temp(prefix: str) -> list[Path]:
+    """Remove ``{tmp}/{prefix}{pid}-*`` folders of processes that are gone (a killed validate's merge)."""
+    removed = []
+    for p in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        pid = p.name[len(prefix):].split("-")[0]
+        if p.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def check_free_disk(out: Path, need: int, what: str) -> None:

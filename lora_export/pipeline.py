@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -23,13 +24,14 @@ from typing import TYPE_CHECKING
 from .adapters import attach, load_adapter
 from .base import check_base, load_fp32, load_tokenizer
 from .data import load_jsonl
-from .errors import BadInput
+from .errors import BadInput, Problem, raise_if
 from .export import BACKENDS
 from .export.io_spec import check_external_data
 from .fingerprint import sha256_file
 from .isolate import run_in_child
+from .jsonfile import read_object
 from .merge import MergeResult, default_merge_base, merge, quantization_of, rewrite_checkpoint
-from .outputs import check_free_disk, check_new_output, scratch, staged
+from .outputs import check_free_disk, check_new_output, scratch, staged, sweep_temp
 from .precision import check_fp16_range
 from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
 from .reference import DEVICE as REFERENCE_DEVICE
@@ -82,7 +84,21 @@ class Prepared:
     prompt_ids: tuple | None = None  # the default parity prompts, tokenized (prompts, documents)
 
 
+def check_request(req: ExportRequest) -> None:
+    """The export's own arguments, before anything is read."""
+    paths = [req.adapter] if isinstance(req.adapter, (str, Path)) else list(req.adapter)
+    if req.adapter_weights is not None:
+        if len(req.adapter_weights) != len(paths):
+            raise BadInput.one("--adapter-weight", f"{len(req.adapter_weights)} weights for {len(paths)} adapters",
+                               "pass one --adapter-weight per --adapter, in the same order (or none: 1.0 each)")
+        bad = [w for w in req.adapter_weights if not math.isfinite(w)]
+        if bad:
+            raise BadInput.one("--adapter-weight", f"{bad[0]} is not a finite number",
+                               "pass a finite weight such as 1.0 or 0.5 for each adapter")
+
+
 def export(req: ExportRequest, progress=_quiet) -> ExportResult:
+    check_request(req)
     target = load_target(req.target)
     base = check_base(req.base)
     check_against_context(target, _context_of(base)[0], str(base / "config.json"))
@@ -148,6 +164,7 @@ def prepare(req: ExportRequest, base: Path, target, work: Path, progress=_quiet)
     """Check every adapter against the base, merge them in fp32 shard by shard (and for fp16 targets check
     the range). For --keep-adapter, also write the base the side path sits on (the NF4 round trip for QLoRA)."""
     paths = [req.adapter] if isinstance(req.adapter, (str, Path)) else list(req.adapter)
+    prompt_ids = load_prompts(load_tokenizer(base))  # a broken tokenizer is refused before the merge
     adapters = [load_adapter(p, base, allow_pickle=req.allow_pickle) for p in paths]
     weights = tuple(req.adapter_weights or [1.0] * len(adapters))
     merge_base = req.merge_base or default_merge_base(adapters[0])
@@ -156,7 +173,6 @@ def prepare(req: ExportRequest, base: Path, target, work: Path, progress=_quiet)
     progress(f"merging {len(adapters)} adapter(s) in fp32 into the {merge_base} base, shard by shard")
     merged = merge(base, adapters, work / "checkpoint", merge_base, weights, progress=progress,
                    as_trained_dir=work / "as-trained")
-    prompt_ids = load_prompts(load_tokenizer(base))
     if target.precision == "fp16":
         progress("checking that weights and activations fit fp16")
         check_fp16_range(load_fp32(merged.checkpoint), prompt_ids[0], str(adapters[0].path))
@@ -194,8 +210,6 @@ BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1.1, "int4": 0.6, "
 def _export_bytes(base: Path, target) -> int:
     """Disk an export needs at its peak: the merged and as-trained fp32 checkpoints (scratch) and 2.2 x the ONNX output
     (the graph builder's own temporaries and our re-save), from the parameter count in the shard headers."""
-    import math
-
     from .merge import _base_shards
     from .tensorfile import read_header
 
@@ -266,14 +280,82 @@ def _write_manifest(export_dir: Path, manifest: dict) -> None:
 
 
 def read_manifest(export_dir: Path) -> dict:
+    """The export's manifest, checked for what validate and bench read from it (a wrong type or a missing
+    entry is bad input naming the field, not a crash later)."""
     path = Path(export_dir) / MANIFEST
     if not path.is_file():
         raise BadInput.one(str(export_dir), f"no {MANIFEST}: not an export directory",
                            "pass a directory written by `lora-export export`")
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadInput.one(str(path), f"not valid JSON ({e})", "re-export the model") from e
+    problems: list[Problem] = []
+    manifest = read_object(path, "re-export the model", problems)
+    raise_if(problems)
+    raise_if(manifest_problems(manifest, path))
+    return manifest
+
+
+def manifest_problems(manifest: dict, path: Path) -> list[Problem]:
+    fix = "restore the export_manifest.json that `lora-export export` wrote, or re-export"
+
+    def bad(field: str, what: str) -> None:
+        problems.append(Problem(f"{path}:{field}", what, fix))
+
+    def located(entry, field: str) -> bool:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            bad(field, "must be an object with the path it was made from")
+            return False
+        if not isinstance(entry.get("relative_path", ""), str):
+            bad(f"{field}.relative_path", "must be a string")
+        return True
+
+    problems: list[Problem] = []
+    if manifest.get("schema_version") != 2:
+        bad("schema_version", f"{manifest.get('schema_version')!r} is not 2, the version this lora-export reads")
+    if not isinstance(manifest.get("target"), dict):
+        bad("target", "missing: the target table the export was made for")
+    if located(manifest.get("base"), "base") and not isinstance(manifest["base"].get("files_sha256"), dict):
+        bad("base.files_sha256", "missing: the sha256 of each base weight file")
+    entries = manifest.get("adapters") or ([manifest["adapter"]] if "adapter" in manifest else None)
+    if not isinstance(entries, list) or not entries:
+        bad("adapters", "missing: the adapters the export was made from")
+    else:
+        for i, entry in enumerate(entries):
+            if not located(entry, f"adapters[{i}]"):
+                continue
+            if not isinstance(entry.get("adapter_model_sha256"), str):
+                bad(f"adapters[{i}].adapter_model_sha256", "missing: the sha256 of the adapter's weights")
+            weight = entry.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                bad(f"adapters[{i}].weight", f"{weight!r} is not a finite number")
+    if manifest.get("merge_base") not in ("nf4", "original"):
+        bad("merge_base", f"{manifest.get('merge_base')!r} is not nf4 or original")
+    if manifest.get("graph", "merged") not in ("merged", "unmerged"):
+        bad("graph", f"{manifest.get('graph')!r} is not merged or unmerged")
+    return problems
+
+
+def check_report_path(path: Path | None) -> None:
+    """A --report/--junit path must be a file we can write, checked before parity runs."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput.one(str(path), "is a directory", "pass a file path (e.g. reports/parity.json)")
+    if not path.parent.is_dir():
+        raise BadInput.one(str(path), f"its folder {path.parent} does not exist", "create the folder first")
+    if not os.access(path.parent, os.W_OK):
+        raise BadInput.one(str(path), f"its folder {path.parent} is not writable", "write the report elsewhere")
+
+
+def check_base_unchanged(base: Path, manifest: dict, export_dir: Path) -> None:
+    """The base's weight files are the ones the export was made from (else a parity failure would blame the
+    export for a changed base)."""
+    recorded = manifest["base"]["files_sha256"]
+    now = {p.name: p for p in sorted(base.glob("*.safetensors"))}
+    changed = sorted(set(recorded) ^ set(now)) or [n for n in sorted(recorded) if sha256_file(now[n]) != recorded[n]]
+    if changed:
+        raise BadInput.one(str(base), f"the base's weights changed since this export was made ({', '.join(changed[:3])} "
+                           "differ from the sha256 in export_manifest.json)",
+                           "validate against the base that was exported, or re-export")
 
 
 def load_prompts(tok, path: Path | None = None) -> tuple[list[list[int]], list[list[int]]]:
@@ -301,6 +383,7 @@ def _context_of(base: Path) -> tuple[int, int]:
     return positions, vocab if isinstance(vocab, int) and vocab > 0 else 50_000
 
 
+PARITY_TMP = "lora-export-parity-"  # + pid: validate's temporary folder, swept once its process is gone
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
 
@@ -320,11 +403,16 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
+    if prepared is None:  # (export hashed the base a moment ago)
+        check_base_unchanged(base, manifest, export_dir)
+    for path in (report_json, junit):
+        check_report_path(path)
     check_external_data(export_dir / "model.onnx")
     max_positions, vocab_size = _context_of(base)
     check_against_context(target, max_positions, str(base / "config.json"))
     steps = max(parity.MIN_STEPS, target.tolerances.greedy_tokens)
-    with tempfile.TemporaryDirectory(prefix="lora-export-parity-") as tmp:
+    sweep_temp(PARITY_TMP)  # what a killed validate left: the merged fp32 checkpoint, stored logits
+    with tempfile.TemporaryDirectory(prefix=f"{PARITY_TMP}{os.getpid()}-") as tmp:
         if prepared is not None and prepared.prompt_ids is not None and prompts is None:
             from .runtime import check_providers
 
@@ -332,7 +420,8 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
             token_ids = prepared.prompt_ids
         else:
             prepared, token_ids = run_in_child(validation_inputs, export_dir, manifest, base, prompts, Path(tmp),
-                                               prepared, target.execution_providers, progress=progress)
+                                               prepared, target.execution_providers, max_positions, steps,
+                                               progress=progress)
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         adapters, merged = list(prepared.adapters), prepared.merged
         models = parity.Models(
@@ -355,14 +444,26 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     return report
 
 
+def check_prompt_lengths(prompt_ids: list[list[int]], max_positions: int, steps: int, source: Path | None) -> None:
+    """Each parity prompt plus its continuation must fit the model's positions (else ONNX Runtime fails deep
+    inside attention, after the reference has run)."""
+    longest = max((len(p) for p in prompt_ids[:PARITY_PROMPTS]), default=0)
+    if longest + steps > max_positions:
+        raise BadInput.one(str(source or "the parity prompts"), f"a prompt of {longest} tokens plus the {steps}-token "
+                           f"continuation exceeds the model's {max_positions} positions",
+                           f"use prompts of at most {max(max_positions - steps, 1)} tokens")
+
+
 def validation_inputs(export_dir: Path, manifest: dict, base: Path, prompts: Path | None, tmp: Path,
-                      prepared: Prepared | None, providers: tuple[str, ...], progress=_quiet):
+                      prepared: Prepared | None, providers: tuple[str, ...], max_positions: int, steps: int,
+                      progress=_quiet):
     """(Prepared, parity prompt token ids): the runtime's providers checked, the adapters checked unchanged
     and merged again unless given. Runs in a child process (it imports torch)."""
     from .runtime import check_providers
 
     check_providers(providers, export_dir / "model.onnx")
     token_ids = load_prompts(load_tokenizer(base), prompts)
+    check_prompt_lengths(token_ids[0], max_positions, steps, prompts)
     if prepared is None:
         adapters, weights = _adapters_of(manifest, export_dir, base)
         progress("merging again into a temporary folder (the reference's base and the merge/export breakdown)")
@@ -392,10 +493,16 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
     from .runtime import TorchCausalLM
 
     export_dir = Path(export_dir)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 2 <= rounds <= 100_000:
+        raise BadInput.one("--rounds", f"{rounds!r} interleaved rounds: the median and its interval need at least 2",
+                           "pass --rounds between 2 and 100000 (default 100)")
+    for path in (json_path, plot_path):
+        check_report_path(path)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     check_external_data(export_dir / "model.onnx")  # refuse a tampered export before building anything
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
+    check_base_unchanged(base, manifest, export_dir)
     adapters, weights = _adapters_of(manifest, export_dir, base)
     adapter = adapters[0]
     base_export = export_dir / "bench-base"

@@ -235,6 +235,13 @@ def parse_target(data: dict, where: str) -> Target:
         problems.append(Problem(where, f'quantization.scales = "{quant.scales}": "original" applies to nf4 only',
                                 'use scales = "fresh", or "original" with scheme = "nf4"'))
     bad = _out_of_range(where, good)
+    backend = BACKENDS.get(top.get("backend"))
+    if (backend is not None and "opset" in top and "opset" not in bad
+            and not backend.opsets[0] <= top["opset"] <= backend.opsets[1]):
+        low, high = backend.opsets  # a field the backend cannot honour is refused, never silently changed
+        can = f"opset {low}" if low == high else f"opsets {low} to {high}"
+        problems.append(Problem(where, f"opset = {top['opset']}: the {backend.name} backend writes {can} only",
+                                f"set opset = {backend.default_opset}, or leave it out"))
     if quant.scheme in SCHEMES:
         for what in SCHEMES[quant.scheme].check(quant):
             # a field already out of the general range is one problem; the scheme's narrower rule is its fix
@@ -249,7 +256,7 @@ def parse_target(data: dict, where: str) -> Target:
     target = Target(
         name=top["name"], description=top.get("description", ""), runtime=top["runtime"],
         execution_providers=tuple(providers), precision=top["precision"], backend=top["backend"],
-        opset=top.get("opset", 21), quantization=quant, tolerances=Tolerances(), latency=LatencyBudget(**good["latency"]),
+        opset=top.get("opset", BACKENDS[top["backend"]].default_opset), quantization=quant, tolerances=Tolerances(), latency=LatencyBudget(**good["latency"]),
         source=where,
     )
     return replace(target, tolerances=replace(DEFAULT_TOLERANCES[target.precision_class], **good["tolerances"]))

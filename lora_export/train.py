@@ -11,6 +11,7 @@ the adapter.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -79,10 +80,20 @@ def _check(cfg: TrainConfig) -> None:
         problems.append(Problem("--steps", f"steps must be positive, got {cfg.steps}", "use --steps 100 or more"))
     if cfg.lr <= 0:
         problems.append(Problem("--lr", f"learning rate must be positive, got {cfg.lr}", "use --lr 2e-4 to 2e-3"))
+    if not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
+        problems.append(Problem("--alpha", f"lora alpha must be a positive number, got {cfg.alpha}",
+                                "use e.g. --alpha 16 (twice the rank is common)"))
+    if not (math.isfinite(cfg.dropout) and 0 <= cfg.dropout < 1):
+        problems.append(Problem("--dropout", f"dropout must lie in [0, 1), got {cfg.dropout}", "use e.g. --dropout 0.05"))
+    if cfg.quantize and cfg.nf4.blocksize not in base_model.BLOCKSIZES:
+        problems.append(Problem("--blocksize", f"NF4 block size {cfg.nf4.blocksize} is not one bitsandbytes supports",
+                                f"use one of {', '.join(map(str, base_model.BLOCKSIZES))}"))
+    if not math.isfinite(cfg.lr):
+        problems.append(Problem("--lr", f"learning rate must be a finite number, got {cfg.lr}", "use --lr 2e-4 to 2e-3"))
     if cfg.batch_size <= 0 or cfg.max_length < 8:
         problems.append(Problem("--batch-size/--max-length", "batch size must be positive and max length >= 8",
                                 "use e.g. --batch-size 8 --max-length 512"))
-    if not 0 <= cfg.eval_split < 1:
+    if not (math.isfinite(cfg.eval_split) and 0 <= cfg.eval_split < 1):
         problems.append(Problem("--eval-split", f"eval split must lie in [0, 1), got {cfg.eval_split}",
                                 "use a share such as 0.1"))
     if cfg.save_steps < 0:
@@ -238,6 +249,7 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
 
     _check(cfg)
     base_dir = base_model.check_base(cfg.base)
+    base_model.skeleton(base_dir)  # a config transformers cannot build is bad input, before the model loads
     data = load_jsonl(cfg.data)
     train_examples, eval_examples = _split(data.examples, cfg)
     set_seed(cfg.seed)

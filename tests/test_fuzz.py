@@ -1,8 +1,12 @@
-"""Property-based fuzzing: any adapter_config.json and any target file either loads or raises the project's
-own error type (BadInput), never anything else."""
+"""Property-based fuzzing: any adapter_config.json, training manifest, base config.json, export manifest and
+target file either loads or raises the project's own error type (BadInput), never anything else.
+
+FUZZ_EXAMPLES sets the examples per parser (60 in CI; `FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py` for a
+longer run)."""
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -13,7 +17,8 @@ from lora_export.adapters import load_adapter
 from lora_export.errors import BadInput
 from lora_export.targets import _SCHEMA, load_target, parse_target
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None,
+                    suppress_health_check=list(HealthCheck))
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True),
                     st.text(max_size=12))
@@ -97,6 +102,10 @@ def assert_cannot_lie(target):
         assert value is None or (math.isfinite(value) and value >= 0)
     assert all(v is None or v <= 1 for v in (tol.top1_agreement, tol.min_adapter_retention))
     assert 0 <= tol.greedy_tokens <= 4096 and 14 <= target.opset <= 23
+    from lora_export.export import BACKENDS
+
+    low, high = BACKENDS[target.backend].opsets
+    assert low <= target.opset <= high
     assert math.isfinite(target.latency.max_ratio) and target.latency.max_ratio > 0
     block = target.quantization.block_size
     assert 16 <= block <= 4096 and block & (block - 1) == 0 and 0 <= target.quantization.accuracy_level <= 4
@@ -113,3 +122,80 @@ def test_any_target_text_loads_or_raises_bad_input(text, tmp_path_factory):
         pass
     else:
         assert_cannot_lie(target)
+
+
+def _mutations(real: dict):
+    """The real file with keys dropped, replaced by arbitrary JSON, or added; or any JSON at all."""
+    keys = sorted(real)
+    changed = st.fixed_dictionaries({}, optional={k: json_values for k in keys})
+    dropped = st.sets(st.sampled_from(keys))
+    edits = st.builds(lambda new, gone: {**{k: v for k, v in real.items() if k not in gone}, **new}, changed, dropped)
+    return st.one_of(edits, json_values)
+
+
+def _nested_mutations(real: dict, key: str):
+    inner = real.get(key) if isinstance(real.get(key), dict) else {}
+    return st.builds(lambda value: {**real, key: value}, st.one_of(_mutations(inner), json_values))
+
+
+@pytest.fixture(scope="module")
+def real_manifest(tiny_adapter):
+    return json.loads((tiny_adapter / "training_manifest.json").read_text())
+
+
+@SETTINGS
+@given(data=st.data())
+def test_any_training_manifest_loads_or_raises_bad_input(data, real_manifest, adapter_copy, tiny_adapter, tiny_base):
+    shutil.copy(tiny_adapter / "adapter_config.json", adapter_copy / "adapter_config.json")
+    manifest = data.draw(st.one_of(_mutations(real_manifest), _nested_mutations(real_manifest, "quantization")))
+    (adapter_copy / "training_manifest.json").write_text(json.dumps(manifest))
+    try:
+        adapter = load_adapter(adapter_copy, tiny_base, check_fingerprint=False)
+    except BadInput as e:
+        assert "training_manifest.json" in str(e)
+    else:
+        if adapter.trained_on_4bit:  # what the nf4 merge reads from it is there and usable
+            from lora_export.merge import quantization_of
+
+            modules, nf4 = quantization_of(adapter)
+            assert isinstance(modules, list) and nf4.quant_type in ("nf4", "fp4")
+
+
+@pytest.fixture(scope="module")
+def base_copy(tiny_base, tmp_path_factory):
+    return shutil.copytree(tiny_base, tmp_path_factory.mktemp("fuzzbase") / "base")
+
+
+@SETTINGS
+@given(data=st.data())
+def test_any_base_config_loads_or_raises_bad_input(data, base_copy, tiny_base):
+    from lora_export.base import check_base, skeleton
+
+    real = json.loads((tiny_base / "config.json").read_text())
+    (base_copy / "config.json").write_text(json.dumps(data.draw(_mutations(real))))
+    try:
+        check_base(base_copy)
+        skeleton(base_copy)
+    except BadInput as e:
+        assert "config.json" in str(e)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_any_export_manifest_is_read_or_raises_bad_input(data, fp32_export, tmp_path_factory):
+    from lora_export.pipeline import read_manifest
+
+    export = tmp_path_factory.mktemp("fuzzexport")
+    real = json.loads((fp32_export.out / "export_manifest.json").read_text())
+    manifest = data.draw(st.one_of(_mutations(real), _nested_mutations(real, "base"),
+                                   st.builds(lambda e: {**real, "adapters": [e]}, _mutations(real["adapters"][0]))))
+    (export / "export_manifest.json").write_text(json.dumps(manifest))
+    try:
+        m = read_manifest(export)
+    except BadInput as e:
+        assert "export_manifest.json" in str(e)
+    else:  # what validate and bench read next is there, with the right types
+        assert isinstance(m["target"], dict) and isinstance(m["base"]["path"], str)
+        assert m["merge_base"] in ("nf4", "original")
+        for entry in m.get("adapters") or [m["adapter"]]:
+            assert isinstance(entry["path"], str) and isinstance(entry["adapter_model_sha256"], str)

@@ -62,7 +62,9 @@ def _subcommands():
 def test_every_lora_export_option_in_readme_exists():
     subs = _subcommands()
     usage = README[README.index("## Command line"):]
-    usage = usage[:usage.index("Exit codes")]
+    usage = usage[usage.index("```") + 3:]
+    usage = usage[:usage.index("```")]  # the usage block
+    assert re.search(r"^lora-export \[--version\] \[-v\] \[--debug\]", usage, re.M)
     shown = re.findall(r"^lora-export (\w+)(.*?)(?=^lora-export |\Z)", usage, re.M | re.S)
     assert {name for name, _ in shown} == set(subs), "README's command list differs from the CLI's commands"
     for name, text in shown:

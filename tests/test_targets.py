@@ -146,7 +146,7 @@ GOOD_VALUES = [  # the edges of each range load
     ("tolerances", "max_abs_diff = 0"), ("tolerances", "mean_kl = 0.0"), ("tolerances", "max_rel_diff = 1e-3"),
     ("tolerances", "top1_agreement = 1"), ("tolerances", "min_adapter_retention = 0"),
     ("tolerances", "greedy_tokens = 0"), ("tolerances", "greedy_tokens = 4096"),
-    ("", "opset = 14"), ("", "opset = 23"), ("quantization", "block_size = 16"),
+    ("", "opset = 22"), ("quantization", "block_size = 16"),
     ("quantization", "block_size = 4096"), ("quantization", "accuracy_level = 4"), ("latency", "max_ratio = 1e-3"),
 ]
 
@@ -286,3 +286,27 @@ def test_no_target_file_to_compare_with():
     data = {**_shipped_table("ort-cpu-fp32"), "name": "somebody-elses"}
     (line,) = tolerance_differences(parse_target(data, "/gone/export_manifest.json:target"))
     assert line.startswith("no target file to compare with:") and "somebody-elses" in line
+
+
+@pytest.mark.parametrize("backend, opset, loads", [
+    ("genai-builder", 22, True), ("genai-builder", 21, False), ("genai-builder", 14, False),
+    ("torch-dynamo", 18, True), ("torch-dynamo", 21, True), ("torch-dynamo", 17, False), ("torch-dynamo", 23, False),
+])
+def test_an_opset_the_backend_cannot_write_is_refused(tmp_path, backend, opset, loads):
+    """The builder writes one opset and has no option for another: a target asking for one is refused, not
+    silently given the builder's (the shipped targets said 21 while the graphs were 22)."""
+    f = tmp_path / "mine.toml"
+    f.write_text(MINIMAL.replace("genai-builder", backend) + f"opset = {opset}\n")
+    if loads:
+        assert load_target(f).opset == opset
+    else:
+        with pytest.raises(BadInput, match=f"opset = {opset}: the {backend} backend writes"):
+            load_target(f)
+
+
+def test_without_an_opset_a_target_gets_its_backends(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text(MINIMAL)
+    assert load_target(f).opset == 22
+    f.write_text(MINIMAL.replace("genai-builder", "torch-dynamo"))
+    assert load_target(f).opset == 21

@@ -17,3 +17,7 @@ class Backend:
     #: False: ``build`` loads the model in the calling process (the pipeline then calls it in a child
     #: process, so that the export's own process stays light); True: it runs its own subprocess already
     own_process: bool = False
+    #: the ai.onnx opsets the graphs can be written in (lowest, highest), and the one used when a target
+    #: names none; a target asking for another is refused, never silently changed
+    opsets: tuple[int, int] = (21, 21)
+    default_opset: int = 21

@@ -66,7 +66,18 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:])
         raise BuildFailed(f"the onnxruntime-genai builder failed (exit {proc.returncode}); last lines of "
                           f"{log_path}:\n{tail}")
+    written = _opset(out_dir / "model.onnx")
+    if written != target.opset:  # another onnxruntime-genai version: say so instead of shipping another opset
+        raise BuildFailed(f"the onnxruntime-genai builder wrote opset {written}, the target asks for {target.opset} "
+                          f"(BUILDER_OPSET in {__name__} says what this version writes)")
     scheme.post_process(out_dir, target.quantization)
+
+
+def _opset(model_path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _builder_ep(target) -> str:
@@ -83,4 +94,7 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-GENAI_BUILDER = Backend(name="genai-builder", architectures=ARCHITECTURES, build=build, own_process=True)
+# The builder writes its graphs in one opset (22 with onnxruntime-genai 0.18) and has no option to change it.
+BUILDER_OPSET = 22
+GENAI_BUILDER = Backend(name="genai-builder", architectures=ARCHITECTURES, build=build, own_process=True,
+                        opsets=(BUILDER_OPSET, BUILDER_OPSET), default_opset=BUILDER_OPSET)
