@@ -85,8 +85,8 @@ def _read_config(path: Path, problems: list[Problem]) -> dict:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         problems.append(Problem(str(cfg_path), f"rank r = {r!r}: a LoRA rank must be a positive integer", restore))
     alpha = config.get("lora_alpha", 8)
-    if not _number(alpha) or alpha <= 0:
-        problems.append(Problem(str(cfg_path), f"lora_alpha = {alpha!r}: it must be a positive finite number "
+    if not _number(alpha) or alpha < 0:
+        problems.append(Problem(str(cfg_path), f"lora_alpha = {alpha!r}: it must be a finite number >= 0 "
                                 "(the update is scaled by lora_alpha / r)", restore))
     dropout = config.get("lora_dropout", 0.0)
     if not _number(dropout) or not 0 <= dropout < 1:
@@ -140,15 +140,16 @@ def _config_problems(config: dict, cfg_path: Path, modules: dict, found: dict, a
                                     "save the DoRA adapter again with PEFT, or set use_dora = false if it is plain LoRA"))
     targets = config.get("target_modules")
     if isinstance(targets, list):
-        for key in targets:
-            if not isinstance(key, str) or not key:
-                continue
-            hits = [n for n in modules if n == key or n.endswith("." + key)]
-            if not hits:
-                problems.append(Problem(str(cfg_path), f"target_modules names {key!r}, which matches no module of "
-                                        f"the base ({arch})", "export with the base the adapter was trained on"))
-            elif not any(_io_features(modules[n]) for n in hits):
-                kind = type(modules[hits[0]]).__name__
+        # PEFT needs only some names to match (a list reused across architectures is common): refuse a list that
+        # matches nothing, or names that match only layers LoRA cannot adapt
+        keys = [k for k in targets if isinstance(k, str) and k]
+        hits = {k: [n for n in modules if n == k or n.endswith("." + k)] for k in keys}
+        if keys and not any(hits.values()):
+            problems.append(Problem(str(cfg_path), f"target_modules {keys[:4]} match no module of the base ({arch})",
+                                    "export with the base the adapter was trained on"))
+        for key, names in hits.items():
+            if names and not any(_io_features(modules[n]) for n in names):
+                kind = type(modules[names[0]]).__name__
                 problems.append(Problem(str(cfg_path), f"target_modules names {key!r}, a {kind}: LoRA adapts linear, "
                                         "Conv1D and embedding layers only", restore))
     elif isinstance(targets, str) and targets != "all-linear":

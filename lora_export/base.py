@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import BadInput, Problem, raise_if
+from .errors import BadInput, Problem, ToolchainFailed, raise_if
 from .jsonfile import read_object
 
 
@@ -118,6 +118,8 @@ def load_tokenizer(base_dir: Path):
 
     try:
         tok = AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=False)
+    except ImportError as e:  # a tokenizer library this tokenizer needs is missing: not the user's files
+        raise ToolchainFailed(f"loading the tokenizer of {base_dir} needs a package that is not installed ({e})") from e
     except Exception as e:  # tokenizers and transformers raise many types for unreadable files
         raise BadInput.one(str(base_dir), f"the tokenizer files cannot be read ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200] if str(e) else ''})",

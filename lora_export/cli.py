@@ -235,18 +235,20 @@ def _log_home(args) -> Path | None:
 
 
 def _settle_log(tmp_log: Path, home: Path | None, command: str, code: int) -> Path | None:
-    """Move the log into the output directory when there is one to hold it; keep it where it is when the
-    toolchain failed and no output was written; drop it after a bad input (the message says everything)."""
-    if code in (EXIT_BAD_INPUT, 130, 143):  # the message says everything; nothing is left behind
+    """Move the log into the output directory when the command wrote one (validate's and bench's export
+    directory always exists); keep it where it is when the toolchain failed before any output existed; drop
+    it after a bad input or an interruption (the message says everything, and nothing is left behind)."""
+    if code in (EXIT_BAD_INPUT, 130, 143):
         tmp_log.unlink(missing_ok=True)
         return None
-    if home is not None and Path(home).is_dir() and os.access(home, os.W_OK):
-        dest = Path(home) / f"{command}.log"
-        try:
+    wrote_output = command in ("validate", "bench") or code in (EXIT_OK, EXIT_VERDICT)
+    try:
+        if wrote_output and home is not None and Path(home).is_dir() and os.access(home, os.W_OK):
+            dest = Path(home) / f"{command}.log"
             shutil.move(str(tmp_log), dest)
             return dest
-        except OSError:
-            pass
+    except OSError:
+        pass
     return tmp_log
 
 
@@ -271,15 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .errors import LoraExportError
-
     debug, verbose = getattr(args, "debug", False), getattr(args, "verbose", False)
     if args.command == "targets":  # reads a file or two: nothing to log
         try:
             return _targets(args)
-        except LoraExportError as e:
-            print(f"lora-export: error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+        except BaseException as e:
+            code, failure = _outcome(e)
+            if code is None:
+                raise
+            if debug:
+                traceback.print_exc()
+            print(failure, file=sys.stderr)
+            return code
     if args.command == "demo" and args.out is None:
         from .demo import default_out
 
@@ -297,11 +302,13 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 code = _run(args, console)
             except BaseException as e:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up below must not be interrupted
                 code, failure = _outcome(e)
                 if code is None:
                     raise
                 trace = traceback.format_exc()
                 console.detail(trace)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     finally:
         signal.signal(signal.SIGTERM, previous)
     log = _settle_log(tmp_log, _log_home(args), args.command, code)

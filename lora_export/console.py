@@ -102,8 +102,9 @@ def captured(log_path: Path, verbose: bool = False):
     tee = None
     if verbose:  # a pipe read by a thread that writes each chunk to the log and to the terminal
         read_fd, write_fd = os.pipe()
-        terminal = os.dup(saved[1])
-        tee = threading.Thread(target=_tee, args=(read_fd, log.fileno(), terminal), daemon=True)
+        # the thread owns its own copies of both descriptors: if a straggling grandchild keeps the pipe open
+        # past the join below, it goes on writing to the same files, never to a reused descriptor number
+        tee = threading.Thread(target=_tee, args=(read_fd, os.dup(log.fileno()), os.dup(saved[1])), daemon=True)
         tee.start()
         target = write_fd
     else:
@@ -132,8 +133,8 @@ def captured(log_path: Path, verbose: bool = False):
             tee.join(timeout=5)  # the pipe's last writer is gone: the thread reads to its end and stops
         log.close()
         for stream in (out, err):
-            if stream not in saved_streams:
-                stream.flush()
+            if stream not in saved_streams:  # our private copies of the terminal's descriptors
+                stream.close()
 
 
 def _tee(read_fd: int, *fds: int) -> None:
@@ -144,4 +145,5 @@ def _tee(read_fd: int, *fds: int) -> None:
                     os.write(fd, chunk)
                 except OSError:
                     pass
-    os.close(fds[-1])
+    for fd in fds:
+        os.close(fd)

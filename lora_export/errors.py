@@ -43,6 +43,11 @@ class BadInput(LoraExportError):
         return "\n".join(lines)
 
 
+class UnreadableModel(BadInput):
+    """An ONNX model that cannot be read or loaded: the user's fault when they hand it to validate or bench
+    (exit 2), the toolchain's when our own build just wrote it (export turns it into ToolchainFailed)."""
+
+
 class ToolchainFailed(LoraExportError):
     """A tool we drive failed on input we had accepted: not the user's fault, so not exit 2."""
 

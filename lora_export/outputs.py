@@ -21,24 +21,28 @@ _SIBLING = ".{name}.partial-{pid}-xxxxxxxx"  # the longest temporary sibling nam
 
 
 def output_problem(out: Path) -> Problem | None:
-    """Why ``out`` cannot be a new output directory, checked before any work: it exists and is not an empty
-    directory, it is a symbolic link, its name is too long for a temporary sibling, or its folder is not
+    """Why ``out`` cannot be a new output directory, checked before any work: its name is too long for a
+    temporary sibling, it is a symbolic link, it exists and is not an empty directory, or its folder is not
     writable."""
     out = Path(out)
-    if out.is_symlink():
-        return Problem(str(out), "is a symbolic link; an output is written beside it and renamed into place, which "
-                       "would replace the link", "pass the real directory path (or a new one) as --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        return Problem(str(out), "output directory exists and is not empty",
-                       "choose a new --out directory, or remove this one")
     longest = len(_SIBLING.format(name=out.name, pid=os.getpid()).encode())
-    if longest > NAME_MAX:
-        return Problem(str(out), f"the name is {len(out.name.encode())} bytes; with the temporary sibling's prefix "
-                       f"and suffix it passes the file system's {NAME_MAX}-byte limit",
-                       f"use a name of at most {NAME_MAX - longest + len(out.name.encode())} bytes")
-    folder = out.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    if longest > NAME_MAX:  # checked first: the file system refuses even to look up a name past its limit
+        return Problem(str(out)[:120] + ("..." if len(str(out)) > 120 else ""),
+                       f"the name is {len(out.name.encode())} bytes; with the temporary sibling's prefix and suffix "
+                       f"it passes the file system's {NAME_MAX}-byte limit",
+                       f"use a name of at most {max(NAME_MAX - longest + len(out.name.encode()), 1)} bytes")
+    try:
+        if out.is_symlink():
+            return Problem(str(out), "is a symbolic link; an output is written beside it and renamed into place, "
+                           "which would replace the link", "pass the real directory path (or a new one) as --out")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            return Problem(str(out), "output directory exists and is not empty",
+                           "choose a new --out directory, or remove this one")
+        folder = out.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    except OSError as e:  # a component too long, a loop of links, no permission to look
+        return Problem(str(out), f"cannot be used as an output path ({e.strerror or e})", "choose another --out")
     if not folder.is_dir():
         return Problem(str(out), f"{folder} is not a directory", "choose --out inside a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -90,33 +94,37 @@ def scratch(out: Path, tag: str):
 
 @contextmanager
 def claimed(out: Path):
-    """Hold ``.NAME.lock`` beside ``out`` (our pid in it) while writing ``out``: a second run for the same
-    output is refused at once instead of failing after all its work. A lock whose process is gone is taken."""
+    """Hold an exclusive lock on ``.NAME.lock`` beside ``out`` while writing ``out``: a second run for the same
+    output is refused at once instead of failing after all its work. The kernel releases the lock when its
+    process dies, however it dies, so a lock file left by a killed run is simply locked again."""
+    import fcntl
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.parent / f".{out.name}.lock"
-    for _ in range(2):
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            if holder and _alive(holder):
-                raise BadInput.one(str(out), f"another lora-export (pid {holder}) is writing this output now",
-                                   "wait for it to finish, or choose another --out") from None
-            lock.unlink(missing_ok=True)  # left by a killed run
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    else:
-        raise BadInput.one(str(out), "its lock file keeps reappearing", "choose another --out")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BadInput.one(str(out), f"another lora-export (pid {holder}) is writing this output now",
+                               "wait for it to finish, or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed the file between our open and our lock: lock the new one
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # while still locked: a waiting run then locks a fresh file
+        os.close(fd)
 
 
 @contextmanager

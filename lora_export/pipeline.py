@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from .adapters import attach, load_adapter
 from .base import check_base, load_fp32, load_tokenizer
 from .data import load_jsonl
-from .errors import BadInput, Problem, raise_if
+from .errors import BadInput, Problem, ToolchainFailed, UnreadableModel, raise_if
 from .export import BACKENDS
 from .export.io_spec import check_external_data
 from .fingerprint import sha256_file
@@ -121,7 +121,10 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
             manifest["quantization"] = run_in_child(requantized, tmp, prep, base, target, progress=progress)
         _write_manifest(tmp, manifest)
         progress("validating parity against the adapted model as trained")
-        report = validate(tmp, prepared=prep, progress=progress)
+        try:
+            report = validate(tmp, prepared=prep, progress=progress)
+        except UnreadableModel as e:  # the model was written a moment ago by our own build
+            raise ToolchainFailed(f"the {target.backend} backend wrote a model that cannot be loaded: {e}") from e
         total = report.stages["total"]
         manifest["parity"] = {"passed": report.passed, "failures": [str(c) for c in report.failures],
                               "max_abs_diff": total.max_abs_diff, "max_rel_diff": total.max_rel_diff,
@@ -402,11 +405,11 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
+    for path in (report_json, junit):
+        check_report_path(path)
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
     if prepared is None:  # (export hashed the base a moment ago)
         check_base_unchanged(base, manifest, export_dir)
-    for path in (report_json, junit):
-        check_report_path(path)
     check_external_data(export_dir / "model.onnx")
     max_positions, vocab_size = _context_of(base)
     check_against_context(target, max_positions, str(base / "config.json"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInput, ToolchainFailed
+from .errors import BadInput, ToolchainFailed, UnreadableModel
 from .export.io_spec import (
     check_external_data,
     check_io,
@@ -72,7 +72,7 @@ class OrtCausalLM:
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # ORT raises its own exception types; name the file and stop
-            raise BadInput.one(str(path), f"ONNX Runtime cannot load this model ({e})",
+            raise UnreadableModel.one(str(path), f"ONNX Runtime cannot load this model ({str(e)[:300]})",
                                "re-export it with `lora-export export`") from e
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)

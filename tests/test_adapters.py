@@ -114,3 +114,24 @@ def test_lora_bias_is_refused(adapter_copy, tiny_base):
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "lora_bias": True}))
     with pytest.raises(BadInput, match="lora_bias"):
         load_adapter(adapter_copy, tiny_base)
+
+
+def test_a_peft_target_list_reused_across_architectures_loads(tiny_base, tmp_path):
+    """PEFT needs only some target_modules names to match ('c_attn' is GPT-2's), and saves the list as given."""
+    from .test_merge_semantics import _make_adapter
+
+    adapter = _make_adapter(tiny_base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "c_attn"])
+    assert {n.rsplit(".", 1)[-1] for n in load_adapter(adapter, tiny_base).targeted} == {"q_proj", "v_proj"}
+
+
+def test_a_rank_pattern_is_checked_against_each_modules_tensors(tiny_base, tmp_path):
+    from .test_merge_semantics import _make_adapter
+
+    adapter = _make_adapter(tiny_base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                            rank_pattern={"v_proj": 2})
+    load_adapter(adapter, tiny_base)  # PEFT's own rank_pattern agrees with its tensors
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {"v_proj": 3}
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadInput, match="rank 3 for model.layers.0.self_attn.v_proj, but its saved lora_A has rank 2"):
+        load_adapter(adapter, tiny_base)

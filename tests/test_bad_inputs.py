@@ -175,8 +175,16 @@ def under_a_file(tmp):
 
 
 def locked_out(ctx):
-    """Another export (a live process) is writing the same --out."""
-    (ctx["tmp"] / ".out.lock").write_text(str(os.getppid()))
+    """Another export (a live process) is writing the same --out: it holds the lock."""
+    import subprocess
+    import sys
+
+    lock = ctx["tmp"] / ".out.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | "
+                               "os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); "
+                               "print('locked', flush=True); time.sleep(120)", str(lock)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    ctx["cleanup"] = holder.kill
 
 
 # (case, setup, message fragment, extra arguments)
@@ -199,12 +207,12 @@ EXPORT_CASES = [
     # adapter_config.json: right JSON types, wrong meaning or range
     ("rank disagrees with the tensors", edit_config(lambda c: c.update(r=64)), "but its saved lora_A has rank 8"),
     ("rank far beyond the layer", edit_config(lambda c: c.update(r=1_000_000)), "but its saved lora_A has rank 8"),
-    ("negative lora_alpha", edit_config(lambda c: c.update(lora_alpha=-16)), "lora_alpha = -16: it must be a positive"),
+    ("negative lora_alpha", edit_config(lambda c: c.update(lora_alpha=-16)), "lora_alpha = -16: it must be a finite number >= 0"),
     ("infinite lora_alpha", edit_config(lambda c: c.update(lora_alpha=float("inf"))), "lora_alpha = inf"),
     ("lora_dropout of the wrong type", edit_config(lambda c: c.update(lora_dropout="high")), "lora_dropout = 'high'"),
     ("lora_dropout out of range", edit_config(lambda c: c.update(lora_dropout=1.5)), "in [0, 1)"),
-    ("target_modules naming nothing", edit_config(lambda c: c.update(target_modules=["q_proj", "nonexistent_proj"])),
-     "names 'nonexistent_proj', which matches no module of the base"),
+    ("target_modules naming nothing", edit_config(lambda c: c.update(target_modules=["c_attn", "nonexistent_proj"])),
+     "target_modules ['c_attn', 'nonexistent_proj'] match no module of the base"),
     ("target_modules naming a norm", edit_config(lambda c: c.update(target_modules=["q_proj", "input_layernorm"])),
      "names 'input_layernorm', a LlamaRMSNorm"),
     ("DoRA without magnitudes", edit_config(lambda c: c.update(use_dora=True)), "no DoRA magnitude vector"),
@@ -235,6 +243,7 @@ EXPORT_CASES = [
     # output paths
     ("symlinked --out", out_at(symlinked_out), "is a symbolic link"),
     ("--out name too long", out_at(lambda tmp: tmp / ("x" * 250)), "passes the file system's 255-byte limit"),
+    ("--out name past the file system's limit", out_at(lambda tmp: tmp / ("y" * 300)), "300 bytes"),
     ("--out under a file", out_at(under_a_file), "is not a directory"),
     ("another export writing --out", locked_out, "another lora-export (pid"),
     # messages that blamed the wrong thing
@@ -254,6 +263,7 @@ def test_export_bad_input(case, setup, fragment, tiny_base, tiny_adapter, tmp_pa
     rc = main(["export", "--base", str(ctx["base"]), "--adapter", str(adapter), "--target", ctx["target"],
                "--out", str(ctx["out"]), *ctx.get("extra", [])])
     err = capsys.readouterr().err
+    ctx.get("cleanup", lambda: None)()
     assert rc == 2, err
     assert fragment in err, err
     assert "Traceback" not in err and "Fix:" in err

@@ -152,7 +152,7 @@ def test_an_output_claimed_by_a_live_run_is_refused_at_once(tmp_path):
         with pytest.raises(BadInput, match="another lora-export"):
             with staged(out):
                 pass
-    (tmp_path / ".x.lock").write_text("999999999")  # a killed run's lock is taken over
+    (tmp_path / ".x.lock").write_text("999999999")  # a killed run's lock file: nobody holds its lock
     with staged(out) as tmp:
         (tmp / "f").write_text("done")
     assert (out / "f").read_text() == "done" and sorted(p.name for p in tmp_path.iterdir()) == ["x"]

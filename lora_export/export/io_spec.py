@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from ..errors import BadInput
+from ..errors import BadInput, UnreadableModel
 
 
 def kv_input_names(num_layers: int) -> list[str]:
@@ -41,7 +41,7 @@ def check_external_data(model_path: Path):
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
-        raise BadInput.one(str(model_path), f"not a readable ONNX model ({type(e).__name__})",
+        raise UnreadableModel.one(str(model_path), f"not a readable ONNX model ({type(e).__name__})",
                            "re-export it with `lora-export export`") from e
     bad = set()
     for tensor in _all_initializers(model.graph):
