@@ -243,6 +243,16 @@ def parse_target(data: dict, where: str) -> Target:
         problems.append(Problem(where, f"opset = {top['opset']}: the {backend.name} backend writes {can} only",
                                 f"set opset = {backend.default_opset}, or leave it out"))
     if quant.scheme in SCHEMES:
+        given = data.get("quantization") if isinstance(data.get("quantization"), dict) else {}
+        ignored = sorted(k for k in given if k != "scheme" and k in _SCHEMA["quantization"]
+                         and k not in SCHEMES[quant.scheme].honours)
+        if ignored:  # a field the scheme would not read is refused, never silently ignored
+            problems.append(Problem(where, f"quantization.{', quantization.'.join(ignored)} has no effect with scheme "
+                                    f"{quant.scheme}", f"remove it (scheme {quant.scheme} reads "
+                                    f"{', '.join(SCHEMES[quant.scheme].honours) or 'no other field'})"))
+        if backend is not None and quant.scheme not in backend.schemes:
+            problems.append(Problem(where, f"scheme {quant.scheme} is not produced by the {backend.name} backend",
+                                    f"use one of {', '.join(backend.schemes)}, or another backend"))
         for what in SCHEMES[quant.scheme].check(quant):
             # a field already out of the general range is one problem; the scheme's narrower rule is its fix
             same = [name for name in bad if name.startswith("quantization.") and name.split(".")[1] in what]

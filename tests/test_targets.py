@@ -90,8 +90,10 @@ def test_malformed_toml(tmp_path):
 
 # --- targets that cannot lie: every numeric field is range-checked at load --------------------------------
 
-def _with(section: str, line: str, scheme: str = "none") -> str:
-    """MINIMAL plus one line in one section (top level when section is "")."""
+def _with(section: str, line: str, scheme: str | None = None) -> str:
+    """MINIMAL plus one line in one section (top level when section is ""); a [quantization] line goes with
+    int4, a scheme that reads every one of those fields."""
+    scheme = scheme or ("int4" if section == "quantization" else "none")
     quant = f'[quantization]\nscheme = "{scheme}"\n' + (line + "\n" if section == "quantization" else "")
     text = MINIMAL + (line + "\n" if section == "" else "") + quant
     return text + (f"[{section}]\n{line}\n" if section in ("tolerances", "latency") else "")
@@ -139,7 +141,8 @@ def test_a_bad_number_is_bad_input_naming_the_field(tmp_path, section, line, mes
     assert len(e.value.problems) == 1, e.value.problems
     (problem,) = e.value.problems
     assert message in problem.what and problem.where == str(f)
-    assert "e.g." in problem.fix  # every message names a fix with a value that works
+    # every message names a fix with a value that works (or the scheme's own list of them)
+    assert "e.g." in problem.fix or (problem.fix.startswith("for scheme int4:") and "one of" in problem.fix)
 
 
 GOOD_VALUES = [  # the edges of each range load
@@ -147,7 +150,7 @@ GOOD_VALUES = [  # the edges of each range load
     ("tolerances", "top1_agreement = 1"), ("tolerances", "min_adapter_retention = 0"),
     ("tolerances", "greedy_tokens = 0"), ("tolerances", "greedy_tokens = 4096"),
     ("", "opset = 22"), ("quantization", "block_size = 16"),
-    ("quantization", "block_size = 4096"), ("quantization", "accuracy_level = 4"), ("latency", "max_ratio = 1e-3"),
+    ("quantization", "block_size = 256"), ("quantization", "accuracy_level = 4"), ("latency", "max_ratio = 1e-3"),
 ]
 
 
@@ -310,3 +313,28 @@ def test_without_an_opset_a_target_gets_its_backends(tmp_path):
     assert load_target(f).opset == 22
     f.write_text(MINIMAL.replace("genai-builder", "torch-dynamo"))
     assert load_target(f).opset == 21
+
+
+@pytest.mark.parametrize("scheme, line, ignored", [
+    ("none", "block_size = 32", "quantization.block_size has no effect with scheme none"),
+    ("int8", 'lm_head = "int4"', "quantization.lm_head has no effect with scheme int8"),
+    ("nf4", "symmetric = false\nlm_head = \"unquantized\"", "quantization.symmetric has no effect with scheme nf4"),
+])
+def test_a_quantization_field_the_scheme_would_ignore_is_refused(tmp_path, scheme, line, ignored):
+    f = tmp_path / "mine.toml"
+    f.write_text(_with("quantization", line, scheme=scheme))
+    with pytest.raises(BadInput, match=ignored):
+        load_target(f)
+
+
+def test_a_scheme_the_backend_cannot_produce_is_refused(tmp_path):
+    """The generic backend has no MatMulNBits pass: an int4 target on it would ship fp32 weights."""
+    f = tmp_path / "mine.toml"
+    f.write_text(_with("quantization", "block_size = 32", scheme="int4").replace("genai-builder", "torch-dynamo"))
+    with pytest.raises(BadInput, match="scheme int4 is not produced by the torch-dynamo backend"):
+        load_target(f)
+
+
+def test_every_shipped_target_sets_only_fields_it_uses():
+    for name in available():
+        load_target(name)  # refused otherwise

@@ -21,3 +21,5 @@ class Backend:
     #: names none; a target asking for another is refused, never silently changed
     opsets: tuple[int, int] = (21, 21)
     default_opset: int = 21
+    #: the quantization schemes it can produce (a target asking for another is refused)
+    schemes: tuple[str, ...] = ("none", "int4", "int8", "nf4")

@@ -51,4 +51,5 @@ def _check(q) -> list[str]:
     return problems
 
 
-INT4 = Scheme(name="int4", builder_precision=lambda q, precision: "int4", builder_options=_options, check=_check)
+INT4 = Scheme(name="int4", builder_precision=lambda q, precision: "int4", builder_options=_options, check=_check,
+              honours=("block_size", "symmetric", "lm_head", "sensitive_layers", "accuracy_level"))

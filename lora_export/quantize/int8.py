@@ -9,4 +9,5 @@ INT8 = Scheme(
     builder_precision=lambda q, precision: "int8",
     builder_options=_common,
     check=lambda q: [p for p in _check(q) if "lm_head" not in p and "sensitive" not in p],
+    honours=("block_size", "symmetric", "accuracy_level"),  # every MatMul is int8: no lm_head/sensitive choice
 )

@@ -47,6 +47,7 @@ NF4_SCHEME = Scheme(
     builder_options=lambda q: {},
     check=_check,
     post_process=_post_process,
+    honours=("block_size", "lm_head", "scales"),
 )
 
 

@@ -22,3 +22,5 @@ class Scheme:
     check: Callable[[object], list]
     #: (export dir, Quantization) -> None: rewrites model.onnx after the builder, for schemes it lacks
     post_process: Callable[[Path, object], None] = _nothing
+    #: the [quantization] fields this scheme reads; a target that sets another is refused (it would be ignored)
+    honours: tuple[str, ...] = ()
