@@ -52,6 +52,7 @@ def test_lora_export_demo_end_to_end(tmp_path):
     assert len(shown) <= 40, "\n".join(shown)
     assert not [line for line in shown if "Warning" in line or "[INFO]" in line or "Loading weights" in line]
     log = (out / "demo.log").read_text()
-    assert f"log: {out / 'demo.log'}" in p.stderr and "onnxruntime-genai" in log and len(log.splitlines()) > len(shown)
+    # ONNX Runtime's quantizer INFO lines (40 of them flooded the terminal before) are in the log
+    assert f"log: {out / 'demo.log'}" in p.stderr and "matmul_nbits_quantizer" in log and len(log.splitlines()) > len(shown)
     for name in ("bench.json", "bench.md", "bench.png"):  # the bench on the embedded model wrote all three
         assert (out / "export-ort-cpu-fp32" / name).is_file(), name

@@ -63,13 +63,15 @@ def test_non_empty_output_is_refused(tiny_base, tiny_adapter, tmp_path):
 
 
 def test_failed_build_leaves_nothing(tiny_base, tiny_adapter, tmp_path, monkeypatch):
-    from lora_export.export import BACKENDS, Backend
+    from dataclasses import replace
+
+    from lora_export.export import BACKENDS
 
     def broken(checkpoint, out_dir, target, log, adapter=None):
         (out_dir / "model.onnx").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setitem(BACKENDS, "genai-builder", Backend("genai-builder", (), broken, own_process=True))
+    monkeypatch.setitem(BACKENDS, "genai-builder", replace(BACKENDS["genai-builder"], build=broken))
     out = tmp_path / "x" / "export"
     with pytest.raises(OSError):
         export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-fp32", out=out))
