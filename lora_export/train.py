@@ -86,7 +86,7 @@ def _check(cfg: TrainConfig) -> None:
     if not (math.isfinite(cfg.dropout) and 0 <= cfg.dropout < 1):
         problems.append(Problem("--dropout", f"dropout must lie in [0, 1), got {cfg.dropout}", "use e.g. --dropout 0.05"))
     if cfg.quantize and cfg.nf4.blocksize not in base_model.BLOCKSIZES:
-        problems.append(Problem("--blocksize", f"NF4 block size {cfg.nf4.blocksize} is not one bitsandbytes supports",
+        problems.append(Problem("--blocksize", f"block size {cfg.nf4.blocksize} is not supported by bitsandbytes",
                                 f"use one of {', '.join(map(str, base_model.BLOCKSIZES))}"))
     if not math.isfinite(cfg.lr):
         problems.append(Problem("--lr", f"learning rate must be a finite number, got {cfg.lr}", "use --lr 2e-4 to 2e-3"))

@@ -406,7 +406,7 @@ TRAIN_CASES = [
     ("dropout out of range", ["--dropout", "2"], "--dropout: dropout must lie in [0, 1), got 2.0"),
     ("negative alpha", ["--alpha", "-1"], "--alpha: lora alpha must be a positive number"),
     ("nan learning rate", ["--lr", "nan"], "learning rate must be"),
-    ("block size bitsandbytes lacks", ["--blocksize", "48"], "NF4 block size 48"),
+    ("block size bitsandbytes lacks", ["--blocksize", "48"], "block size 48 is not supported by bitsandbytes"),
 ]
 
 
