@@ -185,11 +185,12 @@ def _run(args, console) -> int:
                                  adapter_weights=tuple(args.adapter_weight) if args.adapter_weight else None,
                                  merge_base=args.merge_base, allow_pickle=args.allow_pickle,
                                  keep_adapter=args.keep_adapter), progress=say)
-        return _verdict(console, r.parity, f"export written to {r.out} (merge base {r.merge_base})")
+        return _verdict(console, r.parity, f"export written to {r.out} (merge base {r.merge_base})", r.out)
     if args.command == "validate":
         from .pipeline import validate
 
-        return _verdict(console, validate(args.export_dir, args.report, args.junit, args.prompts, progress=say), "")
+        return _verdict(console, validate(args.export_dir, args.report, args.junit, args.prompts, progress=say), "",
+                        args.export_dir)
     if args.command == "bench":
         from .bench import markdown
         from .pipeline import bench
@@ -207,12 +208,16 @@ def _run(args, console) -> int:
     raise AssertionError(args.command)
 
 
-def _verdict(console, report, headline: str) -> int:
+def _verdict(console, report, headline: str, export_dir) -> int:
     from .parity import markdown
 
     console.result(markdown(report))
     if headline:
         console.result(headline)
+    if report.not_checked_on:
+        from .parity import pending_on_device
+
+        console.error(pending_on_device(report, str(export_dir)).replace("**", ""))
     if report.passed:
         return EXIT_OK
     for c in report.failures:

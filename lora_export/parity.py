@@ -198,6 +198,8 @@ class ParityReport:
     reference_dtype: str = "float32"
     reference_device: str = "cpu"
     tolerance_notes: tuple[str, ...] = ()  # thresholds that differ from the target file they came from
+    ran_on: tuple[str, ...] = ()  # the execution providers the export ran with here
+    not_checked_on: tuple[str, ...] = ()  # the target's device providers this machine lacks (CPU stood in)
 
     @property
     def passed(self) -> bool:
@@ -340,8 +342,8 @@ def measure(models: Models, shapes: list[Shape], steps: int, work_dir: Path, pro
 
 
 def judge(per_shape: dict, stages: dict, retention: float | None, tol: Tolerances, target: str, reference: str,
-          steps: int, notes: tuple[str, ...] = (), reference_compute: tuple[str, str] = ("float32", "cpu")
-          ) -> ParityReport:
+          steps: int, notes: tuple[str, ...] = (), reference_compute: tuple[str, str] = ("float32", "cpu"),
+          ran_on: tuple[str, ...] = (), not_checked_on: tuple[str, ...] = ()) -> ParityReport:
     checks = []
     for name, m in per_shape.items():
         if tol.max_abs_diff is not None:
@@ -365,13 +367,15 @@ def judge(per_shape: dict, stages: dict, retention: float | None, tol: Tolerance
                             retention is not None and retention >= tol.min_adapter_retention))
     return ParityReport(target=target, reference=reference, steps=steps, shapes=per_shape, stages=stages,
                         adapter_retention=retention, checks=tuple(checks), tolerance_notes=tuple(notes),
-                        reference_dtype=reference_compute[0], reference_device=reference_compute[1])
+                        reference_dtype=reference_compute[0], reference_device=reference_compute[1],
+                        ran_on=tuple(ran_on), not_checked_on=tuple(not_checked_on))
 
 
 def report_dict(report: ParityReport) -> dict:
     return {"schema_version": SCHEMA_VERSION, "target": report.target, "reference": report.reference,
             "reference_dtype": report.reference_dtype, "reference_device": report.reference_device,
             "passed": report.passed, "steps": report.steps, "tolerance_notes": list(report.tolerance_notes),
+            "ran_on": list(report.ran_on), "not_checked_on": list(report.not_checked_on),
             "shapes": {k: asdict(v) for k, v in report.shapes.items()},
             "stages": {k: asdict(v) for k, v in report.stages.items()},
             "adapter_retention": report.adapter_retention,
@@ -400,9 +404,19 @@ STAGE_LABELS = {"merge": "merge: merged fp32 (PyTorch) vs as trained",
                 "adapter": "adapter effect: unadapted base vs as trained"}
 
 
+def pending_on_device(report: ParityReport, export_dir: str = "EXPORT_DIR") -> str:
+    """What this run could not check: the target's own execution providers."""
+    return (f"**Not yet checked on {', '.join(report.not_checked_on)}**: this machine's ONNX Runtime lacks "
+            f"{'it' if len(report.not_checked_on) == 1 else 'them'}, so the graph ran on {', '.join(report.ran_on)} "
+            "with the target's thresholds (the numbers above). The target's own kernels are checked by "
+            f"`lora-export validate {export_dir}` on a machine that has them (`lora-export[gpu]`).")
+
+
 def markdown(report: ParityReport) -> str:
     lines = [f"## Parity: {report.target}: {'PASS' if report.passed else 'FAIL'}", "",
              f"Reference: {report.reference}.", ""]
+    if report.not_checked_on:
+        lines += [pending_on_device(report), ""]
     if report.tolerance_notes:
         lines += ["**Thresholds differ from the target file they came from:**", ""]
         lines += [f"- {n}" for n in report.tolerance_notes] + [""]

@@ -127,6 +127,7 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
             raise ToolchainFailed(f"the {target.backend} backend wrote a model that cannot be loaded: {e}") from e
         total = report.stages["total"]
         manifest["parity"] = {"passed": report.passed, "failures": [str(c) for c in report.failures],
+                              "ran_on": list(report.ran_on), "not_checked_on": list(report.not_checked_on),
                               "max_abs_diff": total.max_abs_diff, "max_rel_diff": total.max_rel_diff,
                               "mean_kl": total.mean_kl, "top1_agreement": total.top1_agreement,
                               "adapter_retention": report.adapter_retention}
@@ -414,22 +415,25 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     max_positions, vocab_size = _context_of(base)
     check_against_context(target, max_positions, str(base / "config.json"))
     steps = max(parity.MIN_STEPS, target.tolerances.greedy_tokens)
+    from .runtime import check_providers, parity_providers
+
+    run_with, not_here = parity_providers(target.execution_providers)
+    check_providers(run_with, export_dir / "model.onnx")
+    if not_here:
+        progress(f"{', '.join(not_here)} not installed here: parity runs the graph on {', '.join(run_with)} with "
+                 "the target's thresholds; the target's own kernels need a machine that has them")
     sweep_temp(PARITY_TMP)  # what a killed validate left: the merged fp32 checkpoint, stored logits
     with tempfile.TemporaryDirectory(prefix=f"{PARITY_TMP}{os.getpid()}-") as tmp:
         if prepared is not None and prepared.prompt_ids is not None and prompts is None:
-            from .runtime import check_providers
-
-            check_providers(target.execution_providers, export_dir / "model.onnx")
             token_ids = prepared.prompt_ids
         else:
             prepared, token_ids = run_in_child(validation_inputs, export_dir, manifest, base, prompts, Path(tmp),
-                                               prepared, target.execution_providers, max_positions, steps,
-                                               progress=progress)
+                                               prepared, max_positions, steps, progress=progress)
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         adapters, merged = list(prepared.adapters), prepared.merged
         models = parity.Models(
             reference=functools.partial(reference_model, base, prepared.adapters, prepared.weights, merged.as_trained),
-            candidate=functools.partial(OrtCausalLM, export_dir, target.execution_providers),
+            candidate=functools.partial(OrtCausalLM, export_dir, run_with),
             merged=functools.partial(torch_model, merged.checkpoint),
             base=functools.partial(torch_model, base),
             isolate=True,
@@ -438,7 +442,8 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
                                                       vocab_size=vocab_size)
     report = parity.judge(per_shape, stages, retention, target.tolerances, target.name, describe_reference(adapters),
                           steps, notes=tuple(tolerance_differences(target)),
-                          reference_compute=(REFERENCE_DTYPE, REFERENCE_DEVICE))
+                          reference_compute=(REFERENCE_DTYPE, REFERENCE_DEVICE), ran_on=run_with,
+                          not_checked_on=not_here)
     parity.write_reports(report, export_dir)
     if report_json:
         parity.write_json(report, Path(report_json))
@@ -458,13 +463,9 @@ def check_prompt_lengths(prompt_ids: list[list[int]], max_positions: int, steps:
 
 
 def validation_inputs(export_dir: Path, manifest: dict, base: Path, prompts: Path | None, tmp: Path,
-                      prepared: Prepared | None, providers: tuple[str, ...], max_positions: int, steps: int,
-                      progress=_quiet):
-    """(Prepared, parity prompt token ids): the runtime's providers checked, the adapters checked unchanged
-    and merged again unless given. Runs in a child process (it imports torch)."""
-    from .runtime import check_providers
-
-    check_providers(providers, export_dir / "model.onnx")
+                      prepared: Prepared | None, max_positions: int, steps: int, progress=_quiet):
+    """(Prepared, parity prompt token ids): the adapters checked unchanged and merged again unless given.
+    Runs in a child process (it imports torch)."""
     token_ids = load_prompts(load_tokenizer(base), prompts)
     check_prompt_lengths(token_ids[0], max_positions, steps, prompts)
     if prepared is None:

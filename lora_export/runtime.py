@@ -42,6 +42,28 @@ def check_providers(providers, path: Path) -> None:
                            'for CUDA install "lora-export[gpu]" in a fresh environment; else use a CPU target')
 
 
+DEVICE_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def parity_providers(providers) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the providers parity runs with here, the target's device providers this ONNX Runtime lacks).
+
+    A CUDA or TensorRT target exported on a machine without them is still checked: the graph runs on the CPU
+    provider (which has kernels for the fused graph in fp16 and for MatMulNBits), with the target's thresholds,
+    and the missing providers are named so that `lora-export validate` on the GPU machine completes the check.
+    A provider that is neither available nor a device provider is refused as before."""
+    ort = import_onnxruntime()
+    available = ort.get_available_providers()
+    providers = [providers] if isinstance(providers, str) else list(providers)
+    missing = tuple(p for p in providers if p not in available)
+    if not missing:
+        return tuple(providers), ()
+    if all(p in DEVICE_PROVIDERS for p in missing):
+        usable = tuple(p for p in providers if p in available)
+        return (usable if any(p in DEVICE_PROVIDERS for p in usable) else ("CPUExecutionProvider",)), missing
+    return tuple(providers), missing  # check_providers refuses these
+
+
 class OrtCausalLM:
     """An exported decoder in a plain ``onnxruntime.InferenceSession`` with its KV cache."""
 

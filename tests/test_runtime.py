@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lora_export.base import load_fp32
+from lora_export.errors import BadInput
 from lora_export.runtime import OrtCausalLM, TorchCausalLM, generate, greedy
 
 PROMPTS = [[0, 11, 52, 301, 7, 99, 1500, 42], [0, 77, 5, 6], [0, 9]]
@@ -56,3 +57,24 @@ def test_io_binding_gives_the_same_logits(fp32_export):
         assert a.tokens == b.tokens and np.array_equal(a.logits, b.logits)
     _, past = bound_model.step(np.array([[1, 2]]), np.ones((1, 2)), None)
     assert type(past[0]).__name__ == "OrtValue"  # the cache did not come back through numpy
+
+
+@pytest.mark.parametrize("available, target, run_with, missing", [
+    (["CPUExecutionProvider"], ["CPUExecutionProvider"], ("CPUExecutionProvider",), ()),
+    (["CPUExecutionProvider"], ["CUDAExecutionProvider"], ("CPUExecutionProvider",), ("CUDAExecutionProvider",)),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+     ("CUDAExecutionProvider",), ("TensorrtExecutionProvider",)),
+    (["CPUExecutionProvider"], ["FooExecutionProvider"], ("FooExecutionProvider",), ("FooExecutionProvider",)),
+])
+def test_parity_providers_stand_the_cpu_in_for_a_missing_gpu_only(available, target, run_with, missing, monkeypatch):
+    """A missing CUDA/TensorRT provider: parity runs on what this machine has and names what it lacks; any
+    other missing provider is left for check_providers to refuse."""
+    import onnxruntime
+
+    from lora_export.runtime import check_providers, parity_providers
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: available)
+    assert parity_providers(target) == (run_with, missing)
+    if "FooExecutionProvider" in target:
+        with pytest.raises(BadInput, match="FooExecutionProvider not available"):
+            check_providers(run_with, "model.onnx")
