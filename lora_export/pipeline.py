@@ -490,9 +490,12 @@ def torch_model(checkpoint: Path):
 
 
 def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, rounds: int = 100,
-          plot_path: Path | None = None, memory: bool = True, eager: bool = False):
+          plot_path: Path | None = None, memory: bool = True, eager: bool = False, providers=None,
+          new_tokens: int = 64):
     """Time the export against the unadapted base export for the same target (built once, into bench-base/),
-    and, for a merged export of a plain LoRA adapter, against the unmerged side-path graph (bench-unmerged/)."""
+    and, for a merged export of a plain LoRA adapter, against the unmerged side-path graph (bench-unmerged/).
+    ``providers``, ``new_tokens``: run with these providers instead of the target's, and decode this many tokens
+    per round (benchmarks/gpu_check.py's CPU dry run)."""
     from . import bench as latency
     from .runtime import TorchCausalLM
 
@@ -528,8 +531,10 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
     extra = {}
     if eager:  # what users run without an export: the fp32 base with the adapter(s) unmerged, in PyTorch
         extra["peft-unmerged"] = TorchCausalLM(attach(load_fp32(base), adapters, weights)[0].eval())
-    result = latency.bench(export_dir, base_export, prompt, target.latency.max_ratio, target.execution_providers,
-                           rounds=rounds, progress=progress, unmerged_dir=unmerged if side_path else None,
+    result = latency.bench(export_dir, base_export, prompt, target.latency.max_ratio,
+                           tuple(providers) if providers else target.execution_providers,
+                           new_tokens=new_tokens, rounds=rounds, progress=progress,
+                           unmerged_dir=unmerged if side_path else None,
                            memory=memory, extra=extra)
     latency.write_reports(result, Path(json_path) if json_path else export_dir / "bench.json",
                           export_dir / "bench.md", Path(plot_path) if plot_path else export_dir / "bench.png")
