@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import BadInput, Problem, raise_if
 from .fingerprint import fingerprint
 from .jsonfile import read_object
+from .quantized_base import Quantization
 from .train import MANIFEST
 
 SUPPORTED_PEFT_TYPES = ("LORA",)
@@ -28,10 +29,12 @@ class Adapter:
     targeted: tuple[str, ...]  # base module names the adapter changes
     weights: Path  # adapter_model.safetensors (or the pickle file, when explicitly allowed)
     saved: tuple[str, ...] = ()  # modules_to_save: base modules the adapter replaces with trained copies
+    quantization: Quantization | None = None  # the 4-bit base it was trained against (quantized_base.resolve)
+    layer_weights: tuple[str, ...] = ()  # base parameters saved whole (save_embedding_layers): key in the file
 
     @property
     def trained_on_4bit(self) -> bool:
-        return bool(self.manifest and self.manifest.get("kind") == "qlora")
+        return self.quantization is not None
 
 
 _PARTS = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
@@ -101,6 +104,10 @@ def _read_config(path: Path, problems: list[Problem]) -> dict:
     if config.get("lora_bias"):
         problems.append(Problem(str(cfg_path), "lora_bias = true (a trained bias on lora_B) is not supported",
                                 "train the adapter without lora_bias"))
+    if config.get("trainable_token_indices"):
+        problems.append(Problem(str(cfg_path), "trainable_token_indices (embedding rows trained beside the LoRA) is "
+                                "not supported", "merge it with PEFT's merge_and_unload() and export that model, or "
+                                "train the adapter without trainable_token_indices"))
     targets = config.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets and
                                          all(isinstance(t, str) and t for t in targets))):
@@ -214,6 +221,8 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
 
     found: dict[str, dict[str, tuple[int, ...]]] = {}
     saved: set[str] = set()
+    params = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}
+    layer_weights: list[str] = []
     for key, tensor in _tensors(weights):
         if not isinstance(tensor, torch.Tensor):
             problems.append(Problem(str(weights), f"entry {key} is not a tensor", "save the adapter again"))
@@ -228,6 +237,14 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
         where = _module_of(key)
         if where and tensor.dim() in (1, 2):
             found.setdefault(where[0], {})[where[1]] = tuple(tensor.shape)
+        elif where is None and _strip(key) in params:
+            # save_pretrained(save_embedding_layers=...): a base layer's whole weight, which replaces the base's
+            layer_weights.append(key)
+            if tuple(tensor.shape) != params[_strip(key)]:
+                problems.append(Problem(str(weights), f"saved layer {_strip(key)} has shape {tuple(tensor.shape)}, the "
+                                        f"base's has {params[_strip(key)]} (the vocabulary was resized in training)",
+                                        "pass the base with the resized vocabulary (resize_token_embeddings, then "
+                                        "save_pretrained) with --base"))
         elif where is None and ".base_layer." not in key:
             saved.add(_strip(key).rpartition(".")[0])  # modules_to_save: a full copy of the module
     if not found and not saved:
@@ -274,8 +291,11 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
                                     f"({manifest.get('base', {}).get('path')})",
                                     "pass the base the adapter was trained on with --base"))
     raise_if(problems)
+    quantization = Quantization.from_dict(manifest["quantization"]) if manifest and manifest.get("kind") == "qlora" \
+        else None
     return Adapter(path=path, config=config, manifest=manifest, targeted=tuple(sorted(found)),
-                   weights=weights, saved=tuple(sorted(saved)))
+                   weights=weights, saved=tuple(sorted(saved)), quantization=quantization,
+                   layer_weights=tuple(layer_weights))
 
 
 def manifest_problems(manifest: dict, where: Path) -> list[Problem]:
@@ -312,6 +332,16 @@ def manifest_problems(manifest: dict, where: Path) -> list[Problem]:
                 problems.append(Problem(str(where), "quantization block has missing or invalid "
                                         f"{', '.join(wrong + unknown)}", fix))
     return problems
+
+
+def base_name_note(adapter: Adapter, base_dir: Path) -> str | None:
+    """A note when adapter_config.json names its base by a hub id (Unsloth, TRL and axolotl write the repository
+    name): nothing is downloaded; the shapes were checked against ``base_dir`` instead."""
+    name = adapter.config.get("base_model_name_or_path")
+    if not isinstance(name, str) or not name or Path(name).exists():
+        return None
+    return (f"  {adapter.path.name}/adapter_config.json names its base {name!r}, which is not a path here: every "
+            f"adapted layer's shape was checked against --base {base_dir} instead")
 
 
 def attach(model, adapters, weights=None, low_cpu_mem_usage: bool = False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +50,9 @@ def check_base(base_dir: str | Path) -> Path:
     else:
         config = read_object(cfg, "restore the model's config.json", problems)
         if config is not None:
-            problems += _config_field_problems(config, cfg)
+            from .quantized_base import base_quantization_problems
+
+            problems += _config_field_problems(config, cfg) + base_quantization_problems(base)
     if not list(base.glob("*.safetensors")):
         hint = " (only pickle .bin files: convert them to safetensors)" if list(base.glob("*.bin")) else ""
         problems.append(Problem(str(base), f"no .safetensors weight files{hint}",
@@ -104,6 +107,9 @@ def skeleton(base_dir: Path, config=None, dtype=None):
     from transformers import AutoModelForCausalLM
 
     config = config if config is not None else config_of(base_dir)
+    if getattr(config, "quantization_config", None) is not None:  # a pre-quantized base: its float module tree
+        config = copy.copy(config)
+        del config.quantization_config
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))

@@ -118,8 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one weight per --adapter, in order (default: 1.0 each)")
     e.add_argument("--target", required=True, help="a shipped target name (`lora-export targets`) or a .toml file")
     e.add_argument("--out", type=Path, required=True, help="export directory to create (must not exist or be empty)")
-    e.add_argument("--merge-base", choices=["nf4", "original"],
-                   help="weights the adapter is merged into (default: nf4 for QLoRA adapters, else original)")
+    e.add_argument("--merge-base", choices=["nf4", "fp4", "original"],
+                   help="weights the adapter is merged into: the 4-bit base it was trained on (nf4/fp4) or the original "
+                   "weights (default: the 4-bit base when the adapter's training is on record - lora-export's manifest, "
+                   "a quantization_config, an axolotl YAML, PEFT's model card, a pre-quantized base - else original)")
+    e.add_argument("--bnb-quant-type", choices=["nf4", "fp4"],
+                   help="4-bit type the base was quantized with in training (default: the record's, else fp4 as in "
+                   "transformers' BitsAndBytesConfig; --merge-base nf4/fp4 sets it too)")
+    e.add_argument("--bnb-block-size", type=int,
+                   help="bitsandbytes block size used in training (default: the record's, else 64)")
+    e.add_argument("--bnb-double-quant", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether training quantized the block scales again (default: the record's, else off as in "
+                   "BitsAndBytesConfig)")
+    e.add_argument("--bnb-load-dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the weights were loaded in before quantizing (default: the record's, else auto: the "
+                   "checkpoint's dtype, transformers' from_pretrained default)")
+    e.add_argument("--training-config", type=Path,
+                   help="a file the training run wrote that records the 4-bit settings: an axolotl YAML, a config.json "
+                   "with quantization_config, or PEFT's README.md (default: look in the adapter directory)")
     e.add_argument("--keep-adapter", action="store_true",
                    help="export the unmerged graph: the LoRA as a side path beside each MatMul (plain LoRA/rsLoRA)")
     e.add_argument("--allow-pickle", action="store_true",
@@ -180,11 +196,15 @@ def _run(args, console) -> int:
         return EXIT_OK
     if args.command == "export":
         from .pipeline import ExportRequest, export
+        from .quantized_base import QuantRequest
 
         r = export(ExportRequest(base=args.base, adapter=tuple(args.adapter), target=args.target, out=args.out,
                                  adapter_weights=tuple(args.adapter_weight) if args.adapter_weight else None,
                                  merge_base=args.merge_base, allow_pickle=args.allow_pickle,
-                                 keep_adapter=args.keep_adapter), progress=say)
+                                 keep_adapter=args.keep_adapter,
+                                 quant=QuantRequest(quant_type=args.bnb_quant_type, blocksize=args.bnb_block_size,
+                                                    double_quant=args.bnb_double_quant, load_dtype=args.bnb_load_dtype,
+                                                    training_config=args.training_config)), progress=say)
         return _verdict(console, r.parity, f"export written to {r.out} (merge base {r.merge_base})", r.out)
     if args.command == "validate":
         from .pipeline import validate

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,8 +29,9 @@ from .adapters import Adapter, attach
 from .base import Nf4Settings, load_tokenizer
 from .errors import BadInput
 from .outputs import check_free_disk
+from .quantized_base import FOUR_BIT
 
-MERGE_BASES = ("nf4", "original")
+MERGE_BASES = FOUR_BIT + ("original",)
 INDEX = "model.safetensors.index.json"
 
 
@@ -52,24 +53,28 @@ class MergeResult:
 
 
 def default_merge_base(adapter: Adapter) -> str:
-    return "nf4" if adapter.trained_on_4bit else "original"
+    return adapter.quantization.settings.quant_type if adapter.trained_on_4bit else "original"
 
 
 def round_trip(w, nf4: Nf4Settings):
-    """dequant(NF4(W)) with bitsandbytes, bit for bit what the 4-bit base computed with during training."""
+    """dequant(NF4(W)) with bitsandbytes, bit for bit what the 4-bit base computed with during training.
+
+    The weights are quantized from ``load_dtype`` (what training loaded) and dequantized in fp32: code x block
+    scale exactly, as bitsandbytes' 4-bit matmul computes it for fp32 inputs (from bf16-loaded weights too;
+    ``dequantize_4bit`` with the state's own dtype would round each product to bf16 first)."""
     import bitsandbytes.functional as bnbf
     import torch
 
     q, state = bnbf.quantize_4bit(w.to(getattr(torch, nf4.load_dtype)), blocksize=nf4.blocksize,
                                   compress_statistics=nf4.double_quant, quant_type=nf4.quant_type,
                                   quant_storage=getattr(torch, nf4.quant_storage))
+    state.dtype = torch.float32
     return bnbf.dequantize_4bit(q, state).to(w.dtype)
 
 
 def quantization_of(adapter: Adapter) -> tuple[list[str], Nf4Settings]:
-    """The 4-bit modules and NF4 settings a QLoRA adapter was trained against, from its training manifest."""
-    quant = dict(adapter.manifest["quantization"])
-    return quant.pop("quantized_modules"), Nf4Settings(**quant)
+    """The 4-bit modules and settings a QLoRA adapter was trained against (``quantized_base.resolve``)."""
+    return list(adapter.quantization.modules), adapter.quantization.settings
 
 
 def _hollow(model) -> None:
@@ -103,22 +108,22 @@ def _check_combination(adapters: Sequence[Adapter], weights: Sequence[float], me
     if len(adapters) > 1:
         for a in adapters:
             cfg = a.config
-            if cfg.get("use_dora") or cfg.get("modules_to_save"):
+            if cfg.get("use_dora") or cfg.get("modules_to_save") or a.layer_weights:
                 raise BadInput.one(str(a.path / "adapter_config.json"), "DoRA and modules_to_save adapters cannot "
-                                   "be combined linearly with others (their merge is not a sum of deltas)",
+                                   "be combined linearly with others, nor can saved embedding layers (their merge is not "
+                                   "a sum of deltas)",
                                    "export this adapter on its own")
-        if merge_base == "nf4":
-            settings = {json.dumps(a.manifest.get("quantization") if a.manifest else None, sort_keys=True)
-                        for a in adapters}
+        if merge_base in FOUR_BIT:
+            settings = {a.quantization.key() if a.quantization else None for a in adapters}
             if len(settings) > 1:
                 raise BadInput.one(str(adapters[1].path), "the adapters were trained against different 4-bit "
                                    "bases, so no single nf4 merge base serves them all",
                                    "combine adapters trained with the same quantization, or use --merge-base original")
     if merge_base not in MERGE_BASES:
         raise BadInput.one("--merge-base", f"unknown merge base '{merge_base}'", f"use one of {', '.join(MERGE_BASES)}")
-    if merge_base == "nf4" and not adapters[0].trained_on_4bit:
-        raise BadInput.one(str(adapters[0].path), "merge base nf4 needs the training manifest's quantization "
-                           "settings, and this adapter has none", "use --merge-base original")
+    if merge_base in FOUR_BIT and not adapters[0].trained_on_4bit:
+        raise BadInput.one(str(adapters[0].path), f"merge base {merge_base} needs the 4-bit settings the adapter was "
+                           "trained with, and none were resolved", "use --merge-base original")
 
 
 def _base_shards(base_dir: Path) -> list[Path]:
@@ -147,8 +152,12 @@ def merge(base_dir: Path, adapters: Adapter | Sequence[Adapter], out_dir: Path, 
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     weights = tuple(float(w) for w in (weights or [1.0] * len(adapters)))
     _check_combination(adapters, weights, merge_base)
-    if not adapters[0].trained_on_4bit:
-        as_trained_dir = None  # the base itself is what a plain LoRA adapter was trained against
+    quant = adapters[0].quantization
+    if quant is None or quant.prequantized:
+        # the base itself is what a plain LoRA adapter was trained against; for a pre-quantized base, ``base_dir``
+        # is its dequantized copy (``quantized_base.plain_base``): the codes as trained, nothing to round again
+        result = rewrite_checkpoint(base_dir, adapters, weights, out_dir, "original", progress)
+        return replace(result, merge_base=merge_base, as_trained=Path(base_dir) if quant else None)
     return rewrite_checkpoint(base_dir, adapters, weights, out_dir, merge_base, progress,
                               nf4=quantization_of(adapters[0]) if as_trained_dir else None,
                               as_trained_dir=as_trained_dir)
@@ -172,7 +181,7 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     if adapters:
         model, names, config = _peft_skeleton(base_dir, adapters, weights)
         inner = model.base_model.model
-        if merge_base == "nf4" or as_trained_dir:
+        if merge_base in FOUR_BIT or as_trained_dir:
             nf4 = quantization_of(adapters[0])
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -182,7 +191,7 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
         with torch.device("meta"):
             inner = AutoModelForCausalLM.from_config(config)
         names = []
-    round_trip_in_merge = merge_base == "nf4" or not adapters
+    round_trip_in_merge = merge_base in FOUR_BIT or not adapters
     modules = dict(inner.named_modules())
     lora = {n: m for n, m in modules.items() if isinstance(m, LoraLayer)}
     saved = {n: m for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper)}
@@ -206,6 +215,12 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     deltas: dict[str, float] = {}
     replaced: list[str] = []
     bad: list[str] = []
+    layer_weights = _layer_weights(adapters[0]) if adapters else {}
+    for name in set(layer_weights) - base_keys:  # a tied head saved beside its embedding: the same matrix
+        tied_to = f"{in_name}.weight"
+        if not (tied and tied_to in layer_weights and torch.equal(layer_weights[name], layer_weights[tied_to])):
+            raise BadInput.one(str(adapters[0].weights), f"saves a weight for {name}, which the base does not store",
+                               "export with the base the adapter was trained on")
 
     def plan(key: str) -> list[tuple[str, str]]:
         """(module, param) outputs of one base tensor: two for the embedding of a model being untied."""
@@ -252,6 +267,9 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
         with open(shard, "rb") as f:
             for e in entries:
                 t = tensorfile.read_tensor(f, e)
+                if e.name in layer_weights:  # the adapter's saved copy of this layer replaces the base's
+                    t = layer_weights[e.name]
+                    replaced.append(e.name.rpartition(".")[0])
                 if t.is_floating_point():
                     t = t.to(torch.float32)
                 module_name, param = plan(e.name)[-1]  # the base's own module
@@ -308,6 +326,14 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     return MergeResult(checkpoint=out_dir, merge_base=merge_base, changed=tuple(sorted(deltas)),
                        max_abs_delta=max(deltas.values(), default=0.0), replaced=tuple(sorted(replaced)),
                        untied=untie, weights=tuple(weights), shards=shard_count, as_trained=as_trained_dir)
+
+
+def _layer_weights(adapter: Adapter) -> dict:
+    """Base parameter name -> the adapter's saved copy (``save_embedding_layers``)."""
+    from .adapters import _strip, _tensors
+
+    wanted = set(adapter.layer_weights)
+    return {_strip(k): t for k, t in _tensors(adapter.weights) if k in wanted} if wanted else {}
 
 
 def _fp32_code(dtype: str) -> str:

@@ -12,16 +12,17 @@ memory of the whole command is that of its biggest single stage, not their sum.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .adapters import attach, load_adapter
+from .adapters import attach, base_name_note, load_adapter
 from .base import check_base, load_fp32, load_tokenizer
 from .data import load_jsonl
 from .errors import BadInput, Problem, ToolchainFailed, UnreadableModel, raise_if
@@ -30,9 +31,10 @@ from .export.io_spec import check_external_data
 from .fingerprint import sha256_file
 from .isolate import run_in_child
 from .jsonfile import read_object
-from .merge import MergeResult, default_merge_base, merge, quantization_of, rewrite_checkpoint
+from .merge import MERGE_BASES, MergeResult, merge, quantization_of, rewrite_checkpoint
 from .outputs import check_free_disk, check_new_output, scratch, staged, sweep_temp
 from .precision import check_fp16_range
+from .quantized_base import FOUR_BIT, Quantization, QuantRequest, is_prequantized, plain_base, resolve
 from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
 from .reference import DEVICE as REFERENCE_DEVICE
 from .reference import describe as describe_reference
@@ -60,7 +62,8 @@ class ExportRequest:
     target: str
     out: Path
     adapter_weights: tuple[float, ...] | None = None  # one per adapter; default 1.0 each
-    merge_base: str | None = None  # None: nf4 for a QLoRA adapter, else original
+    merge_base: str | None = None  # None: the 4-bit base for a QLoRA adapter (nf4/fp4), else original
+    quant: QuantRequest = QuantRequest()  # what the command line says about that 4-bit base
     allow_pickle: bool = False  # accept a pickle-only adapter (read with torch.load(weights_only=True))
     keep_adapter: bool = False  # export the unmerged graph: the LoRA as a side path beside each MatMul
 
@@ -82,6 +85,7 @@ class Prepared:
     merged: MergeResult
     graph_source: Path  # the merged checkpoint; for --keep-adapter the base as trained (the side path's base)
     prompt_ids: tuple | None = None  # the default parity prompts, tokenized (prompts, documents)
+    base: Path | None = None  # the base in full precision: itself, or a pre-quantized base dequantized
 
 
 def check_request(req: ExportRequest) -> None:
@@ -151,10 +155,11 @@ def requantized(export_dir: Path, prep: Prepared, base: Path, target, progress=_
     if target.quantization.scales == "original":
         from .quantize.nf4 import reuse_training_scales
 
-        n = reuse_training_scales(export_dir, prep.merged.checkpoint, base, adapters[0], target.quantization)
+        n = reuse_training_scales(export_dir, prep.merged.checkpoint, prep.base or base, adapters[0],
+                                  target.quantization)
         progress(f"re-coded {n} NF4 weights with the block scales the adapter was trained against")
     progress("measuring how much of the adapter's change survives the weight quantization")
-    survival = measure_survival(export_dir, prep.merged.checkpoint, base, adapters, prep.merge_base,
+    survival = measure_survival(export_dir, prep.merged.checkpoint, prep.base or base, adapters, prep.merge_base,
                                 target.quantization)
     if survival.tensors:
         progress(f"adapter change kept through {survival.scheme} weights: median {survival.median_survival:.2f}, "
@@ -171,30 +176,40 @@ def prepare(req: ExportRequest, base: Path, target, work: Path, progress=_quiet)
     prompt_ids = load_prompts(load_tokenizer(base))  # a broken tokenizer is refused before the merge
     adapters = [load_adapter(p, base, allow_pickle=req.allow_pickle) for p in paths]
     weights = tuple(req.adapter_weights or [1.0] * len(adapters))
-    merge_base = req.merge_base or default_merge_base(adapters[0])
+    resolved = [resolve(a, base, req.merge_base, req.quant, progress) for a in adapters]
+    adapters, merge_base = [a for a, _ in resolved], resolved[0][1]
+    for a in adapters:
+        note = base_name_note(a, base)
+        if note:
+            progress(note)
+        if a.quantization:
+            progress(f"  4-bit base of {a.path.name}: {a.quantization.describe()}")
     if req.keep_adapter:
         check_side_path(adapters)
+    plain = plain_base(base, work, progress)
     progress(f"merging {len(adapters)} adapter(s) in fp32 into the {merge_base} base, shard by shard")
-    merged = merge(base, adapters, work / "checkpoint", merge_base, weights, progress=progress,
+    merged = merge(plain, adapters, work / "checkpoint", merge_base, weights, progress=progress,
                    as_trained_dir=work / "as-trained")
     if target.precision == "fp16":
         progress("checking that weights and activations fit fp16")
         check_fp16_range(load_fp32(merged.checkpoint), prompt_ids[0], str(adapters[0].path))
     source = merged.checkpoint
     if req.keep_adapter:
-        source = unmerged_source(base, adapters[0], merge_base, work)
+        source = unmerged_source(plain, adapters[0], merge_base, work)
     return Prepared(adapters=tuple(adapters), weights=weights, merge_base=merge_base, merged=merged,
-                    graph_source=source, prompt_ids=prompt_ids)
+                    graph_source=source, prompt_ids=prompt_ids, base=plain)
 
 
 def _manifest(req: ExportRequest, base: Path, out: Path, target, prep: Prepared) -> dict:
     entries = [{**_where(a.path, out), "weights_file": a.weights.name, "adapter_model_sha256": sha256_file(a.weights),
-                "weight": w} for a, w in zip(prep.adapters, prep.weights)]
+                "weight": w, "quantization": a.quantization.to_dict() if a.quantization else None}
+               for a, w in zip(prep.adapters, prep.weights)]
     result = prep.merged
     return {
         "schema_version": 2,
         "base": {**_where(base, out), "files_sha256": {p.name: sha256_file(p) for p in
-                                                      sorted(base.glob("*.safetensors"))}},
+                                                      sorted(base.glob("*.safetensors"))},
+                 "prequantized": is_prequantized(base)},
         "adapter": entries[0],
         "adapters": entries,
         "target": tomllib.loads(Path(target.source).read_text()),  # validate and bench apply this one
@@ -235,8 +250,9 @@ def check_side_path(adapters) -> None:
 
 
 def unmerged_source(base: Path, adapter, merge_base: str, work: Path) -> Path:
-    """The checkpoint a side-path graph is built on: the base the adapter was trained against."""
-    if merge_base != "nf4":
+    """The checkpoint a side-path graph is built on: the base the adapter was trained against. ``base`` is in
+    full precision (a pre-quantized base already dequantized: nothing to round again)."""
+    if merge_base not in FOUR_BIT or adapter.quantization.prequantized:
         return base
     rewrite_checkpoint(base, [], (), work / "base-nf4", merge_base, nf4=quantization_of(adapter))
     return work / "base-nf4"
@@ -255,6 +271,9 @@ def _adapters_of(manifest: dict, export_dir: Path, base: Path):
     for entry in manifest.get("adapters") or [manifest["adapter"]]:
         adapter = load_adapter(_locate(entry, export_dir, "adapter"), base,
                                allow_pickle=entry.get("weights_file") == "adapter_model.bin")
+        if "quantization" in entry:  # the 4-bit base the export resolved (older exports: the training manifest's)
+            adapter = replace(adapter, quantization=Quantization.from_dict(entry["quantization"])
+                              if entry["quantization"] else None)
         if sha256_file(adapter.weights) != entry["adapter_model_sha256"]:
             raise BadInput.one(str(adapter.path), "the adapter's weights changed since this export was made",
                                "validate against the adapter that was exported, or re-export")
@@ -330,8 +349,12 @@ def manifest_problems(manifest: dict, path: Path) -> list[Problem]:
             weight = entry.get("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 bad(f"adapters[{i}].weight", f"{weight!r} is not a finite number")
-    if manifest.get("merge_base") not in ("nf4", "original"):
-        bad("merge_base", f"{manifest.get('merge_base')!r} is not nf4 or original")
+            quant = entry.get("quantization")
+            if quant is not None and not (isinstance(quant, dict) and isinstance(quant.get("quantized_modules"), list)
+                                          and quant.get("quant_type") in FOUR_BIT):
+                bad(f"adapters[{i}].quantization", "must be null or the 4-bit settings the export resolved")
+    if manifest.get("merge_base") not in MERGE_BASES:
+        bad("merge_base", f"{manifest.get('merge_base')!r} is not one of {', '.join(MERGE_BASES)}")
     if manifest.get("graph", "merged") not in ("merged", "unmerged"):
         bad("graph", f"{manifest.get('graph')!r} is not merged or unmerged")
     return problems
@@ -432,10 +455,11 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         adapters, merged = list(prepared.adapters), prepared.merged
         models = parity.Models(
-            reference=functools.partial(reference_model, base, prepared.adapters, prepared.weights, merged.as_trained),
+            reference=functools.partial(reference_model, prepared.base or base, prepared.adapters, prepared.weights,
+                                        merged.as_trained),
             candidate=functools.partial(OrtCausalLM, export_dir, run_with),
             merged=functools.partial(torch_model, merged.checkpoint),
-            base=functools.partial(torch_model, base),
+            base=functools.partial(torch_model, prepared.base or base),
             isolate=True,
         )
         per_shape, stages, retention = parity.measure(models, shapes, steps, Path(tmp), progress=progress,
@@ -470,10 +494,12 @@ def validation_inputs(export_dir: Path, manifest: dict, base: Path, prompts: Pat
     check_prompt_lengths(token_ids[0], max_positions, steps, prompts)
     if prepared is None:
         adapters, weights = _adapters_of(manifest, export_dir, base)
+        plain = plain_base(base, tmp, progress)
         progress("merging again into a temporary folder (the reference's base and the merge/export breakdown)")
-        merged = merge(base, adapters, tmp / "merged", manifest["merge_base"], weights, as_trained_dir=tmp / "as-trained")
+        merged = merge(plain, adapters, tmp / "merged", manifest["merge_base"], weights,
+                       as_trained_dir=tmp / "as-trained")
         prepared = Prepared(adapters=tuple(adapters), weights=tuple(weights), merge_base=manifest["merge_base"],
-                            merged=merged, graph_source=merged.checkpoint)
+                            merged=merged, graph_source=merged.checkpoint, base=plain)
     return prepared, token_ids
 
 
@@ -513,24 +539,29 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
     adapters, weights = _adapters_of(manifest, export_dir, base)
     adapter = adapters[0]
     base_export = export_dir / "bench-base"
-    if not (base_export / "model.onnx").is_file():
-        progress(f"building the unadapted base export for {target.name} to compare against")
-        with staged(base_export) as tmp:
-            BACKENDS[target.backend].build(base, tmp, target, tmp / "build.log")
     unmerged = export_dir / "bench-unmerged"
     side_path = manifest.get("graph", "merged") == "merged" and len(adapters) == 1 and not (
         adapter.config.get("use_dora") or adapter.config.get("modules_to_save"))
-    if side_path and not (unmerged / "model.onnx").is_file():
-        progress("building the unmerged graph (LoRA as a side path) to show what merging saves")
-        with staged(unmerged) as tmp, scratch(unmerged, "merged") as work:
-            build_unmerged(base, adapter, manifest["merge_base"], target, tmp, work)
+    with contextlib.ExitStack() as stack:
+        plain = base
+        if is_prequantized(base) and (eager or not (base_export / "model.onnx").is_file() or
+                                      (side_path and not (unmerged / "model.onnx").is_file())):
+            plain = plain_base(base, stack.enter_context(scratch(base_export, "dequantized")), progress)
+        if not (base_export / "model.onnx").is_file():
+            progress(f"building the unadapted base export for {target.name} to compare against")
+            with staged(base_export) as tmp:
+                BACKENDS[target.backend].build(plain, tmp, target, tmp / "build.log")
+        if side_path and not (unmerged / "model.onnx").is_file():
+            progress("building the unmerged graph (LoRA as a side path) to show what merging saves")
+            with staged(unmerged) as tmp, scratch(unmerged, "merged") as work:
+                build_unmerged(plain, adapter, manifest["merge_base"], target, tmp, work)
+        extra = {}
+        if eager:  # what users run without an export: the fp32 base with the adapter(s) unmerged, in PyTorch
+            extra["peft-unmerged"] = TorchCausalLM(attach(load_fp32(plain), adapters, weights)[0].eval())
     tok = load_tokenizer(base)
     prompt = [t for p in load_prompts(tok)[1] for t in p][:32]
     progress(f"timing {'merged, base and unmerged' if side_path else 'this export and base'}, "
              f"{rounds} interleaved rounds")
-    extra = {}
-    if eager:  # what users run without an export: the fp32 base with the adapter(s) unmerged, in PyTorch
-        extra["peft-unmerged"] = TorchCausalLM(attach(load_fp32(base), adapters, weights)[0].eval())
     result = latency.bench(export_dir, base_export, prompt, target.latency.max_ratio,
                            tuple(providers) if providers else target.execution_providers,
                            new_tokens=new_tokens, rounds=rounds, progress=progress,

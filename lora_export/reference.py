@@ -41,7 +41,7 @@ def dequantize_layers(model, modules: Sequence[str], nf4: Nf4Settings) -> None:
 def load_base_as_trained(base_dir: Path, adapter: Adapter):
     """The base exactly as the adapter saw it in training, as a plain fp32 transformers model."""
     model = load_fp32(base_dir)
-    if adapter.trained_on_4bit:
+    if adapter.trained_on_4bit and not adapter.quantization.prequantized:  # (a pre-quantized base comes dequantized)
         dequantize_layers(model, *quantization_of(adapter))
     return model
 
@@ -62,8 +62,9 @@ def describe(adapters: Sequence[Adapter]) -> str:
     first = adapters[0]
     if first.trained_on_4bit:
         nf4 = quantization_of(first)[1]
+        stored = "the pre-quantized base's stored" if first.quantization.prequantized else "4-bit"
         base = (f"{nf4.quant_type.upper()} base as trained (block {nf4.blocksize}, double quant "
-                f"{'on' if nf4.double_quant else 'off'}; 4-bit codes dequantized once)")
+                f"{'on' if nf4.double_quant else 'off'}; {stored} codes dequantized once)")
     else:
         base = "fp32 base"
     count = "adapter" if len(adapters) == 1 else f"{len(adapters)} adapters"

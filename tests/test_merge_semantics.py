@@ -37,7 +37,28 @@ CASES = {  # name: (base kind, LoraConfig arguments)
     "tied-lora-embedding": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])),
     "tied-saved-lm_head": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])),
     "gpt2-conv1d": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    # as other tools write them (TRL/axolotl/Unsloth configs)
+    "all-linear": ("llama", dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    "target-regex": ("llama", dict(r=4, lora_alpha=8, target_modules=r".*\.(q|v|up)_proj")),
+    "layers_to_transform": ("llama", dict(r=4, lora_alpha=8, target_modules=LLAMA_LINEAR, layers_to_transform=[1],
+                                          layers_pattern="layers")),
+    "exclude_modules": ("llama", dict(r=4, lora_alpha=8, target_modules="all-linear",
+                                      exclude_modules=["k_proj", "down_proj"])),
+    "regex-rank-alpha-patterns": ("llama", dict(r=4, lora_alpha=8, target_modules=LLAMA_LINEAR,
+                                                rank_pattern={r"layers\.0\.self_attn\.(q|k)_proj": 8},
+                                                alpha_pattern={r"layers\.[01]\.mlp\.up_proj": 32})),
+    "hub-id-base-name": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                       base_model_name_or_path="HuggingFaceTB/SmolLM-135M")),
+    # save_pretrained(save_embedding_layers=True) with the embeddings changed in training: the saved copies win
+    "save_embedding_layers": ("llama-untied", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                   save_embedding_layers=True)),
 }
+# Options no merge reproduces here: refused with a message that names them (adapter_config.json, exit 2).
+REFUSED = {
+    "lora_bias": dict(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True),
+    "trainable_token_indices": dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[5, 6, 7]),
+}
+NOT_MERGEABLE_BY_PEFT = {"save_embedding_layers"}  # merge_and_unload keeps the base's embeddings
 TIED = {"tied-lora-embedding", "tied-saved-lm_head"}  # the merge must untie: one side changed, the other not
 # PEFT's own merge_and_unload is wrong for LoRA on a tied embedding: it adds the delta into the shared
 # matrix, so lm_head changes too (measured: logits 155 away from PEFT's own unmerged forward).
@@ -61,15 +82,22 @@ def _base(kind: str, path):
 def _make_adapter(base, path, seed=1, **lora):
     from peft import LoraConfig, get_peft_model
 
+    save = {"save_embedding_layers": lora.pop("save_embedding_layers")} if "save_embedding_layers" in lora else {}
+    named = lora.pop("base_model_name_or_path", None)  # PEFT writes the local path; other tools write a hub id
     torch.manual_seed(seed)
     model = get_peft_model(load_fp32(base), LoraConfig(init_lora_weights=False, **lora))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".modules_to_save." in name:  # a trained copy differs from the original
+            if ".modules_to_save." in name or "trainable_tokens" in name:  # a trained copy differs from the original
                 p.add_(torch.randn_like(p) * 0.05)
             elif "lora_B" in name or "lora_embedding_B" in name:
                 p.mul_(0.25)  # a fine-tuning-sized change: well above fp32 rounding, well below the logits
-    model.save_pretrained(str(path))
+            elif save and name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                p.add_(torch.randn_like(p) * 0.05)  # embeddings trained beside the LoRA (e.g. new tokens)
+    model.save_pretrained(str(path), **save)
+    if named:
+        config = json.loads((path / "adapter_config.json").read_text())
+        (path / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": named}))
     return path
 
 
@@ -107,6 +135,8 @@ def test_merge_equals_peft_unmerged(case, bases, tmp_path):
     assert result.untied == (case in TIED)
     if case in TIED:
         assert config["tie_word_embeddings"] is False
+    if case in NOT_MERGEABLE_BY_PEFT:
+        return
     if case in PEFT_MERGE_WRONG:
         peft_merged = PeftModel.from_pretrained(load_fp32(base), str(adapter_dir)).merge_and_unload()
         peft_merged.save_pretrained(str(tmp_path / "peft"))
@@ -120,6 +150,24 @@ def test_merge_equals_peft_unmerged(case, bases, tmp_path):
         assert set(mine) == set(theirs)
         same = [k for k in theirs if torch.equal(mine[k], theirs[k])]
         assert len(same) == len(theirs), sorted(set(theirs) - set(same))[:3]  # 3. bit for bit
+
+
+@pytest.mark.parametrize("option", sorted(REFUSED))
+def test_options_no_merge_reproduces_are_refused_by_name(option, bases, tmp_path):
+    from lora_export.errors import BadInput
+
+    adapter_dir = _make_adapter(bases["llama"], tmp_path / "adapter", **REFUSED[option])
+    with pytest.raises(BadInput) as e:
+        load_adapter(adapter_dir, bases["llama"])
+    assert option in str(e.value) and "adapter_config.json" in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_a_hub_id_as_base_name_is_said_not_refused(bases, tmp_path):
+    from lora_export.adapters import base_name_note
+
+    adapter_dir = _make_adapter(bases["llama"], tmp_path / "adapter", **CASES["hub-id-base-name"][1])
+    note = base_name_note(load_adapter(adapter_dir, bases["llama"]), bases["llama"])
+    assert "HuggingFaceTB/SmolLM-135M" in note and "checked against --base" in note
 
 
 def test_two_adapters_combined_linearly(bases, tmp_path):

@@ -144,7 +144,9 @@ def measure_survival(export_dir: Path, checkpoint: Path, base_dir: Path, adapter
     from ..merge import quantization_of, round_trip
 
     merged, base = checkpoint_tensors(checkpoint), checkpoint_tensors(base_dir)
-    quantized, nf4 = quantization_of(adapters[0]) if merge_base == "nf4" else ([], None)
+    # ``base_dir`` is in full precision: a pre-quantized base arrives dequantized, with nothing to round again
+    quant = adapters[0].quantization
+    quantized, nf4 = quantization_of(adapters[0]) if merge_base != "original" and not quant.prequantized else ([], None)
     quantized = set(quantized)
 
     def original(module: str):

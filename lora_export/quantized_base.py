@@ -1,0 +1,515 @@
+"""The 4-bit base a QLoRA adapter was trained against: its settings, where each came from, and 4-bit checkpoints.
+
+A QLoRA adapter learned its update against dequant(quant_4bit(W)), not W. Merging faithfully needs the exact
+settings bitsandbytes quantized with. They come from, most trusted first:
+
+- a pre-quantized base (a bitsandbytes 4-bit ``save_pretrained``, the "-bnb-4bit" checkpoints): the codes
+  themselves, with the quant_state stored beside each weight; nothing to choose;
+- the training manifest lora-export's trainer writes ("trained here");
+- a record the training tool left: a ``quantization_config`` in a config.json, PEFT's model card
+  (README.md: "The following `bitsandbytes` quantization config was used during training", written by
+  PEFT versions up to 0.6 and found on many hub adapters), an axolotl YAML (``adapter: qlora``), in the
+  adapter directory or given with ``--training-config``;
+- the command line (``--merge-base nf4|fp4`` and the ``--bnb-*`` flags), which overrides a record and says so;
+- defaults for what none of these gives: transformers' ``BitsAndBytesConfig`` (block size 64, no double
+  quantization, uint8 storage) and ``from_pretrained``'s default dtype "auto" (the checkpoint's dtype).
+
+The settings and the source of each go to the progress output and into the export manifest, and the parity
+reference is built with the same settings, so the gate measures the merge that was asked for.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from .base import BLOCKSIZES, Nf4Settings
+from .errors import BadInput, Problem, raise_if
+from .jsonfile import read_object
+
+FOUR_BIT = ("nf4", "fp4")  # merge bases that reproduce the 4-bit base (named by the quant type)
+DTYPES = ("float32", "bfloat16", "float16")
+TRAINED_HERE = "trained here (training_manifest.json)"
+ASSUMED = "assumed: transformers' default"
+PEFT_CARD = "The following `bitsandbytes` quantization config was used during training:"
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+QUANT_STATE = ".quant_state.bitsandbytes__"
+FLAGS = {"quant_type": "--bnb-quant-type", "blocksize": "--bnb-block-size", "double_quant": "--bnb-double-quant",
+         "load_dtype": "--bnb-load-dtype"}
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class QuantRequest:
+    """What the command line says about the 4-bit base (None: not given)."""
+
+    quant_type: str | None = None
+    blocksize: int | None = None
+    double_quant: bool | None = None
+    load_dtype: str | None = None
+    training_config: Path | None = None  # a file the training tool wrote that records the settings
+
+    def given(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "training_config"}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the base a QLoRA adapter saw was quantized: settings, the 4-bit modules, and where each setting came from."""
+
+    settings: Nf4Settings
+    modules: tuple[str, ...]
+    sources: dict = field(default_factory=dict)  # setting -> where it came from
+    prequantized: bool = False  # the base checkpoint holds the 4-bit codes themselves
+
+    def to_dict(self) -> dict:
+        return {**self.settings.to_dict(), "quantized_modules": list(self.modules), "sources": dict(self.sources),
+                "prequantized": self.prequantized}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Quantization:
+        """From a training manifest's quantization block or an export manifest's record of one."""
+        d = dict(d)
+        modules = tuple(d.pop("quantized_modules"))
+        sources = d.pop("sources", None) or {k: TRAINED_HERE for k in Nf4Settings.__dataclass_fields__}
+        prequantized = bool(d.pop("prequantized", False))
+        return cls(settings=Nf4Settings(**d), modules=modules, sources=sources, prequantized=prequantized)
+
+    def key(self) -> str:
+        """Equal for adapters that saw the same 4-bit base."""
+        return json.dumps([self.settings.to_dict(), sorted(self.modules)], sort_keys=True)
+
+    def describe(self) -> str:
+        s, src = self.settings, self.sources
+        if self.prequantized:
+            return (f"{s.quant_type} codes of the pre-quantized base (block {s.blocksize}, double quant "
+                    f"{'on' if s.double_quant else 'off'}; {src.get('quant_type', '')})")
+        parts = [f"{s.quant_type} [{src.get('quant_type', '?')}]", f"block {s.blocksize} [{src.get('blocksize', '?')}]",
+                 f"double quant {'on' if s.double_quant else 'off'} [{src.get('double_quant', '?')}]",
+                 f"quantized from {s.load_dtype} [{src.get('load_dtype', '?')}]"]
+        return ", ".join(parts)
+
+
+# --- pre-quantized bases -------------------------------------------------------------------------------------
+
+
+def quantization_config(base_dir: Path) -> dict | None:
+    """The base's config.json quantization_config, if any (no torch needed)."""
+    try:
+        cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return qc if isinstance(qc, dict) else None
+
+
+def _is_4bit_bnb(qc: dict) -> bool:
+    return qc.get("quant_method", "bitsandbytes") == "bitsandbytes" and bool(qc.get("load_in_4bit") or
+                                                                               qc.get("_load_in_4bit"))
+
+
+def base_quantization_problems(base_dir: Path) -> list[Problem]:
+    """A quantized base this tool cannot merge into: 8-bit bitsandbytes, GPTQ, AWQ, FP8 and the others."""
+    qc = quantization_config(base_dir)
+    if qc is None or _is_4bit_bnb(qc):
+        return []
+    method = qc.get("quant_method", "bitsandbytes")
+    kind = "8-bit bitsandbytes" if method == "bitsandbytes" and (qc.get("load_in_8bit") or qc.get("_load_in_8bit")) \
+        else f"{method}-quantized"
+    return [Problem(str(Path(base_dir) / "config.json"), f"a {kind} checkpoint: lora-export merges into full-precision "
+                    "weights or into bitsandbytes 4-bit (NF4/FP4) codes, not into this format",
+                    "pass the full-precision (bf16/fp16/fp32) model the quantized one was made from with --base")]
+
+
+def is_prequantized(base_dir: Path) -> bool:
+    qc = quantization_config(base_dir)
+    return qc is not None and _is_4bit_bnb(qc)
+
+
+def _shards(base_dir: Path) -> list[Path]:
+    index = Path(base_dir) / "model.safetensors.index.json"
+    if index.is_file():
+        return [Path(base_dir) / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    return sorted(Path(base_dir).glob("*.safetensors"))
+
+
+def _entries(base_dir: Path) -> dict:
+    """name -> (shard, header entry) over all shards."""
+    from .tensorfile import read_header
+
+    return {e.name: (shard, e) for shard in _shards(base_dir) for e in read_header(shard)[0]}
+
+
+def prequantized_quantization(base_dir: Path) -> Quantization:
+    """The settings of a pre-quantized 4-bit base, read from the quant_state stored with its weights."""
+    from .tensorfile import read_tensor
+
+    where = str(Path(base_dir) / "config.json")
+    qc = quantization_config(base_dir) or {}
+    entries = _entries(base_dir)
+    states = sorted(n for n in entries if QUANT_STATE in n)
+    if not states:
+        raise BadInput.one(where, "says the weights are bitsandbytes 4-bit, but no weight has a quant_state",
+                           "save the 4-bit model again with save_pretrained(), or pass its full-precision original")
+    shard, entry = entries[states[0]]
+    with open(shard, "rb") as f:
+        state = json.loads(bytes(read_tensor(f, entry).tolist()).decode())
+    source = f"read from the quant_state in {Path(base_dir).name}'s weights"
+    settings = Nf4Settings(quant_type=state["quant_type"], blocksize=int(state["blocksize"]),
+                           double_quant="nested_blocksize" in state,
+                           quant_storage=str(qc.get("bnb_4bit_quant_storage", "uint8")).replace("torch.", ""),
+                           load_dtype=state.get("dtype", "float32"))
+    modules = tuple(n.split(QUANT_STATE)[0].rpartition(".")[0] for n in states)
+    return Quantization(settings=settings, modules=modules, sources={k: source for k in FLAGS} |
+                        {"quant_storage": f"read from {where}"}, prequantized=True)
+
+
+def dequantize_base(base_dir: Path, out_dir: Path, progress: Callable[[str], None] = _quiet) -> Path:
+    """Write the pre-quantized base as an fp32 checkpoint: every 4-bit weight dequantized once by bitsandbytes
+    (exactly the weights its fp32 path multiplies with in training), the rest as stored; shard by shard."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from .base import load_tokenizer
+    from .tensorfile import Writer, read_tensor
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = _entries(base_dir)
+    parts = {}  # weight name -> its quant-state component names
+    for name in entries:
+        if QUANT_STATE in name:
+            weight = name.split(QUANT_STATE)[0]
+            parts[weight] = [n for n in entries if n.startswith(weight + ".")]
+    skip = {n for names in parts.values() for n in names}
+    shards = _shards(base_dir)
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    handles = {shard: open(shard, "rb") for shard in shards}
+    try:
+        for i, shard in enumerate(shards):
+            progress(f"  dequantizing 4-bit shard {i + 1}/{len(shards)} ({shard.name})")
+            mine = [(n, e) for n, (s, e) in entries.items() if s == shard and n not in skip]
+            declared = []
+            for name, e in mine:
+                if name in parts:
+                    state = _state(name, parts[name], entries, handles)
+                    declared.append((name, "F32", tuple(state.shape)))
+                else:
+                    declared.append((name, "F32" if e.dtype in SAFETENSORS_DTYPES else e.dtype, e.shape))
+            writer = Writer(out_dir / files[i], declared)
+            for name, e in mine:
+                t = read_tensor(handles[shard], e)
+                if name in parts:
+                    state = _state(name, parts[name], entries, handles)
+                    t = bnbf.dequantize_4bit(t, state)
+                if t.is_floating_point():
+                    t = t.to(torch.float32)
+                writer.write(name, t)
+                weight_map[name] = files[i]
+            writer.close()
+    finally:
+        for f in handles.values():
+            f.close()
+    if len(files) > 1:
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                         indent=2) + "\n")
+    cfg = json.loads((base_dir / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = "float32"
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if (base_dir / "generation_config.json").is_file():
+        (out_dir / "generation_config.json").write_bytes((base_dir / "generation_config.json").read_bytes())
+    load_tokenizer(base_dir).save_pretrained(str(out_dir))
+    return out_dir
+
+
+def _state(weight: str, names: list[str], entries: dict, handles: dict):
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from .tensorfile import read_tensor
+
+    qs = {n[len(weight) + 1:]: read_tensor(handles[entries[n][0]], entries[n][1]) for n in names}
+    state = bnbf.QuantState.from_dict(qs, device="cpu")
+    state.dtype = torch.float32  # code x scale exactly, as bitsandbytes' matmul computes it for fp32 inputs
+    return state
+
+
+def plain_base(base_dir: Path, work: Path, progress: Callable[[str], None] = _quiet) -> Path:
+    """The base as full-precision weights: itself, or a pre-quantized base dequantized into ``work``."""
+    if not is_prequantized(base_dir):
+        return Path(base_dir)
+    out = Path(work) / "base-dequantized"
+    if not (out / "config.json").is_file():
+        progress("dequantizing the pre-quantized 4-bit base once (the weights the adapter was trained against)")
+        dequantize_base(base_dir, out, progress)
+    return out
+
+
+# --- records the training tools leave -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    """Settings a file says the adapter was trained with (bitsandbytes / BitsAndBytesConfig names)."""
+
+    where: str
+    values: dict  # quant_type, blocksize, double_quant, quant_storage, load_dtype, skip_modules (any subset)
+    four_bit: bool  # the file says the base was loaded in 4-bit
+    eight_bit: bool = False
+    defaults: dict = field(default_factory=dict)  # the tool's own defaults for what the file leaves out
+    defaults_from: str = ""
+
+
+def _from_bnb_config(qc: dict) -> dict:
+    """BitsAndBytesConfig.to_dict() names -> ours."""
+    out = {}
+    if qc.get("bnb_4bit_quant_type") is not None:
+        out["quant_type"] = str(qc["bnb_4bit_quant_type"])
+    if qc.get("bnb_4bit_use_double_quant") is not None:
+        out["double_quant"] = _bool(qc["bnb_4bit_use_double_quant"])
+    if qc.get("bnb_4bit_quant_storage") is not None:
+        out["quant_storage"] = str(qc["bnb_4bit_quant_storage"]).replace("torch.", "")
+    if qc.get("llm_int8_skip_modules"):
+        out["skip_modules"] = list(qc["llm_int8_skip_modules"])
+    return out
+
+
+def _bool(v) -> bool:
+    return v if isinstance(v, bool) else str(v).strip().lower() in ("true", "1", "yes")
+
+
+def _card_record(path: Path) -> Record | None:
+    """PEFT's model card block (PEFT <= 0.6 wrote it on save_pretrained of a model loaded in 4-bit)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    if PEFT_CARD not in [line.strip() for line in lines]:
+        return None
+    start = [line.strip() for line in lines].index(PEFT_CARD) + 1
+    qc = {}
+    for line in lines[start:]:
+        line = line.strip()
+        if not line.startswith("- "):
+            if qc:
+                break
+            continue
+        key, _, value = line[2:].partition(":")
+        try:
+            qc[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            qc[key.strip()] = value.strip()
+    return Record(where=f"read from {path} (PEFT's model card)", values=_from_bnb_config(qc),
+                  four_bit=_bool(qc.get("load_in_4bit", False)), eight_bit=_bool(qc.get("load_in_8bit", False)))
+
+
+def _config_record(path: Path, problems: list[Problem]) -> Record | None:
+    cfg = read_object(path, "restore the file, or remove it", problems)
+    qc = cfg.get("quantization_config") if cfg else None
+    if not isinstance(qc, dict):
+        return None
+    return Record(where=f"read from {path} (quantization_config)", values=_from_bnb_config(qc),
+                  four_bit=_is_4bit_bnb(qc), eight_bit=_bool(qc.get("load_in_8bit", qc.get("_load_in_8bit", False))))
+
+
+# axolotl's bitsandbytes settings for `adapter: qlora` (src/axolotl/loaders/model.py), before bnb_config_kwargs
+AXOLOTL_DEFAULTS = {"quant_type": "nf4", "double_quant": True, "quant_storage": "bfloat16"}
+
+
+def _axolotl_record(path: Path, problems: list[Problem]) -> Record | None:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        problems.append(Problem(str(path), f"is not readable YAML ({type(e).__name__})", "restore the file, or remove it"))
+        return None
+    if not isinstance(cfg, dict) or not ("adapter" in cfg or "load_in_4bit" in cfg):
+        return None
+    four = cfg.get("adapter") == "qlora" or _bool(cfg.get("load_in_4bit", False))
+    values = _from_bnb_config(cfg.get("bnb_config_kwargs") or {})
+    dtype = next((d for key, d in (("bf16", "bfloat16"), ("fp16", "float16")) if cfg.get(key) in (True, "auto")),
+                 None)
+    if dtype:
+        values["load_dtype"] = dtype  # axolotl loads the model in its torch_dtype, then quantizes
+    return Record(where=f"read from {path} (axolotl config)", values=values, four_bit=four,
+                  eight_bit=_bool(cfg.get("load_in_8bit", False)), defaults=dict(AXOLOTL_DEFAULTS) if four else {},
+                  defaults_from=f"axolotl's default for adapter: qlora ({path.name})")
+
+
+def find_record(adapter_dir: Path, training_config: Path | None = None) -> Record | None:
+    """The first record of the 4-bit settings: --training-config, else a file in the adapter directory."""
+    problems: list[Problem] = []
+    if training_config is not None:
+        path = Path(training_config)
+        if not path.is_file():
+            raise BadInput.one(str(path), "--training-config file not found",
+                               "pass the axolotl YAML, config.json or README.md the training run wrote")
+        reader = _axolotl_record if path.suffix in (".yml", ".yaml") else \
+            _card_record if path.suffix == ".md" else _config_record
+        record = reader(path, problems) if reader is not _card_record else reader(path)
+        raise_if(problems)
+        if record is None:
+            raise BadInput.one(str(path), "records no bitsandbytes quantization settings",
+                               "pass the file the training tool wrote (axolotl YAML with adapter: qlora, a config.json "
+                               "with quantization_config, PEFT's README.md), or give them with --bnb-* flags")
+        return record
+    adapter_dir = Path(adapter_dir)
+    candidates = [(adapter_dir / "config.json", _config_record)]
+    candidates += [(p, _axolotl_record) for p in sorted(adapter_dir.glob("*.y*ml"))]
+    for path, reader in candidates:
+        if path.is_file():
+            record = reader(path, problems)
+            if record is not None and (record.four_bit or record.eight_bit):
+                raise_if(problems)
+                return record
+    raise_if(problems)
+    if (adapter_dir / "README.md").is_file():
+        record = _card_record(adapter_dir / "README.md")
+        if record is not None and (record.four_bit or record.eight_bit):
+            return record
+    return None
+
+
+# --- resolution ------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dtype(base_dir: Path) -> str:
+    """transformers' dtype="auto": the config's dtype, else the first floating weight's."""
+    try:
+        cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    for key in ("dtype", "torch_dtype"):
+        if str(cfg.get(key, "")).replace("torch.", "") in DTYPES:
+            return str(cfg[key]).replace("torch.", "")
+    for _, e in _entries(base_dir).values():
+        if e.dtype in SAFETENSORS_DTYPES:
+            return SAFETENSORS_DTYPES[e.dtype]
+    return "float32"
+
+
+def default_modules(base_dir: Path, skip: list[str] | None = None) -> tuple[str, ...]:
+    """The layers transformers quantizes for BitsAndBytesConfig(load_in_4bit=True): its own rule, run on the
+    base's module tree on the meta device (every Linear but the output head, tied weights and ``skip``)."""
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.base import HfQuantizer
+
+    from .base import skeleton
+
+    model = skeleton(base_dir)
+    keep = HfQuantizer.get_modules_to_not_convert(model, skip, getattr(model, "_keep_in_fp32_modules", None))
+    model = replace_with_bnb_linear(model, modules_to_not_convert=keep,
+                                    quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    return tuple(n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit")
+
+
+def check_request(req: QuantRequest) -> None:
+    """The --bnb-* flags' values, before anything is read."""
+    if req.quant_type is not None and req.quant_type not in FOUR_BIT:
+        raise BadInput.one("--bnb-quant-type", f"{req.quant_type!r} is not a bitsandbytes 4-bit type",
+                           "use nf4 or fp4")
+    if req.blocksize is not None and req.blocksize not in BLOCKSIZES:
+        raise BadInput.one("--bnb-block-size", f"block size {req.blocksize} is not supported by bitsandbytes",
+                           f"use one of {', '.join(map(str, BLOCKSIZES))}")
+    if req.load_dtype is not None and req.load_dtype not in DTYPES + ("auto",):
+        raise BadInput.one("--bnb-load-dtype", f"{req.load_dtype!r} is not a dtype weights are loaded in",
+                           f"use one of auto, {', '.join(DTYPES)}")
+
+
+def resolve(adapter, base_dir: Path, merge_base: str | None, request: QuantRequest = QuantRequest(),
+            progress: Callable[[str], None] = _quiet):
+    """(the adapter with the 4-bit base it was trained against, or None for plain LoRA; the merge base).
+
+    ``merge_base``: "nf4", "fp4", "original" or None (the default for this adapter)."""
+    check_request(request)
+    given = request.given()
+    if merge_base in FOUR_BIT and "quant_type" in given and given["quant_type"] != merge_base:
+        raise BadInput.one("--bnb-quant-type", f"{given['quant_type']} disagrees with --merge-base {merge_base}",
+                           "give the quant type once: --merge-base nf4 or --merge-base fp4")
+    if is_prequantized(base_dir):
+        return _prequantized(adapter, base_dir, merge_base, given)
+    known = adapter.quantization  # from lora-export's training manifest
+    record = None if known else find_record(adapter.path, request.training_config)
+    if record is not None and record.eight_bit and not record.four_bit:
+        if merge_base in FOUR_BIT or given:
+            raise BadInput.one(record.where.split(" ")[2], "says the base was loaded in 8-bit, not 4-bit",
+                               "use --merge-base original (lora-export does not reproduce 8-bit bases)")
+        progress(f"  the adapter was trained on an 8-bit base ({record.where}): merging into the original weights")
+        return replace(adapter, quantization=None), "original"
+    four_bit = merge_base in FOUR_BIT or (merge_base is None and bool(known or (record and record.four_bit) or given))
+    if not (four_bit or known or (record and record.four_bit)):
+        progress(f"  no record of a 4-bit base for {adapter.path.name} (no training_manifest.json, quantization_config, "
+                 "axolotl YAML or PEFT model card): merging into the original weights as for plain LoRA; if it was "
+                 "trained with QLoRA, pass --merge-base nf4 (and --bnb-* for settings other than transformers' defaults)")
+        return replace(adapter, quantization=None), "original"
+    if known:
+        settings, sources, modules = known.settings.to_dict(), dict(known.sources), known.modules
+    else:
+        settings = {**Nf4Settings().to_dict(), "quant_type": "fp4", "double_quant": False, "blocksize": 64,
+                    "quant_storage": "uint8", "load_dtype": checkpoint_dtype(base_dir)}
+        sources = {k: f"{ASSUMED} BitsAndBytesConfig" for k in settings}
+        sources["load_dtype"] = "assumed: transformers' from_pretrained default dtype='auto' (the checkpoint's dtype)"
+        skip = None
+        if record is not None:
+            for k, v in record.defaults.items():
+                settings[k], sources[k] = v, record.defaults_from
+            skip = record.values.get("skip_modules")
+            for k, v in record.values.items():
+                if k in settings:
+                    settings[k], sources[k] = v, record.where
+        modules = default_modules(base_dir, skip)
+    if merge_base in FOUR_BIT:
+        given.setdefault("quant_type", merge_base)
+    for k, v in given.items():
+        flag = FLAGS[k] if k != "quant_type" or request.quant_type else f"--merge-base {merge_base}"
+        if v == "auto" and k == "load_dtype":
+            v = checkpoint_dtype(base_dir)
+        if settings[k] != v and (known or record):
+            progress(f"  {flag} overrides {k} = {settings[k]} ({sources[k]})")
+        settings[k], sources[k] = v, f"command line ({flag})"
+    problems = []
+    if settings["quant_type"] not in FOUR_BIT:
+        problems.append(Problem(sources["quant_type"], f"quant type {settings['quant_type']!r} is not nf4 or fp4",
+                                "pass --bnb-quant-type nf4 or fp4"))
+    if settings["blocksize"] not in BLOCKSIZES:
+        problems.append(Problem(sources["blocksize"], f"block size {settings['blocksize']} is not one bitsandbytes has",
+                                "pass --bnb-block-size with the block size used in training"))
+    if settings["load_dtype"] not in DTYPES or settings["quant_storage"] not in DTYPES + ("uint8",):
+        problems.append(Problem(sources["load_dtype"], f"dtype {settings['load_dtype']!r} / storage "
+                                f"{settings['quant_storage']!r} is not one bitsandbytes quantizes",
+                                "pass --bnb-load-dtype float32, bfloat16 or float16"))
+    raise_if(problems)
+    quant = Quantization(settings=Nf4Settings(**settings), modules=tuple(modules), sources=sources)
+    chosen = merge_base or (quant.settings.quant_type if four_bit else "original")
+    return replace(adapter, quantization=quant), chosen
+
+
+def _prequantized(adapter, base_dir: Path, merge_base: str | None, given: dict):
+    """A base saved in bitsandbytes 4-bit: the merge base is its codes; there is nothing to choose."""
+    where = str(Path(base_dir) / "config.json")
+    quant = prequantized_quantization(base_dir)
+    if merge_base == "original":
+        raise BadInput.one(where, "a bitsandbytes 4-bit checkpoint holds only the 4-bit codes: there are no original "
+                           "weights to merge into", "omit --merge-base: the merge uses these codes, which is what the "
+                           "adapter was trained against (or pass the full-precision original with --base)")
+    settings = quant.settings.to_dict()
+    wrong = [f"{FLAGS[k]} {v}" for k, v in given.items() if k in settings and v not in (settings[k], "auto")]
+    if merge_base in FOUR_BIT and merge_base != quant.settings.quant_type:
+        wrong.append(f"--merge-base {merge_base}")
+    if wrong:
+        raise BadInput.one(", ".join(wrong), f"the base {Path(base_dir).name} is already quantized "
+                           f"({quant.settings.quant_type}, block {quant.settings.blocksize}); flags cannot change its codes",
+                           "drop the flag(s): the merge uses the codes as stored")
+    return replace(adapter, quantization=quant), quant.settings.quant_type
