@@ -35,6 +35,7 @@ from .merge import MERGE_BASES, MergeResult, merge, quantization_of, rewrite_che
 from .outputs import check_free_disk, check_new_output, scratch, staged, sweep_temp
 from .precision import check_fp16_range
 from .quantized_base import FOUR_BIT, Quantization, QuantRequest, is_prequantized, plain_base, resolve
+from .quantized_base import check_request as check_quant_request
 from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
 from .reference import DEVICE as REFERENCE_DEVICE
 from .reference import describe as describe_reference
@@ -90,6 +91,7 @@ class Prepared:
 
 def check_request(req: ExportRequest) -> None:
     """The export's own arguments, before anything is read."""
+    check_quant_request(req.quant)
     paths = [req.adapter] if isinstance(req.adapter, (str, Path)) else list(req.adapter)
     if req.adapter_weights is not None:
         if len(req.adapter_weights) != len(paths):
@@ -232,10 +234,11 @@ def _export_bytes(base: Path, target) -> int:
     from .merge import _base_shards
     from .tensorfile import read_header
 
-    params = sum(math.prod(e.shape) for p in _base_shards(base) for e in read_header(p)[0])
+    params = sum(math.prod(e.shape) * (2 if e.dtype == "U8" else 1)  # a 4-bit base: two weights a byte
+                 for p in _base_shards(base) for e in read_header(p)[0])
     scheme = target.quantization.scheme
     weights = BYTES_PER_WEIGHT[scheme if scheme != "none" else target.precision]
-    return int(8 * params + 2.2 * weights * params)
+    return int((12 if is_prequantized(base) else 8) * params + 2.2 * weights * params)  # + its dequantized copy
 
 
 def check_side_path(adapters) -> None:

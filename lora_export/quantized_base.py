@@ -122,7 +122,8 @@ def base_quantization_problems(base_dir: Path) -> list[Problem]:
     method = qc.get("quant_method", "bitsandbytes")
     kind = "8-bit bitsandbytes" if method == "bitsandbytes" and (qc.get("load_in_8bit") or qc.get("_load_in_8bit")) \
         else f"{method}-quantized"
-    return [Problem(str(Path(base_dir) / "config.json"), f"a {kind} checkpoint: lora-export merges into full-precision "
+    article = "an" if kind[0] in "8aeiou" else "a"
+    return [Problem(str(Path(base_dir) / "config.json"), f"{article} {kind} checkpoint: lora-export merges into full-precision "
                     "weights or into bitsandbytes 4-bit (NF4/FP4) codes, not into this format",
                     "pass the full-precision (bf16/fp16/fp32) model the quantized one was made from with --base")]
 
@@ -416,7 +417,10 @@ def default_modules(base_dir: Path, skip: list[str] | None = None) -> tuple[str,
 
 
 def check_request(req: QuantRequest) -> None:
-    """The --bnb-* flags' values, before anything is read."""
+    """The --bnb-* flags' values and the --training-config file's presence, before anything is read."""
+    if req.training_config is not None and not Path(req.training_config).is_file():
+        raise BadInput.one(str(req.training_config), "--training-config file not found",
+                           "pass the axolotl YAML, config.json or README.md the training run wrote")
     if req.quant_type is not None and req.quant_type not in FOUR_BIT:
         raise BadInput.one("--bnb-quant-type", f"{req.quant_type!r} is not a bitsandbytes 4-bit type",
                            "use nf4 or fp4")

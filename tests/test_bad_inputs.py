@@ -140,6 +140,22 @@ def _base_copy(ctx):
     return dst
 
 
+def training_config(name, text):
+    def setup(ctx):
+        (_adapter(ctx) / "training_manifest.json").unlink()  # an adapter made by another tool
+        (ctx["tmp"] / name).write_text(text)
+        ctx["extra"] = ["--training-config", str(ctx["tmp"] / name)]
+    return setup
+
+
+def foreign_adapter_with(name, text):
+    """The adapter as another tool leaves it (no training_manifest.json), with ``name`` beside it."""
+    def setup(ctx):
+        (_adapter(ctx) / "training_manifest.json").unlink()
+        (_adapter(ctx) / name).write_text(text)
+    return setup
+
+
 def edit_base_config(change):
     return edit_json(_base_copy, "config.json", change)
 
@@ -250,6 +266,21 @@ EXPORT_CASES = [
     ("--adapter-weight nan", lambda ctx: ctx.update(extra=["--adapter-weight", "nan"]), "--adapter-weight: nan is not a finite"),
     ("--adapter-weight count", lambda ctx: ctx.update(extra=["--adapter-weight", "1", "--adapter-weight", "2"]),
      "2 weights for 1 adapters"),
+    # the 4-bit base of an adapter made elsewhere (tests/test_quantized_base.py has the accepted ones)
+    ("--bnb-block-size bitsandbytes lacks", lambda ctx: ctx.update(extra=["--bnb-block-size", "100"]),
+     "--bnb-block-size: block size 100 is not supported by bitsandbytes"),
+    ("--bnb-quant-type against --merge-base", lambda ctx: ctx.update(extra=["--merge-base", "fp4", "--bnb-quant-type",
+                                                                            "nf4"]), "disagrees with --merge-base fp4"),
+    ("--training-config missing", lambda ctx: ctx.update(extra=["--training-config", str(ctx["tmp"] / "nope.yml")]),
+     "--training-config file not found"),
+    ("--training-config recording nothing", training_config("run.yml", "learning_rate: 0.0002\n"),
+     "records no bitsandbytes quantization settings"),
+    ("garbage axolotl YAML beside the adapter", foreign_adapter_with("axolotl.yml", "adapter: [qlora\n  - :"),
+     "is not readable YAML"),
+    ("8-bit bitsandbytes base", edit_base_config(lambda c: {**c, "quantization_config": {
+        "quant_method": "bitsandbytes", "load_in_8bit": True}}), "an 8-bit bitsandbytes checkpoint"),
+    ("GPTQ base", edit_base_config(lambda c: {**c, "quantization_config": {"quant_method": "gptq", "bits": 4}}),
+     "a gptq-quantized checkpoint"),
 ]
 
 

@@ -169,6 +169,7 @@ def test_faithful_merge_of_adapters_made_elsewhere(case, qbase, qbase_bf16, ids,
     got, resolved, chosen = _merged_logits(qbase, adapter, tmp_path / "work", ids, merge_base, QuantRequest(**told),
                                            notes)
     rel = ((got - truth).abs().max() / truth.abs().max()).item()
+    print(f"{case[0]}: merge base {chosen}, max |diff| / max |logit| = {rel:.2e}")
     assert chosen == chosen_want
     if faithful:
         assert rel <= FAITHFUL, f"{case[0]}: {rel:.2e}"
@@ -285,6 +286,11 @@ def test_cli_export_of_an_adapter_on_a_prequantized_base(prequantized, tmp_path)
     manifest = json.loads((out / "export_manifest.json").read_text())
     assert manifest["merge_base"] == "nf4" and manifest["base"]["prequantized"] is True
     assert manifest["adapters"][0]["quantization"]["prequantized"] is True
+    # validate dequantizes the base again into its temporary folder; bench builds the base graph from it
+    assert _cli("validate", out).returncode == 0
+    r = _cli("bench", out, "--rounds", "2")
+    assert r.returncode in (0, 1), r.stdout[-2000:] + r.stderr[-2000:]  # 1: over the latency budget, on 2 rounds
+    assert (out / "bench-base" / "model.onnx").is_file() and not list(out.glob(".bench-base.dequantized-*"))
     bad = _cli("export", "--base", base, "--adapter", adapter, "--target", "ort-cpu-fp32", "--out", tmp_path / "x",
                "--merge-base", "original")
     assert bad.returncode == 2 and "no original" in bad.stderr + bad.stdout and not (tmp_path / "x").exists()
