@@ -118,7 +118,7 @@ def _check_combination(adapters: Sequence[Adapter], weights: Sequence[float], me
             if len(settings) > 1:
                 raise BadInput.one(str(adapters[1].path), "the adapters were trained against different 4-bit "
                                    "bases, so no single nf4 merge base serves them all",
-                                   "combine adapters trained with the same quantization, or use --merge-base original")
+                                   "export these adapters one at a time")
     if merge_base not in MERGE_BASES:
         raise BadInput.one("--merge-base", f"unknown merge base '{merge_base}'", f"use one of {', '.join(MERGE_BASES)}")
     if merge_base in FOUR_BIT and not adapters[0].trained_on_4bit:

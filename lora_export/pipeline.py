@@ -180,6 +180,7 @@ def prepare(req: ExportRequest, base: Path, target, work: Path, progress=_quiet)
     weights = tuple(req.adapter_weights or [1.0] * len(adapters))
     resolved = [resolve(a, base, req.merge_base, req.quant, progress) for a in adapters]
     adapters, merge_base = [a for a, _ in resolved], resolved[0][1]
+    check_same_base(adapters)
     for a in adapters:
         note = base_name_note(a, base)
         if note:
@@ -200,6 +201,19 @@ def prepare(req: ExportRequest, base: Path, target, work: Path, progress=_quiet)
         source = unmerged_source(plain, adapters[0], merge_base, work)
     return Prepared(adapters=tuple(adapters), weights=weights, merge_base=merge_base, merged=merged,
                     graph_source=source, prompt_ids=prompt_ids, base=plain)
+
+
+def check_same_base(adapters) -> None:
+    """Adapters combined in one export were trained against one base (the reference and the merge use one)."""
+    def said(a):
+        return a.quantization.describe() if a.quantization else "its full-precision weights (nothing on record)"
+
+    if len({a.quantization.key() if a.quantization else None for a in adapters}) > 1:
+        first, other = adapters[0], next(a for a in adapters if (a.quantization and a.quantization.key()) !=
+                                         (adapters[0].quantization and adapters[0].quantization.key()))
+        raise BadInput.one(str(other.path), f"was trained against another base than {first.path.name}: {said(other)}, "
+                           f"against {said(first)}", "export these adapters one at a time, or, if they were trained on "
+                           "the same 4-bit base, give its settings with --merge-base nf4 and --bnb-* for all")
 
 
 def _manifest(req: ExportRequest, base: Path, out: Path, target, prep: Prepared) -> dict:
@@ -319,6 +333,10 @@ def read_manifest(export_dir: Path) -> dict:
     return manifest
 
 
+QUANT_KEYS = {"quant_type", "double_quant", "blocksize", "compute_dtype", "quant_storage", "load_dtype",
+              "quantized_modules", "sources", "prequantized"}  # Quantization.to_dict()
+
+
 def manifest_problems(manifest: dict, path: Path) -> list[Problem]:
     fix = "restore the export_manifest.json that `lora-export export` wrote, or re-export"
 
@@ -354,7 +372,10 @@ def manifest_problems(manifest: dict, path: Path) -> list[Problem]:
                 bad(f"adapters[{i}].weight", f"{weight!r} is not a finite number")
             quant = entry.get("quantization")
             if quant is not None and not (isinstance(quant, dict) and isinstance(quant.get("quantized_modules"), list)
-                                          and quant.get("quant_type") in FOUR_BIT):
+                                          and quant.get("quant_type") in FOUR_BIT and set(quant) <= QUANT_KEYS
+                                          and isinstance(quant.get("prequantized", False), bool)
+                                          and isinstance(quant.get("double_quant", True), bool)
+                                          and isinstance(quant.get("blocksize", 64), int)):
                 bad(f"adapters[{i}].quantization", "must be null or the 4-bit settings the export resolved")
     if manifest.get("merge_base") not in MERGE_BASES:
         bad("merge_base", f"{manifest.get('merge_base')!r} is not one of {', '.join(MERGE_BASES)}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -82,8 +83,9 @@ class Quantization:
         return cls(settings=Nf4Settings(**d), modules=modules, sources=sources, prequantized=prequantized)
 
     def key(self) -> str:
-        """Equal for adapters that saw the same 4-bit base."""
-        return json.dumps([self.settings.to_dict(), sorted(self.modules)], sort_keys=True)
+        """Equal for adapters that saw the same 4-bit codes (compute dtype and storage dtype do not change them)."""
+        codes = {k: v for k, v in self.settings.to_dict().items() if k not in ("compute_dtype", "quant_storage")}
+        return json.dumps([codes, sorted(self.modules)], sort_keys=True)
 
     def describe(self) -> str:
         s, src = self.settings, self.sources
@@ -158,9 +160,7 @@ def prequantized_quantization(base_dir: Path) -> Quantization:
     if not states:
         raise BadInput.one(where, "says the weights are bitsandbytes 4-bit, but no weight has a quant_state",
                            "save the 4-bit model again with save_pretrained(), or pass its full-precision original")
-    shard, entry = entries[states[0]]
-    with open(shard, "rb") as f:
-        state = json.loads(bytes(read_tensor(f, entry).tolist()).decode())
+    state = check_prequantized(base_dir, entries, states)
     source = f"read from the quant_state in {Path(base_dir).name}'s weights"
     settings = Nf4Settings(quant_type=state["quant_type"], blocksize=int(state["blocksize"]),
                            double_quant="nested_blocksize" in state,
@@ -169,6 +169,54 @@ def prequantized_quantization(base_dir: Path) -> Quantization:
     modules = tuple(n.split(QUANT_STATE)[0].rpartition(".")[0] for n in states)
     return Quantization(settings=settings, modules=modules, sources={k: source for k in FLAGS} |
                         {"quant_storage": f"read from {where}"}, prequantized=True)
+
+
+def check_prequantized(base_dir: Path, entries: dict, states: list[str]) -> dict:
+    """Every 4-bit weight of a pre-quantized base, before any work: its quant_state parses, names nf4/fp4 and a
+    shape its packed codes fit, its parts (absmax, quant_map, the nested ones with double quantization) are
+    there, every packed weight has a state and every state a weight, and all share one setting. Returns it."""
+    from .tensorfile import read_tensor
+
+    fix = "save the 4-bit model again with save_pretrained(), or pass its full-precision original with --base"
+    problems: list[Problem] = []
+    settings = None
+    for name in states:
+        weight = name.split(QUANT_STATE)[0]
+        shard, entry = entries[name]
+        where = f"{shard}:{weight}"
+        try:
+            with open(shard, "rb") as f:
+                state = json.loads(bytes(read_tensor(f, entry).tolist()).decode())
+            shape = [int(d) for d in state["shape"]]
+            setting = (state["quant_type"], int(state["blocksize"]), "nested_blocksize" in state,
+                       state.get("dtype", "float32"))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            problems.append(Problem(where, f"its quant_state cannot be read ({type(e).__name__}: {str(e)[:80]})", fix))
+            continue
+        if setting[0] not in FOUR_BIT or setting[1] not in BLOCKSIZES or setting[3] not in DTYPES:
+            problems.append(Problem(where, f"its quant_state says {setting[0]!r}, block {setting[1]}, dtype "
+                                    f"{setting[3]!r}: not a bitsandbytes 4-bit setting", fix))
+            continue
+        needed = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if setting[2] else [])
+        missing = [p for p in needed if f"{weight}.{p}" not in entries]
+        if weight not in entries or missing:
+            problems.append(Problem(where, f"lacks {', '.join(missing) or 'its packed weight'}", fix))
+            continue
+        packed = math.prod(entries[weight][1].shape)
+        if len(shape) != 2 or packed * 2 not in (math.prod(shape), math.prod(shape) + 1):
+            problems.append(Problem(where, f"its quant_state shape {shape} does not fit {packed} packed bytes", fix))
+        if settings is None:
+            settings = (setting, state)
+        elif setting != settings[0]:
+            problems.append(Problem(where, f"quantized with {setting[:3]}, other layers with {settings[0][:3]}: "
+                                    "lora-export reproduces one setting per base", fix))
+    stated = {n.split(QUANT_STATE)[0] for n in states}
+    loose = sorted(n for n, (_, e) in entries.items() if e.dtype == "U8" and n.endswith(".weight") and n not in stated)
+    if loose:
+        problems.append(Problem(f"{entries[loose[0]][0]}:{loose[0]}", f"{len(loose)} packed weight(s) have no "
+                                "quant_state", fix))
+    raise_if(problems)
+    return settings[1]
 
 
 def dequantize_base(base_dir: Path, out_dir: Path, progress: Callable[[str], None] = _quiet) -> Path:
@@ -263,6 +311,7 @@ def plain_base(base_dir: Path, work: Path, progress: Callable[[str], None] = _qu
 class Record:
     """Settings a file says the adapter was trained with (bitsandbytes / BitsAndBytesConfig names)."""
 
+    path: str
     where: str
     values: dict  # quant_type, blocksize, double_quant, quant_storage, load_dtype, skip_modules (any subset)
     four_bit: bool  # the file says the base was loaded in 4-bit
@@ -271,59 +320,98 @@ class Record:
     defaults_from: str = ""
 
 
-def _from_bnb_config(qc: dict) -> dict:
-    """BitsAndBytesConfig.to_dict() names -> ours."""
+def _flag(value, where: str, key: str, problems: list[Problem]) -> bool | None:
+    """A true/false setting as JSON, YAML or a model card writes it; anything else is a problem, not False."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    problems.append(Problem(where, f"{key} = {str(value)[:40]!r}: it must be true or false",
+                            "restore the file the training run wrote, or remove it"))
+    return None
+
+
+def _from_bnb_config(qc, where: str, problems: list[Problem]) -> dict:
+    """BitsAndBytesConfig.to_dict() names -> ours, each value checked (a wrong type names the file)."""
+    fix = "restore the file the training run wrote, or remove it"
+    if not isinstance(qc, dict):
+        problems.append(Problem(where, f"the quantization settings are a {type(qc).__name__}, not a mapping", fix))
+        return {}
     out = {}
-    if qc.get("bnb_4bit_quant_type") is not None:
-        out["quant_type"] = str(qc["bnb_4bit_quant_type"])
-    if qc.get("bnb_4bit_use_double_quant") is not None:
-        out["double_quant"] = _bool(qc["bnb_4bit_use_double_quant"])
-    if qc.get("bnb_4bit_quant_storage") is not None:
-        out["quant_storage"] = str(qc["bnb_4bit_quant_storage"]).replace("torch.", "")
-    if qc.get("llm_int8_skip_modules"):
-        out["skip_modules"] = list(qc["llm_int8_skip_modules"])
+    for key, ours in (("bnb_4bit_quant_type", "quant_type"), ("bnb_4bit_quant_storage", "quant_storage")):
+        if qc.get(key) is not None:
+            value = str(qc[key]).replace("torch.", "")
+            allowed = FOUR_BIT if ours == "quant_type" else DTYPES + ("uint8",)
+            if value not in allowed:
+                problems.append(Problem(where, f"{key} = {value[:40]!r} is not one of {', '.join(allowed)}", fix))
+            out[ours] = value
+    double = _flag(qc.get("bnb_4bit_use_double_quant"), where, "bnb_4bit_use_double_quant", problems)
+    if double is not None:
+        out["double_quant"] = double
+    skip = qc.get("llm_int8_skip_modules")
+    if skip is not None:  # [] quantizes the output head too (transformers' rule); None leaves it out
+        if not (isinstance(skip, list) and all(isinstance(m, str) for m in skip)):
+            problems.append(Problem(where, f"llm_int8_skip_modules = {str(skip)[:60]!r}: it must be a list of module "
+                                    "names", fix))
+        else:
+            out["skip_modules"] = list(skip)
     return out
 
 
-def _bool(v) -> bool:
-    return v if isinstance(v, bool) else str(v).strip().lower() in ("true", "1", "yes")
+def _loaded_in(qc: dict, where: str, problems: list[Problem]) -> tuple[bool, bool]:
+    """(4-bit, 8-bit) as a BitsAndBytesConfig dict says; a method other than bitsandbytes is neither."""
+    if qc.get("quant_method", "bitsandbytes") != "bitsandbytes":
+        return False, False
+    four = _flag(qc.get("load_in_4bit", qc.get("_load_in_4bit")), where, "load_in_4bit", problems)
+    eight = _flag(qc.get("load_in_8bit", qc.get("_load_in_8bit")), where, "load_in_8bit", problems)
+    return bool(four), bool(eight)
 
 
-def _card_record(path: Path) -> Record | None:
+def _card_record(path: Path, problems: list[Problem]) -> Record | None:
     """PEFT's model card block (PEFT <= 0.6 wrote it on save_pretrained of a model loaded in 4-bit)."""
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
     except OSError:
         return None
-    if PEFT_CARD not in [line.strip() for line in lines]:
+    if PEFT_CARD not in lines:
         return None
-    start = [line.strip() for line in lines].index(PEFT_CARD) + 1
+    if lines.count(PEFT_CARD) > 1:
+        problems.append(Problem(str(path), "holds two bitsandbytes quantization blocks", "keep the one of this adapter"))
+        return None
     qc = {}
-    for line in lines[start:]:
-        line = line.strip()
+    for line in lines[lines.index(PEFT_CARD) + 1:]:
         if not line.startswith("- "):
             if qc:
                 break
             continue
         key, _, value = line[2:].partition(":")
-        try:
-            qc[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            qc[key.strip()] = value.strip()
-    return Record(where=f"read from {path} (PEFT's model card)", values=_from_bnb_config(qc),
-                  four_bit=_bool(qc.get("load_in_4bit", False)), eight_bit=_bool(qc.get("load_in_8bit", False)))
+        value = value.strip()
+        try:  # values are Python reprs: True, None, 'nf4', ['lm_head']; a long one is not a setting
+            qc[key.strip()] = ast.literal_eval(value) if len(value) < 1000 else value
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            qc[key.strip()] = value
+    where = f"{path} (PEFT's model card)"
+    four, eight = _loaded_in(qc, where, problems)
+    return Record(path=str(path), where=f"read from {where}", values=_from_bnb_config(qc, where, problems), four_bit=four,
+                  eight_bit=eight)
 
 
 def _config_record(path: Path, problems: list[Problem]) -> Record | None:
     cfg = read_object(path, "restore the file, or remove it", problems)
     qc = cfg.get("quantization_config") if cfg else None
-    if not isinstance(qc, dict):
+    if qc is None:
         return None
-    return Record(where=f"read from {path} (quantization_config)", values=_from_bnb_config(qc),
-                  four_bit=_is_4bit_bnb(qc), eight_bit=_bool(qc.get("load_in_8bit", qc.get("_load_in_8bit", False))))
+    where = f"{path} (quantization_config)"
+    if not isinstance(qc, dict):
+        problems.append(Problem(where, f"is a {type(qc).__name__}, not a mapping", "restore the file, or remove it"))
+        return None
+    four, eight = _loaded_in(qc, where, problems)
+    return Record(path=str(path), where=f"read from {where}", values=_from_bnb_config(qc, where, problems), four_bit=four,
+                  eight_bit=eight)
 
 
-# axolotl's bitsandbytes settings for `adapter: qlora` (src/axolotl/loaders/model.py), before bnb_config_kwargs
+# axolotl's bitsandbytes settings for `adapter: qlora` with `load_in_4bit: true` (src/axolotl/loaders/model.py),
+# before its bnb_config_kwargs; other 4-bit runs get transformers' BitsAndBytesConfig defaults
 AXOLOTL_DEFAULTS = {"quant_type": "nf4", "double_quant": True, "quant_storage": "bfloat16"}
 
 
@@ -332,54 +420,78 @@ def _axolotl_record(path: Path, problems: list[Problem]) -> Record | None:
 
     try:
         cfg = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as e:
         problems.append(Problem(str(path), f"is not readable YAML ({type(e).__name__})", "restore the file, or remove it"))
         return None
     if not isinstance(cfg, dict) or not ("adapter" in cfg or "load_in_4bit" in cfg):
         return None
-    four = cfg.get("adapter") == "qlora" or _bool(cfg.get("load_in_4bit", False))
-    values = _from_bnb_config(cfg.get("bnb_config_kwargs") or {})
+    where = f"{path} (axolotl config)"
+    four = bool(_flag(cfg.get("load_in_4bit"), where, "load_in_4bit", problems))
+    eight = bool(_flag(cfg.get("load_in_8bit"), where, "load_in_8bit", problems))
+    qlora = cfg.get("adapter") == "qlora" and four
+    if cfg.get("adapter") == "qlora" and not four and not eight:
+        four = qlora = True  # axolotl's qlora recipe loads in 4-bit
+    values = _from_bnb_config(cfg.get("bnb_config_kwargs") or {}, where, problems)
     dtype = next((d for key, d in (("bf16", "bfloat16"), ("fp16", "float16")) if cfg.get(key) in (True, "auto")),
                  None)
     if dtype:
         values["load_dtype"] = dtype  # axolotl loads the model in its torch_dtype, then quantizes
-    return Record(where=f"read from {path} (axolotl config)", values=values, four_bit=four,
-                  eight_bit=_bool(cfg.get("load_in_8bit", False)), defaults=dict(AXOLOTL_DEFAULTS) if four else {},
+    return Record(path=str(path), where=f"read from {where}", values=values, four_bit=four, eight_bit=eight and not four,
+                  defaults=dict(AXOLOTL_DEFAULTS) if qlora else {},
                   defaults_from=f"axolotl's default for adapter: qlora ({path.name})")
 
 
-def find_record(adapter_dir: Path, training_config: Path | None = None) -> Record | None:
-    """The first record of the 4-bit settings: --training-config, else a file in the adapter directory."""
+def _read_any(path: Path, problems: list[Problem]) -> Record | None:
+    if path.suffix in (".yml", ".yaml"):
+        return _axolotl_record(path, problems)
+    return _card_record(path, problems) if path.suffix == ".md" else _config_record(path, problems)
+
+
+def find_record(adapter_dir: Path, training_config: Path | None = None) -> tuple[Record | None, list[str]]:
+    """(the record of the 4-bit settings, the other files that hold one): --training-config, else the files in
+    the adapter directory, which must agree with each other."""
     problems: list[Problem] = []
     if training_config is not None:
         path = Path(training_config)
         if not path.is_file():
             raise BadInput.one(str(path), "--training-config file not found",
                                "pass the axolotl YAML, config.json or README.md the training run wrote")
-        reader = _axolotl_record if path.suffix in (".yml", ".yaml") else \
-            _card_record if path.suffix == ".md" else _config_record
-        record = reader(path, problems) if reader is not _card_record else reader(path)
+        record = _read_any(path, problems)
         raise_if(problems)
-        if record is None:
+        if record is None or not (record.four_bit or record.eight_bit):
             raise BadInput.one(str(path), "records no bitsandbytes quantization settings",
                                "pass the file the training tool wrote (axolotl YAML with adapter: qlora, a config.json "
                                "with quantization_config, PEFT's README.md), or give them with --bnb-* flags")
-        return record
-    adapter_dir = Path(adapter_dir)
-    candidates = [(adapter_dir / "config.json", _config_record)]
-    candidates += [(p, _axolotl_record) for p in sorted(adapter_dir.glob("*.y*ml"))]
-    for path, reader in candidates:
-        if path.is_file():
-            record = reader(path, problems)
-            if record is not None and (record.four_bit or record.eight_bit):
-                raise_if(problems)
-                return record
+        beside = [r for r in _records_in(Path(adapter_dir), problems) if r.where != record.where]
+        return record, [r.where for r in beside]
+    records = _records_in(Path(adapter_dir), problems)
     raise_if(problems)
-    if (adapter_dir / "README.md").is_file():
-        record = _card_record(adapter_dir / "README.md")
-        if record is not None and (record.four_bit or record.eight_bit):
-            return record
-    return None
+    if not records:
+        return None, []
+    first = records[0]
+    for other in records[1:]:
+        if _disagree(first, other):
+            raise BadInput.one(str(adapter_dir), f"two records of the 4-bit base disagree: {first.where} says "
+                               f"{_effective(first)}, {other.where} says {_effective(other)}",
+                               "remove the one that does not belong to this adapter, or pass the right one with "
+                               "--training-config")
+    return first, []
+
+
+def _records_in(adapter_dir: Path, problems: list[Problem]) -> list[Record]:
+    paths = [adapter_dir / "config.json", *sorted(adapter_dir.glob("*.y*ml")), adapter_dir / "README.md"]
+    found = [_read_any(p, problems) for p in paths if p.is_file()]
+    return [r for r in found if r is not None and (r.four_bit or r.eight_bit)]
+
+
+def _effective(record: Record) -> dict:
+    return {**record.defaults, **record.values}
+
+
+def _disagree(a: Record, b: Record) -> bool:
+    """Two records of one run disagree on a setting that changes the codes (storage dtype does not)."""
+    ea, eb = _effective(a), _effective(b)
+    return a.four_bit != b.four_bit or any(ea[k] != eb[k] for k in set(ea) & set(eb) - {"quant_storage"})
 
 
 # --- resolution ------------------------------------------------------------------------------------------------
@@ -443,12 +555,24 @@ def resolve(adapter, base_dir: Path, merge_base: str | None, request: QuantReque
         raise BadInput.one("--bnb-quant-type", f"{given['quant_type']} disagrees with --merge-base {merge_base}",
                            "give the quant type once: --merge-base nf4 or --merge-base fp4")
     if is_prequantized(base_dir):
+        _note_ignored(adapter.path, request, "the pre-quantized base's own codes decide", progress)
         return _prequantized(adapter, base_dir, merge_base, given)
     known = adapter.quantization  # from lora-export's training manifest
-    record = None if known else find_record(adapter.path, request.training_config)
+    if known:
+        _note_ignored(adapter.path, request, "training_manifest.json records the run", progress)
+        record = None
+    else:
+        record, ignored = find_record(adapter.path, request.training_config)
+        for where in ignored:
+            progress(f"  {where} ignored: --training-config {request.training_config} is used instead")
+    partial = sorted(k for k in given if k != "quant_type")
+    if partial and merge_base is None and "quant_type" not in given and not known and not (record and record.four_bit):
+        raise BadInput.one(FLAGS[partial[0]], "gives one setting of the 4-bit base but not its type, and nothing on "
+                           "record says the adapter was trained on a 4-bit base",
+                           "add --merge-base nf4 (or fp4) to merge into the 4-bit base it was trained against")
     if record is not None and record.eight_bit and not record.four_bit:
         if merge_base in FOUR_BIT or given:
-            raise BadInput.one(record.where.split(" ")[2], "says the base was loaded in 8-bit, not 4-bit",
+            raise BadInput.one(record.path, "says the base was loaded in 8-bit, not 4-bit",
                                "use --merge-base original (lora-export does not reproduce 8-bit bases)")
         progress(f"  the adapter was trained on an 8-bit base ({record.where}): merging into the original weights")
         return replace(adapter, quantization=None), "original"
@@ -490,14 +614,25 @@ def resolve(adapter, base_dir: Path, merge_base: str | None, request: QuantReque
     if settings["blocksize"] not in BLOCKSIZES:
         problems.append(Problem(sources["blocksize"], f"block size {settings['blocksize']} is not one bitsandbytes has",
                                 "pass --bnb-block-size with the block size used in training"))
-    if settings["load_dtype"] not in DTYPES or settings["quant_storage"] not in DTYPES + ("uint8",):
-        problems.append(Problem(sources["load_dtype"], f"dtype {settings['load_dtype']!r} / storage "
-                                f"{settings['quant_storage']!r} is not one bitsandbytes quantizes",
-                                "pass --bnb-load-dtype float32, bfloat16 or float16"))
+    if settings["load_dtype"] not in DTYPES:
+        problems.append(Problem(sources["load_dtype"], f"load dtype {settings['load_dtype']!r} is not one bitsandbytes "
+                                "quantizes from", "pass --bnb-load-dtype float32, bfloat16 or float16"))
+    if settings["quant_storage"] not in DTYPES + ("uint8",):
+        problems.append(Problem(sources["quant_storage"], f"storage dtype {settings['quant_storage']!r} is not one "
+                                "bitsandbytes stores codes in", "restore the file the training run wrote"))
     raise_if(problems)
     quant = Quantization(settings=Nf4Settings(**settings), modules=tuple(modules), sources=sources)
     chosen = merge_base or (quant.settings.quant_type if four_bit else "original")
     return replace(adapter, quantization=quant), chosen
+
+
+def _note_ignored(adapter_dir: Path, request: QuantRequest, why: str, progress: Callable[[str], None]) -> None:
+    """Say which records of the 4-bit settings were not read, and why."""
+    files = [r.path for r in _records_in(Path(adapter_dir), [])]
+    if request.training_config is not None:
+        files.append(f"--training-config {request.training_config}")
+    for f in files:
+        progress(f"  {f} ignored: {why}")
 
 
 def _prequantized(adapter, base_dir: Path, merge_base: str | None, given: dict):

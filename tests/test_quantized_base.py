@@ -294,3 +294,104 @@ def test_cli_export_of_an_adapter_on_a_prequantized_base(prequantized, tmp_path)
     bad = _cli("export", "--base", base, "--adapter", adapter, "--target", "ort-cpu-fp32", "--out", tmp_path / "x",
                "--merge-base", "original")
     assert bad.returncode == 2 and "no original" in bad.stderr + bad.stdout and not (tmp_path / "x").exists()
+
+
+# Records and flags that must be refused (exit 2 naming the file or flag), not misread or crashed on.
+BAD_RECORDS = [
+    ("skip modules not a list", "config.json", json.dumps({"quantization_config": {
+        **NF4_CONFIG["quantization_config"], "llm_int8_skip_modules": 5}}), {}, "llm_int8_skip_modules = '5'"),
+    ("double quant neither true nor false", "config.json", json.dumps({"quantization_config": {
+        **NF4_CONFIG["quantization_config"], "bnb_4bit_use_double_quant": "maybe"}}), {}, "must be true or false"),
+    ("axolotl kwargs not a mapping", "axolotl.yml", AXOLOTL_YAML + "bnb_config_kwargs: [1, 2]\n", {}, "not a mapping"),
+    ("model card with a monstrous value", "README.md", OLD_PEFT_CARD.replace("- bnb_4bit_quant_type: nf4",
+                                                                             "- bnb_4bit_quant_type: " + "-" * 200000),
+     {}, "bnb_4bit_quant_type"),
+    ("records that disagree", "config.json", json.dumps({"quantization_config": {
+        **NF4_CONFIG["quantization_config"], "bnb_4bit_quant_type": "fp4"}}), {"extra": ("axolotl.yml", AXOLOTL_YAML)},
+     "two records of the 4-bit base disagree"),
+    ("a sub-flag without the type", None, None, {"request": dict(double_quant=True)}, "--bnb-double-quant"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_RECORDS, ids=[c[0] for c in BAD_RECORDS])
+def test_bad_records_are_refused_by_name(case, qbase, tmp_path):
+    from lora_export.adapters import load_adapter
+    from lora_export.errors import BadInput
+    from lora_export.quantized_base import QuantRequest, resolve
+
+    _, name, text, more, says = case
+    adapter = _peft_adapter(qbase, tmp_path / "adapter", bnb=dict(bnb_4bit_quant_type="nf4"))
+    if name:
+        (adapter / name).write_text(text)
+    if "extra" in more:
+        (adapter / more["extra"][0]).write_text(more["extra"][1])
+    with pytest.raises(BadInput) as e:
+        resolve(load_adapter(adapter, qbase), qbase, None, QuantRequest(**more.get("request", {})))
+    assert says in str(e.value) and "Fix:" in str(e.value), str(e.value)
+
+
+def test_a_false_string_is_not_4bit(qbase, tmp_path):
+    from lora_export.adapters import load_adapter
+    from lora_export.quantized_base import QuantRequest, resolve
+
+    adapter = _peft_adapter(qbase, tmp_path / "adapter", bnb=dict(bnb_4bit_quant_type="nf4"))
+    (adapter / "config.json").write_text(json.dumps({"quantization_config": {
+        **NF4_CONFIG["quantization_config"], "load_in_4bit": "false"}}))
+    assert resolve(load_adapter(adapter, qbase), qbase, None, QuantRequest(), lambda m: None)[1] == "original"
+
+
+def _broken_prequantized(prequantized, tmp_path, change):
+    from safetensors.torch import load_file, save_file
+
+    base = shutil.copytree(prequantized[0], tmp_path / "base-bnb-4bit")
+    tensors = load_file(str(base / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(base / "model.safetensors"))
+    return base
+
+
+def _set_state(key, text):
+    import torch
+
+    def change(t):
+        t[key] = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    return change
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+BROKEN = [
+    ("absmax missing", lambda t: t.pop(f"{Q}.absmax"), "lacks absmax"),
+    ("state not JSON", _set_state(f"{Q}.quant_state.bitsandbytes__nf4", "{not json"), "quant_state cannot be read"),
+    ("state names int3", _set_state(f"{Q}.quant_state.bitsandbytes__nf4", json.dumps(
+        {"quant_type": "int3", "blocksize": 64, "dtype": "bfloat16", "shape": [64, 64], "nested_blocksize": 256,
+         "nested_dtype": "float32", "nested_offset": 0.05})), "not a bitsandbytes 4-bit setting"),
+    ("state shape does not fit", _set_state(f"{Q}.quant_state.bitsandbytes__nf4", json.dumps(
+        {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [64, 32], "nested_blocksize": 256,
+         "nested_dtype": "float32", "nested_offset": 0.05})), "does not fit"),
+    ("packed weight without state", lambda t: t.pop(f"{Q}.quant_state.bitsandbytes__nf4"), "have no quant_state"),
+]
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=[c[0] for c in BROKEN])
+def test_broken_prequantized_bases_are_refused_before_any_work(case, prequantized, tmp_path):
+    from lora_export.errors import BadInput
+    from lora_export.quantized_base import prequantized_quantization
+
+    base = _broken_prequantized(prequantized, tmp_path, case[1])
+    with pytest.raises(BadInput) as e:
+        prequantized_quantization(base)
+    assert case[2] in str(e.value) and "Fix:" in str(e.value), str(e.value)
+
+
+def test_adapters_trained_on_different_bases_are_not_combined(qbase, tmp_path):
+    from lora_export.adapters import load_adapter
+    from lora_export.errors import BadInput
+    from lora_export.pipeline import check_same_base
+    from lora_export.quantized_base import QuantRequest, resolve
+
+    a = _peft_adapter(qbase, tmp_path / "a", bnb=dict(bnb_4bit_quant_type="nf4"))
+    b = _peft_adapter(qbase, tmp_path / "b", bnb=dict(bnb_4bit_quant_type="nf4"))
+    (b / "config.json").write_text(json.dumps(NF4_CONFIG))  # b on record, a not
+    resolved = [resolve(load_adapter(p, qbase), qbase, None, QuantRequest(), lambda m: None)[0] for p in (a, b)]
+    with pytest.raises(BadInput, match="was trained against another base"):
+        check_same_base(resolved)

@@ -119,7 +119,8 @@ def reuse_training_scales(export_dir: Path, checkpoint: Path, base_dir: Path, ad
         packed = quantize_with_absmax(w, absmax, nf4.blocksize)
         b_name, absmax_name = node.input[1], node.input[2]
         inits[b_name].CopyFrom(numpy_helper.from_array(packed.numpy(), b_name))
-        inits[absmax_name].CopyFrom(numpy_helper.from_array(absmax.numpy(), absmax_name))
+        dtype = numpy_helper.to_array(inits[absmax_name]).dtype  # fp16 in an fp16 graph (MatMulBnb4's T1)
+        inits[absmax_name].CopyFrom(numpy_helper.from_array(absmax.numpy().astype(dtype), absmax_name))
         done += 1
     with tempfile.TemporaryDirectory(dir=export_dir) as tmp:
         onnx.save_model(model, str(Path(tmp) / "model.onnx"), save_as_external_data=True,
