@@ -379,8 +379,8 @@ def manifest_problems(manifest: dict, path: Path) -> list[Problem]:
                 bad(f"adapters[{i}].quantization", "must be null or the 4-bit settings the export resolved")
     if manifest.get("merge_base") not in MERGE_BASES:
         bad("merge_base", f"{manifest.get('merge_base')!r} is not one of {', '.join(MERGE_BASES)}")
-    if manifest.get("graph", "merged") not in ("merged", "unmerged"):
-        bad("graph", f"{manifest.get('graph')!r} is not merged or unmerged")
+    if manifest.get("graph", "merged") not in ("merged", "unmerged", "switchable"):
+        bad("graph", f"{manifest.get('graph')!r} is not merged, unmerged or switchable")
     return problems
 
 
@@ -452,6 +452,10 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
 
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
+    if manifest.get("graph") == "switchable":  # --switchable: a section per adapter (lora_export/switchable.py)
+        from .switchable_parity import validate as validate_switchable
+
+        return validate_switchable(export_dir, report_json, junit, prompts, progress=progress)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     for path in (report_json, junit):
         check_report_path(path)
@@ -556,6 +560,11 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
     for path in (json_path, plot_path):
         check_report_path(path)
     manifest = read_manifest(export_dir)
+    if manifest.get("graph") == "switchable":  # each adapter active vs none vs merged: lora_export/switchable_bench.py
+        from .switchable_bench import bench_export
+
+        check_external_data(export_dir / "model.onnx")
+        return bench_export(export_dir, manifest, json_path, rounds, new_tokens, providers, progress)
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     check_external_data(export_dir / "model.onnx")  # refuse a tampered export before building anything
     base = check_base(_locate(manifest["base"], export_dir, "base model"))

@@ -72,11 +72,17 @@ class OrtCausalLM:
     padding_side = "right"
 
     def __init__(self, export_dir: str | Path, providers=("CPUExecutionProvider",), threads: int = 0,
-                 io_binding: bool = False):
+                 io_binding: bool = False, adapter: str | Path | None = None):
         """``io_binding``: keep the KV cache in ONNX Runtime's own buffers (on the device, for CUDA) between
-        steps instead of copying it out to numpy and back in on every step."""
+        steps instead of copying it out to numpy and back in on every step. ``adapter``: an ``.onnx_adapter``
+        file (a switchable export's) made active on every run; none: the graph's own LoRA defaults."""
         ort = import_onnxruntime()
         self._ort = ort
+        self.run_options = None
+        if adapter is not None:  # --switchable: ONNX Runtime binds the file's parameters to the LoRA inputs
+            from .switchable import run_options_for
+
+            self.run_options, self._adapter = run_options_for(ort, Path(adapter))
 
         self.dir = Path(export_dir)
         path = self.dir / "model.onnx"
@@ -136,7 +142,7 @@ class OrtCausalLM:
         if self.io_binding:
             return self._step_bound(feed, past)
         feed.update(zip(self._kv_in, past))
-        outs = dict(zip(self.output_names, self.session.run(None, feed)))
+        outs = dict(zip(self.output_names, self.session.run(None, feed, self.run_options)))
         return outs["logits"].astype(np.float32), [outs[n] for n in self._kv_out]
 
     def _step_bound(self, feed: dict, past):
@@ -156,7 +162,7 @@ class OrtCausalLM:
         io.bind_output("logits", "cpu")
         for name, value in zip(self._kv_out, present):
             io.bind_ortvalue_output(name, value)
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io, self.run_options)
         logits = io.get_outputs()[0].numpy()  # outputs come back in binding order
         return logits.astype(np.float32), present
 

@@ -1,0 +1,293 @@
+"""Switchable adapters: one base graph with LoRA inputs, one ``.onnx_adapter`` file per adapter.
+
+    export --switchable  -> export()   base graph (the genai builder's side path, LoRA weights made inputs)
+                                       + adapters/NAME.onnx_adapter per adapter + a manifest entry each
+    export --into X      -> add()      another adapter file for X, checked against X's graph, no rebuild
+    validate X           -> switchable_parity.validate(): the base (no adapter active) and each adapter, each
+                                       against its own reference, one report section each
+
+The graph is built on the base the adapters were trained against: for QLoRA adapters dequant(NF4(W)) (as for
+--keep-adapter), so all of them must share that 4-bit base; with no adapter active the LoRA inputs default to
+rank-0 tensors and the graph is that base.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .adapters import load_adapter
+from .base import check_base, load_tokenizer
+from .errors import BadInput, Problem, ToolchainFailed, UnreadableModel, raise_if
+from .export import BACKENDS
+from .export.lora_inputs import (
+    SUFFIX,
+    LoraInput,
+    adapter_arrays,
+    lora_inputs,
+    make_switchable,
+    write_adapter,
+)
+from .fingerprint import sha256_file
+from .isolate import run_in_child
+from .outputs import check_free_disk, check_new_output, scratch, staged
+from .quantized_base import (
+    Quantization,
+    QuantRequest,
+    is_prequantized,
+    plain_base,
+    resolve,
+)
+from .targets import load_target, tomllib
+from .versions import package_versions
+
+ADAPTERS = "adapters"
+GRAPH = "switchable"
+BASE_SECTION = "base"  # the section for no adapter active
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class SwitchRequest:
+    base: Path
+    adapters: tuple[Path, ...]
+    target: str | None  # None with ``into``: the export's own target
+    out: Path | None = None  # a new export (--switchable) ...
+    into: Path | None = None  # ... or an existing switchable export to add the adapters to (--into)
+    names: tuple[str, ...] | None = None  # --adapter-name, one per adapter; default the directory names
+    merge_base: str | None = None
+    quant: QuantRequest = QuantRequest()
+    allow_pickle: bool = False
+
+
+def base_key(merge_base: str, quantization) -> tuple:
+    """What makes two adapters' merge bases the same: the merge base and the 4-bit settings and modules (not
+    where the settings were read from)."""
+    return merge_base, quantization.key() if quantization else None, bool(quantization and quantization.prequantized)
+
+
+def check_request(req: SwitchRequest, taken: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The names the adapters get, after checking the request's own arguments."""
+    names = req.names or tuple(Path(p).resolve().name for p in req.adapters)
+    where = "--adapter-name" if req.names else "--adapter"
+    if len(names) != len(req.adapters):
+        raise BadInput.one("--adapter-name", f"{len(names)} names for {len(req.adapters)} adapters",
+                           "pass one --adapter-name per --adapter, in the same order (or none: the directory names)")
+    problems = [Problem(where, f"adapter name {n!r} is not a usable file name", "use letters, digits, '.', '_', '-'")
+                for n in names if not NAME.match(n) or n == BASE_SECTION]
+    seen = set(taken)
+    for n in names:
+        if n in seen:
+            problems.append(Problem(where, f"adapter name {n!r} is used twice" +
+                                    (" (the export already has it)" if n in taken else ""),
+                                    "give each adapter its own name with --adapter-name"))
+        seen.add(n)
+    raise_if(problems)
+    return names
+
+
+def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True, progress=_quiet):
+    """Check each adapter (plain LoRA/rsLoRA, one shared merge base); the full-precision base; the base the
+    graph is built on. Runs in a child process (it imports torch)."""
+    from .pipeline import check_side_path, load_prompts, unmerged_source
+
+    load_prompts(load_tokenizer(base))
+    adapters, bases = [], set()
+    for p in req.adapters:
+        a, merge_base = resolve(load_adapter(p, base, allow_pickle=req.allow_pickle), base, req.merge_base, req.quant,
+                                progress)
+        if a.config.get("use_dora") or a.config.get("modules_to_save"):
+            raise BadInput.one(str(a.path / "adapter_config.json"), "--switchable supports plain LoRA and rsLoRA "
+                               "adapters only (this one uses DoRA or modules_to_save)",
+                               "export it merged (without --switchable)")
+        check_side_path([a])
+        adapters.append(a)
+        bases.add(base_key(merge_base, a.quantization))
+    if len(bases) > 1:
+        described = "; ".join(f"{a.path.name}: {a.quantization.describe() if a.quantization else 'original weights'}"
+                              for a in adapters)
+        raise BadInput.one("--adapter", f"the adapters were trained against different bases ({described}): one base "
+                           "graph cannot be faithful to all of them",
+                           "export adapters trained on the same 4-bit base together, or each merged on its own")
+    merge_base = next(iter(bases))[0]
+    plain = plain_base(base, work, progress)
+    source = unmerged_source(plain, adapters[0], merge_base, work) if need_source else plain
+    return tuple(adapters), merge_base, plain, source
+
+
+def write_files(plain: Path, adapters, names, inputs: tuple[LoraInput, ...], folder: Path, progress=_quiet) -> dict:
+    """One .onnx_adapter per adapter; returns {name: sha256}. Runs in a child process (PEFT, torch)."""
+    folder.mkdir(exist_ok=True)
+    hashes = {}
+    for adapter, name in zip(adapters, names):
+        progress(f"writing {ADAPTERS}/{name}{SUFFIX}")
+        path = folder / f"{name}{SUFFIX}"
+        write_adapter(path, adapter_arrays(plain, adapter, inputs))
+        hashes[name] = sha256_file(path)
+    return hashes
+
+
+def _entry(adapter, name: str, sha: str, out: Path) -> dict:
+    from .pipeline import _where
+
+    return {**_where(adapter.path, out), "name": name, "file": f"{ADAPTERS}/{name}{SUFFIX}", "file_sha256": sha,
+            "weights_file": adapter.weights.name, "adapter_model_sha256": sha256_file(adapter.weights), "weight": 1.0,
+            "quantization": adapter.quantization.to_dict() if adapter.quantization else None}
+
+
+def export(req: SwitchRequest, progress=_quiet):
+    """A new switchable export: base graph + one adapter file per adapter, then parity of each."""
+    from .pipeline import _export_bytes, _where, _write_manifest
+
+    names = check_request(req)
+    target = load_target(req.target)
+    if target.backend != "genai-builder":
+        raise BadInput.one(target.source, f"--switchable needs the genai-builder backend (this target uses "
+                           f"{target.backend})", "use a genai-builder target such as ort-cpu-fp32")
+    if target.quantization.scheme != "none":
+        raise BadInput.one(target.source, f"--switchable exports unquantized weights (this target quantizes to "
+                           f"{target.quantization.scheme})", "use an fp32/fp16 target without weight quantization")
+    base = check_base(req.base)
+    out = Path(req.out)
+    check_new_output(out)
+    check_free_disk(out, _export_bytes(base, target), "the base as trained plus 2.2 x the export")
+    with staged(out) as tmp, scratch(out, "work") as work:
+        adapters, merge_base, plain, source = run_in_child(prepare, req, base, work, progress=progress)
+        progress(f"building the base graph with LoRA inputs ({target.precision}) on the {merge_base} base")
+        BACKENDS[target.backend].build(source, tmp, target, tmp / "build.log", adapter=adapters[0].path)
+        inputs = make_switchable(tmp / "model.onnx")
+        hashes = run_in_child(write_files, plain, adapters, names, inputs, tmp / ADAPTERS, progress=progress)
+        manifest = {
+            "schema_version": 2,
+            "base": {**_where(base, out), "files_sha256": {p.name: sha256_file(p) for p in
+                                                          sorted(base.glob("*.safetensors"))},
+                     "prequantized": is_prequantized(base)},
+            "adapters": [_entry(a, n, hashes[n], out) for a, n in zip(adapters, names)],
+            "target": tomllib.loads(Path(target.source).read_text()),
+            "merge_base": merge_base,
+            "graph": GRAPH,
+            "lora_inputs": len(inputs),
+            "versions": package_versions(),
+        }
+        manifest["adapter"] = manifest["adapters"][0]
+        _write_manifest(tmp, manifest)
+        progress("validating parity: the base, then each adapter against its own reference")
+        from .switchable_parity import validate
+
+        try:
+            report = validate(tmp, progress=progress)
+        except UnreadableModel as e:
+            raise ToolchainFailed(f"the genai builder wrote a model that cannot be loaded: {e}") from e
+        manifest["parity"] = {"passed": report.passed, "failures": [str(c) for c in report.failures],
+                              "sections": {n: r.passed for n, r in report.sections}}
+        _write_manifest(tmp, manifest)
+    return out, merge_base, report
+
+
+def add(req: SwitchRequest, progress=_quiet):
+    """--into: add adapter files to an existing switchable export, after checking that they fit its graph and
+    base, and that each passes parity; the graph is not rebuilt."""
+    from .pipeline import _write_manifest, read_manifest
+
+    into = Path(req.into)
+    manifest = read_manifest(into)
+    if manifest.get("graph") != GRAPH:
+        raise BadInput.one(str(into), f"not a switchable export (its graph is {manifest.get('graph', 'merged')})",
+                           "pass a directory written by `lora-export export --switchable`, or export anew")
+    entries = manifest["adapters"]
+    names = check_request(req, taken=tuple(e.get("name", "") for e in entries))
+    base = check_base(req.base)
+    recorded = manifest["base"]["files_sha256"]
+    now = {p.name: sha256_file(p) for p in sorted(base.glob("*.safetensors"))}
+    if now != recorded:  # the base fingerprint: the same weight files, byte for byte
+        raise BadInput.one(str(base), f"its weights are not those of the base {into} was exported from "
+                           f"({manifest['base']['path']}: the sha256 of its weight files differ)",
+                           "pass the export's own base with --base (an adapter for another base needs its own export)")
+    inputs = lora_inputs(into / "model.onnx")
+    with scratch(into, "add") as work:
+        adapters, merge_base, plain, _ = run_in_child(prepare, req, base, work, False, progress=progress)
+        recorded = entries[0].get("quantization")
+        if base_key(merge_base, adapters[0].quantization) != base_key(
+                manifest["merge_base"], Quantization.from_dict(recorded) if recorded else None):
+            raise BadInput.one(str(adapters[0].path), f"trained against another base than the export's (merge base "
+                               f"{merge_base} vs {manifest['merge_base']}, or other 4-bit settings)",
+                               "add adapters trained on the export's 4-bit base, or make a new export")
+        hashes = run_in_child(write_files, plain, adapters, names, inputs, work / ADAPTERS, progress=progress)
+        new = [_entry(a, n, hashes[n], into) for a, n in zip(adapters, names)]
+        progress("validating parity of the added adapter(s)")
+        from .switchable_parity import validate
+
+        report = validate(into, progress=progress, extra=(new, work))
+        if report.passed:
+            (into / ADAPTERS).mkdir(exist_ok=True)
+            for n in names:
+                os.replace(work / ADAPTERS / f"{n}{SUFFIX}", into / ADAPTERS / f"{n}{SUFFIX}")
+            manifest["adapters"] = entries + new
+            if isinstance(manifest.get("parity"), dict) and isinstance(manifest["parity"].get("sections"), dict):
+                manifest["parity"]["sections"].update({n: r.passed for n, r in report.sections})
+            _write_manifest(into, manifest)
+            from . import parity
+
+            for name, section in report.sections:  # parity.md at the top is the last full `validate`'s
+                (into / "parity" / name).mkdir(parents=True, exist_ok=True)
+                parity.write_reports(section, into / "parity" / name)
+    return into, merge_base, report
+
+
+def run_options_for(ort, path: Path):
+    """(RunOptions with the adapter file ``path`` active, the loaded adapter: ONNX Runtime memory-maps it)."""
+    if not path.is_file():
+        raise BadInput.one(str(path), "no adapter file here", "pass a file under EXPORT_DIR/adapters/")
+    adapter = ort.LoraAdapter()
+    try:
+        adapter.Load(str(path))
+    except Exception as e:
+        raise BadInput.one(str(path), f"ONNX Runtime cannot read this adapter file ({str(e)[:200]})",
+                           "re-export it with `lora-export export --switchable` or `--into`") from e
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    return options, adapter  # the caller keeps the adapter alive as long as the options
+
+
+def export_command(args, progress=_quiet):
+    """The CLI's export arguments: (dir, merge base, report) for --switchable/--into, else None (after checking
+    the options that only they take, and the --target/--out the other exports need)."""
+    switched = args.switchable or args.into is not None
+    problems = []
+    if not switched:
+        if args.adapter_name:
+            problems.append(Problem("--adapter-name", "names adapter files, which only --switchable/--into write",
+                                    "add --switchable, or drop --adapter-name"))
+        for flag, value in (("--target", args.target), ("--out", args.out)):
+            if value is None:
+                problems.append(Problem(flag, "is required", f"pass {flag} (see `lora-export export --help`)"))
+        raise_if(problems)
+        return None
+    flag = "--into" if args.into is not None else "--switchable"
+    for other, value in (("--keep-adapter", args.keep_adapter), ("--adapter-weight", args.adapter_weight)):
+        if value:
+            problems.append(Problem(other, f"cannot be combined with {flag}: each adapter is its own file, active "
+                                    "one at a time at its own weight", f"drop {other}, or drop {flag}"))
+    if args.into is not None:
+        if args.out is not None:
+            problems.append(Problem("--out", "--into adds to an existing export", "drop --out, or drop --into"))
+        if args.target is not None:
+            problems.append(Problem("--target", "--into uses the export's own target", "drop --target"))
+    else:
+        for name, value in (("--target", args.target), ("--out", args.out)):
+            if value is None:
+                problems.append(Problem(name, "is required with --switchable", f"pass {name}"))
+    raise_if(problems)
+    req = SwitchRequest(base=args.base, adapters=tuple(args.adapter), target=args.target, out=args.out,
+                        into=args.into, names=tuple(args.adapter_name) if args.adapter_name else None,
+                        merge_base=args.merge_base, allow_pickle=args.allow_pickle,
+                        quant=QuantRequest(quant_type=args.bnb_quant_type, blocksize=args.bnb_block_size,
+                                           double_quant=args.bnb_double_quant, load_dtype=args.bnb_load_dtype,
+                                           training_config=args.training_config))
+    return add(req, progress) if args.into is not None else export(req, progress)

@@ -1,0 +1,229 @@
+"""--switchable: one base graph with LoRA inputs, one .onnx_adapter per adapter; --into; validate per adapter;
+onnxruntime-genai itself switching between the adapters. Tiny Llama, PEFT-made adapters of different ranks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_export.cli import main
+
+from .conftest import make_base
+from .test_merge_semantics import _make_adapter
+
+TARGET = "ort-cpu-fp32"
+NF4_RECORD = {"quantization_config": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                      "bnb_4bit_use_double_quant": True, "quant_method": "bitsandbytes"}}
+
+
+def run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("switchable")
+    base = make_base(root / "base")
+    return {
+        "root": root, "base": base,
+        "a1": _make_adapter(base, root / "a1", seed=1, r=4, lora_alpha=8, target_modules="all-linear"),
+        "a2": _make_adapter(base, root / "a2", seed=2, r=8, lora_alpha=16, target_modules="all-linear"),
+        # rsLoRA, rank 16, on a subset of the modules: the others get a zero update from its file
+        "a3": _make_adapter(base, root / "a3", seed=3, r=16, lora_alpha=16, use_rslora=True,
+                            target_modules=["q_proj", "v_proj"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def export_dir(parts):
+    out = parts["root"] / "export"
+    rc = main(["export", "--base", str(parts["base"]), "--adapter", str(parts["a1"]), "--adapter", str(parts["a2"]),
+               "--adapter-name", "first", "--adapter-name", "second", "--target", TARGET, "--out", str(out),
+               "--switchable"])
+    assert rc == 0, f"export --switchable exited {rc}"
+    return out
+
+
+def test_export_writes_one_base_graph_and_an_adapter_file_each(export_dir, parts):
+    files = {p.name: p for p in (export_dir / "adapters").iterdir()}
+    assert sorted(files) == ["first.onnx_adapter", "second.onnx_adapter"]
+    manifest = json.loads((export_dir / "export_manifest.json").read_text())
+    assert manifest["graph"] == "switchable" and manifest["merge_base"] == "original"
+    from lora_export.fingerprint import sha256_file
+
+    for entry, adapter in zip(manifest["adapters"], ("a1", "a2")):
+        assert Path(entry["path"]) == parts[adapter].resolve()
+        assert entry["file_sha256"] == sha256_file(export_dir / entry["file"])
+        assert "quantization" in entry and entry["quantization"] is None
+    assert manifest["parity"]["sections"] == {"base": True, "first": True, "second": True}
+    # the LoRA weights are graph inputs with a dynamic rank; the adapter files hold ranks 4 and 8
+    from lora_export.export.lora_inputs import adapter_ranks, lora_inputs
+
+    inputs = lora_inputs(export_dir / "model.onnx")
+    assert len(inputs) == 2 * 2 * 7  # layers x (A, B) x the seven linear layers
+    ranks = [adapter_ranks(files[n])[inputs[0].name] for n in sorted(files)]
+    assert [r[1] if inputs[0].kind == "A" else r[0] for r in ranks] == [4, 8]
+    # an adapter file is small beside the base graph
+    base_bytes = sum(p.stat().st_size for p in export_dir.glob("model.onnx*"))
+    assert files["second.onnx_adapter"].stat().st_size < base_bytes / 5
+
+
+def _greedy(model, prompt, steps):
+    ids, mask, past, out = np.array([prompt]), np.ones((1, len(prompt)), np.int64), None, []
+    for _ in range(steps):
+        logits, past = model.step(ids, mask, past)
+        out.append(int(logits[0, -1].argmax()))
+        ids, mask = np.array([[out[-1]]]), np.ones((1, mask.shape[1] + 1), np.int64)
+    return out
+
+
+PROMPT = [1, 15, 27, 99, 4, 8, 300, 41]
+
+
+def test_our_runner_switches_adapters(export_dir):
+    from lora_export.runtime import OrtCausalLM
+
+    ids, mask = np.array([PROMPT]), np.ones((1, len(PROMPT)), np.int64)
+    logits = {name: OrtCausalLM(export_dir, adapter=export_dir / "adapters" / f"{name}.onnx_adapter" if name else None)
+              .step(ids, mask, None)[0] for name in (None, "first", "second")}
+    assert np.abs(logits["first"] - logits[None]).max() > 1e-2  # each adapter changes the output ...
+    assert np.abs(logits["second"] - logits[None]).max() > 1e-2
+    assert np.abs(logits["first"] - logits["second"]).max() > 1e-2  # ... differently
+    again = OrtCausalLM(export_dir).step(ids, mask, None)[0]
+    assert np.array_equal(again, logits[None])  # no adapter: the base, every time
+
+
+def test_onnxruntime_genai_switches_adapters_like_our_runner(export_dir):
+    og = pytest.importorskip("onnxruntime_genai")
+    from lora_export.runtime import OrtCausalLM
+
+    steps = 12
+    model = og.Model(str(export_dir))
+    adapters = og.Adapters(model)
+    for name in ("first", "second"):
+        adapters.load(str(export_dir / "adapters" / f"{name}.onnx_adapter"), name)
+
+    def generate(name):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(PROMPT) + steps, do_sample=False)
+        generator = og.Generator(model, params)
+        if name:
+            generator.set_active_adapter(adapters, name)
+        generator.append_tokens(PROMPT)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return [int(t) for t in generator.get_sequence(0)][len(PROMPT):]
+
+    seen = {}
+    for name in ("first", None, "second", "first"):  # switching back and forth between generations
+        ours = _greedy(OrtCausalLM(export_dir, adapter=export_dir / "adapters" / f"{name}.onnx_adapter"
+                                   if name else None), PROMPT, steps)
+        theirs = generate(name)
+        assert theirs == ours, name
+        seen[name] = theirs
+    assert len({tuple(t) for t in seen.values()}) == 3  # the three differ: the switch is real
+
+
+def test_into_adds_an_adapter_and_validate_checks_every_section(export_dir, parts, tmp_path, capsys):
+    into = tmp_path / "export"
+    shutil.copytree(export_dir, into)
+    graph_before = (into / "model.onnx.data").read_bytes()
+    rc, out, err = run(["export", "--base", parts["base"], "--adapter", parts["a3"], "--into", into], capsys)
+    assert rc == 0, err
+    assert (into / "adapters" / "a3.onnx_adapter").is_file()
+    assert (into / "model.onnx.data").read_bytes() == graph_before  # the base graph is not rebuilt
+    manifest = json.loads((into / "export_manifest.json").read_text())
+    assert [e["name"] for e in manifest["adapters"]] == ["first", "second", "a3"]
+    assert manifest["parity"]["sections"]["a3"] is True
+
+    rc, out, err = run(["validate", into, "--report", tmp_path / "report.json"], capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"] and list(report["sections"]) == ["base", "first", "second", "a3"]
+    for name in ("first", "second", "a3"):
+        assert report["sections"][name]["adapter_retention"] > 0.99
+        assert "# Section: " + name in out
+
+
+def test_qlora_adapters_get_their_nf4_base(parts, tmp_path, capsys):
+    """Two QLoRA adapters on the same NF4 base: the base graph is dequant(NF4(W)), so each adapter (and no adapter)
+    matches its as-trained reference at fp32 tolerances; a plain LoRA adapter beside them is refused."""
+    qlora = []
+    for name in ("a1", "a2"):
+        q = shutil.copytree(parts[name], tmp_path / f"{name}-qlora")
+        (q / "config.json").write_text(json.dumps(NF4_RECORD))
+        qlora.append(q)
+    rc, _, err = run(["export", "--base", parts["base"], "--adapter", parts["a1"], "--adapter", qlora[1],
+                      "--target", TARGET, "--out", tmp_path / "mixed", "--switchable"], capsys)
+    assert rc == 2 and "different bases" in err and not (tmp_path / "mixed").exists()
+    rc, out, err = run(["export", "--base", parts["base"], "--adapter", qlora[0], "--adapter", qlora[1],
+                        "--target", TARGET, "--out", tmp_path / "q", "--switchable"], capsys)
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "q" / "export_manifest.json").read_text())
+    assert manifest["merge_base"] == "nf4"
+    assert all(e["quantization"]["quant_type"] == "nf4" for e in manifest["adapters"])
+    assert manifest["parity"]["passed"]
+
+
+def _not_switchable(ctx):
+    fake = shutil.copytree(ctx["export"], ctx["tmp"] / "merged")
+    manifest = json.loads((fake / "export_manifest.json").read_text())
+    (fake / "export_manifest.json").write_text(json.dumps({**manifest, "graph": "merged"}))
+    return fake
+
+
+BAD = {  # case: (argv after `export`, fragment of the message)
+    "into-not-switchable": (lambda c: ["--base", c["base"], "--adapter", c["a3"], "--into", _not_switchable(c)],
+                            "not a switchable export"),
+    "into-other-base": (lambda c: ["--base", make_base(c["tmp"] / "other", seed=7), "--adapter", c["a3"],
+                                   "--into", c["export"]], "not those of the base"),
+    "adapter-of-another-base": (lambda c: ["--base", c["base"], "--adapter", _make_adapter(
+        make_base(c["tmp"] / "wide", hidden_size=32, intermediate_size=64), c["tmp"] / "wide-adapter", r=4,
+        target_modules="all-linear"), "--target", TARGET, "--out", c["tmp"] / "out", "--switchable"],
+        "trained for a different base"),
+    "dora": (lambda c: ["--base", c["base"], "--adapter", _make_adapter(c["base"], c["tmp"] / "dora", r=4,
+                        use_dora=True, target_modules="all-linear"), "--target", TARGET, "--out", c["tmp"] / "out",
+                        "--switchable"], "DoRA"),
+    "name-count": (lambda c: ["--base", c["base"], "--adapter", c["a1"], "--adapter", c["a2"], "--adapter-name",
+                              "one", "--target", TARGET, "--out", c["tmp"] / "out", "--switchable"], "2 adapters"),
+    "same-name": (lambda c: ["--base", c["base"], "--adapter", c["a1"], "--adapter", c["a2"], "--adapter-name",
+                             "x", "--adapter-name", "x", "--target", TARGET, "--out", c["tmp"] / "out",
+                             "--switchable"], "used twice"),
+    "name-taken": (lambda c: ["--base", c["base"], "--adapter", c["a3"], "--adapter-name", "first", "--into",
+                              c["export"]], "already has it"),
+    "keep-adapter": (lambda c: ["--base", c["base"], "--adapter", c["a1"], "--target", TARGET, "--out",
+                                c["tmp"] / "out", "--switchable", "--keep-adapter"], "--keep-adapter"),
+    "adapter-weight": (lambda c: ["--base", c["base"], "--adapter", c["a1"], "--adapter-weight", "0.5", "--target",
+                                  TARGET, "--out", c["tmp"] / "out", "--switchable"], "--adapter-weight"),
+    "name-without-switchable": (lambda c: ["--base", c["base"], "--adapter", c["a1"], "--adapter-name", "x",
+                                           "--target", TARGET, "--out", c["tmp"] / "out"], "--switchable"),
+    "quantized-target": (lambda c: ["--base", c["base"], "--adapter", c["a1"], "--target", "ort-cpu-int4", "--out",
+                                    c["tmp"] / "out", "--switchable"], "without weight quantization"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2(case, export_dir, parts, tmp_path, capsys):
+    argv, fragment = BAD[case]
+    ctx = {**parts, "export": export_dir, "tmp": tmp_path}
+    before = sorted(p.name for p in (export_dir / "adapters").iterdir())
+    rc, _, err = run(["export", *argv(ctx)], capsys)
+    assert rc == 2, (case, err)
+    assert fragment in err and "Fix:" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (export_dir / "adapters").iterdir()) == before
+
+
+def test_bench_times_each_adapter_and_the_switch(export_dir):
+    from lora_export.switchable_bench import NO_ADAPTER, bench, markdown
+
+    r = bench(export_dir, PROMPT, rounds=2, new_tokens=4)
+    assert set(r.decode_ms) == {NO_ADAPTER, "first", "second"} and set(r.decode_ratio) == {"first", "second"}
+    assert r.switch_ms["onnxruntime"] > 0 and all(0 < b < r.base_bytes for b in r.adapter_bytes.values())
+    assert "switch the active adapter" in markdown(r)
