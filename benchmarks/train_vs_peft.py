@@ -3,7 +3,7 @@
     python benchmarks/train_vs_peft.py            # writes benchmarks/results/train_vs_peft.{json,md}
 
 Both sides QLoRA-train the same base on the same data with the same settings (NF4 + double quant, rank 8,
-all linear layers, batch 8, 30 steps), each in its own process so that peak RSS is its own. Runs are
+all linear layers, batch 8, 30 steps, no activation checkpointing), each in its own process so that peak RSS is its own. Runs are
 interleaved (ours, plain, ours, plain, ...) and compared by their medians; the goal is no slower and no
 heavier (ratios <= 1.0 within noise). Two bases: the embedded one, and a 25M-parameter Llama-shaped model
 built from a config with random weights.
@@ -44,12 +44,16 @@ def step_timer():
 def child_ours(base: str, out: str, timer) -> None:
     from lora_export.train import TrainConfig, train
 
+    # like for like with child_plain: no activation checkpointing on either side (benchmarks/train_memory.py
+    # measures what it costs and saves)
     train(TrainConfig(base=Path(base), data=DATA, out=Path(out), rank=8, alpha=16, steps=STEPS, lr=2e-4,
-                      batch_size=8), log=lambda m: None, callbacks=[timer])
+                      batch_size=8, gradient_checkpointing=False), log=lambda m: None, callbacks=[timer])
 
 
-def child_plain(base: str, out: str, timer) -> None:
-    """What a user would write with PEFT and the Trainer alone."""
+def child_plain(base: str, out: str, timer, data: Path = DATA, steps: int = STEPS, batch_size: int = 8,
+                max_length: int | None = None, gradient_checkpointing: bool = False, callbacks=()) -> None:
+    """What a user would write with PEFT and the Trainer alone. (benchmarks/train_memory.py reuses it with other
+    data, a longer sequence, batch size and checkpointing; the defaults are this benchmark's.)"""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
@@ -67,14 +71,16 @@ def child_plain(base: str, out: str, timer) -> None:
                                                  BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                                     bnb_4bit_use_double_quant=True,
                                                                     bnb_4bit_compute_dtype=torch.float32))
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     rows = []
-    for line in DATA.read_text().splitlines():
+    for line in Path(data).read_text().splitlines():
         rec = json.loads(line)
-        p = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
-        c = tok(rec["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append({"input_ids": [tok.bos_token_id] + p + c, "labels": [-100] * (1 + len(p)) + c})
+        p = tok(rec["prompt"], add_special_tokens=False)["input_ids"] if "prompt" in rec else []
+        c = tok(rec.get("completion", rec.get("text")), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        row = {"input_ids": [tok.bos_token_id] + p + c, "labels": [-100] * (1 + len(p)) + c}
+        rows.append({k: v[:max_length] for k, v in row.items()} if max_length else row)
 
     def collate(batch):
         width = max(len(b["input_ids"]) for b in batch)
@@ -83,11 +89,11 @@ def child_plain(base: str, out: str, timer) -> None:
                 "labels": torch.tensor(pad([b["labels"] for b in batch], -100)),
                 "attention_mask": torch.tensor(pad([[1] * len(b["input_ids"]) for b in batch], 0))}
 
-    args = TrainingArguments(output_dir=out, max_steps=STEPS, per_device_train_batch_size=8, learning_rate=2e-4,
-                             save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False,
-                             disable_tqdm=True, seed=0)
+    args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size,
+                             learning_rate=2e-4, save_strategy="no", report_to=[], use_cpu=True,
+                             remove_unused_columns=False, disable_tqdm=True, seed=0)
     Trainer(model=model, args=args, train_dataset=rows, data_collator=collate,
-            callbacks=[timer]).train()
+            callbacks=[timer, *callbacks]).train()
     model.save_pretrained(out)
 
 

@@ -327,7 +327,9 @@ def manifest_problems(manifest: dict, where: Path) -> list[Problem]:
                  and all(isinstance(m, str) for m in quant["quantized_modules"])),
             ) if not ok]
             unknown = sorted(set(quant) - {"quant_type", "double_quant", "blocksize", "compute_dtype", "load_dtype",
-                                           "quant_storage", "quantized_modules"})
+                                           "quant_storage", "quantized_modules", "prequantized"})
+            if not isinstance(quant.get("prequantized", False), bool):
+                unknown.append("prequantized")
             if wrong or unknown:
                 problems.append(Problem(str(where), "quantization block has missing or invalid "
                                         f"{', '.join(wrong + unknown)}", fix))

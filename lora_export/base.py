@@ -157,7 +157,8 @@ def bnb_config(nf4: Nf4Settings):
 
 
 def load_nf4(base_dir: Path, nf4: Nf4Settings):
-    """The base as QLoRA sees it: every linear layer but the output head in 4-bit NF4 via bitsandbytes.
+    """The base as QLoRA sees it: every linear layer but the output head in 4-bit NF4 via bitsandbytes (a base
+    saved in bitsandbytes 4-bit is loaded as it is: ``nf4`` does not apply to it).
 
     transformers quantizes with bitsandbytes' default block size (64) and has no option for another; for
     another block size each 4-bit layer is quantized again by bitsandbytes from the checkpoint's weights.
@@ -165,6 +166,13 @@ def load_nf4(base_dir: Path, nf4: Nf4Settings):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .quantized_base import is_prequantized
+
+    if is_prequantized(base_dir):  # already 4-bit (a "-bnb-4bit" checkpoint): its own codes, nothing to quantize
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), device_map=device_map(), trust_remote_code=False,
+                                                     use_safetensors=True).eval()
+        pin_fp32_path(model)
+        return model
     if nf4.blocksize not in BLOCKSIZES:
         raise BadInput.one("--blocksize", f"block size {nf4.blocksize} is not supported by bitsandbytes",
                            f"use one of {', '.join(map(str, BLOCKSIZES))}")

@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--seed", type=int, default=0, help="seed for initialization, shuffling and dropout")
+    t.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep every layer's activations for the backward pass (faster, more memory) instead of "
+                        "recomputing them")
+    t.add_argument("--optim", default="adamw_torch", choices=["adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit"],
+                   help="optimizer (the Trainer's names); the paged ones are bitsandbytes', paged on a CUDA GPU")
 
     e = command("export", "merge an adapter and export ONNX for a target, then validate parity")
     e.add_argument("--base", type=Path, required=True, help="base model directory the adapter was trained on")
@@ -116,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a PEFT adapter directory; repeat it to merge several, combined linearly")
     e.add_argument("--adapter-weight", type=float, action="append",
                    help="one weight per --adapter, in order (default: 1.0 each)")
-    e.add_argument("--target", required=True, help="a shipped target name (`lora-export targets`) or a .toml file")
-    e.add_argument("--out", type=Path, required=True, help="export directory to create (must not exist or be empty)")
+    e.add_argument("--target", help="a shipped target name (`lora-export targets`) or a .toml file (required, "
+                   "except with --into: the export's own)")
+    e.add_argument("--out", type=Path, help="export directory to create (must not exist or be empty; required, "
+                   "except with --into)")
     e.add_argument("--merge-base", choices=["nf4", "fp4", "original"],
                    help="weights the adapter is merged into: the 4-bit base it was trained on (nf4/fp4) or the original "
                    "weights (default: the 4-bit base when the adapter's training is on record - lora-export's manifest, "
@@ -138,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "with quantization_config, or PEFT's README.md (default: look in the adapter directory)")
     e.add_argument("--keep-adapter", action="store_true",
                    help="export the unmerged graph: the LoRA as a side path beside each MatMul (plain LoRA/rsLoRA)")
+    # --switchable / --into: lora_export/switchable.py
+    e.add_argument("--switchable", action="store_true",
+                   help="export the base graph with LoRA inputs plus one adapter file per --adapter "
+                   "(OUT/adapters/NAME.onnx_adapter), switched per request by ONNX Runtime / onnxruntime-genai")
+    e.add_argument("--adapter-name", action="append",
+                   help="with --switchable/--into: one name per --adapter, in order (default: the directory names)")
+    e.add_argument("--into", type=Path,
+                   help="add the --adapter(s) to this existing --switchable export (no rebuild of the base graph)")
     e.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickle-only adapter_model.bin (read with torch.load(weights_only=True))")
 
@@ -189,7 +204,8 @@ def _run(args, console) -> int:
             modules_to_save=tuple(m for m in args.modules_to_save.split(",") if m), quantize=not args.no_quant,
             steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
             packing=args.packing, eval_split=args.eval_split, eval_data=args.eval_data, save_steps=args.save_steps,
-            resume=args.resume, seed=args.seed, nf4=nf4), log=say,
+            resume=args.resume, seed=args.seed, gradient_checkpointing=not args.no_gradient_checkpointing,
+            optim=args.optim, nf4=nf4), log=say,
             callbacks=[step_bar(console.err)] if console.interactive else ())
         evaluated = f", eval loss {r.eval_loss:.3f}" if r.eval_loss is not None else ""
         console.result(f"adapter written to {r.adapter_dir} (loss {r.first_loss:.3f} -> {r.final_loss:.3f}{evaluated})")
@@ -197,6 +213,12 @@ def _run(args, console) -> int:
     if args.command == "export":
         from .pipeline import ExportRequest, export
         from .quantized_base import QuantRequest
+        from .switchable import export_command
+
+        switched = export_command(args, say)  # --switchable / --into; None: the merged or side-path export
+        if switched is not None:
+            return _verdict(console, switched[2], f"switchable export in {switched[0]} (merge base {switched[1]})",
+                            switched[0])
 
         r = export(ExportRequest(base=args.base, adapter=tuple(args.adapter), target=args.target, out=args.out,
                                  adapter_weights=tuple(args.adapter_weight) if args.adapter_weight else None,
@@ -216,7 +238,7 @@ def _run(args, console) -> int:
         from .pipeline import bench
 
         r = bench(args.export_dir, args.json, progress=say, rounds=args.rounds, plot_path=args.plot, eager=args.eager)
-        console.result(markdown(r))
+        console.result(r.markdown() if hasattr(r, "switch_ms") else markdown(r))  # a switchable export's own table
         return EXIT_OK if r.within_budget else EXIT_VERDICT
     if args.command == "demo":
         from .demo import demo
@@ -231,7 +253,7 @@ def _run(args, console) -> int:
 def _verdict(console, report, headline: str, export_dir) -> int:
     from .parity import markdown
 
-    console.result(markdown(report))
+    console.result(report.markdown() if hasattr(report, "sections") else markdown(report))  # switchable: sections
     if headline:
         console.result(headline)
     if report.not_checked_on:
@@ -252,11 +274,19 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _rank() -> int:
+    """This process's rank when torchrun or accelerate launch started several (they set RANK and WORLD_SIZE)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def _log_home(args) -> Path | None:
     """The folder the command's log ends in: its output directory (the export's for validate and bench)."""
     if args.command in ("validate", "bench"):
         return args.export_dir
-    return getattr(args, "out", None)
+    return getattr(args, "out", None) or getattr(args, "into", None)
 
 
 def _settle_log(tmp_log: Path, home: Path | None, command: str, code: int) -> Path | None:
@@ -316,13 +346,16 @@ def main(argv: list[str] | None = None) -> int:
         args.out = default_out()
     from .console import captured
 
-    fd, name = tempfile.mkstemp(prefix=f"lora-export-{args.command}-", suffix=".log")
+    # Under torchrun/accelerate every process runs the command; the first one (rank 0) speaks for all of them and
+    # its log goes with the output. The others write only to their own log, kept (and named) only if they fail.
+    rank = _rank() if args.command == "train" else 0
+    fd, name = tempfile.mkstemp(prefix=f"lora-export-{args.command}-" + (f"rank{rank}-" if rank else ""), suffix=".log")
     os.close(fd)
     tmp_log, failure, trace = Path(name), None, ""
     # SIGTERM unwinds like Ctrl-C (removing temporary folders) instead of killing the process where it stands
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        with captured(tmp_log, verbose) as console:
+        with captured(tmp_log, verbose, quiet=rank > 0) as console:
             console.detail(f"lora-export {' '.join(sys.argv[1:] if argv is None else argv)}")
             try:
                 code = _run(args, console)
@@ -336,9 +369,22 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    log = _settle_log(tmp_log, _log_home(args), args.command, code)
+    log = _settle_log(tmp_log, _log_home(args) if rank == 0 else None, args.command, code)
+    if rank > 0 and code == EXIT_OK and log is not None:
+        log.unlink(missing_ok=True)  # rank 0's log, with the output, is the record
+        log = None
     terminal = sys.stderr
+    if failure is not None and code in (130, 143) and args.command == "train":
+        if rank > 0:
+            return code  # interrupted: rank 0 says so for every process
+        from .train import checkpoint_dir
+
+        kept = checkpoint_dir(args.out)
+        if kept.is_dir() and any(kept.glob("checkpoint-*")):
+            failure += f"; its checkpoints are kept in {kept}: rerun with --resume to continue"
     if failure is not None:
+        if rank > 0:
+            failure = f"[rank {rank}] {failure}"
         if debug:
             print(trace, file=terminal, end="")
         print(failure, file=terminal)

@@ -34,6 +34,7 @@ class Console:
     err: TextIO = field(default_factory=lambda: sys.stderr)  # stage lines and error messages
     log: TextIO | None = None
     verbose: bool = False
+    quiet: bool = False  # stage lines and results to the log only (a process other than torchrun's rank 0)
     start: float = field(default_factory=time.monotonic)
 
     def _stamp(self, msg: str) -> str:
@@ -47,7 +48,8 @@ class Console:
 
     def stage(self, msg: str) -> None:
         line = self._stamp(msg)
-        print(line, file=self.err, flush=True)
+        if not self.quiet:
+            print(line, file=self.err, flush=True)
         self._to_log(line)
 
     def detail(self, msg: str) -> None:
@@ -61,7 +63,8 @@ class Console:
         (self.detail if msg[:1].isspace() else self.stage)(msg.strip())
 
     def result(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        if not self.quiet:
+            print(text, file=self.out, flush=True)
         self._to_log(text)
 
     def error(self, text: str) -> None:
@@ -70,6 +73,8 @@ class Console:
 
     @property
     def interactive(self) -> bool:
+        if self.quiet:
+            return False
         try:
             return self.err.isatty()
         except (AttributeError, ValueError):
@@ -88,9 +93,10 @@ def _private_copy(stream: TextIO, fd: int) -> TextIO:
 
 
 @contextmanager
-def captured(log_path: Path, verbose: bool = False):
+def captured(log_path: Path, verbose: bool = False, quiet: bool = False):
     """Send fds 1 and 2 (this process, its libraries and its children) to ``log_path``; yield a Console that
-    writes stage lines and results to the terminal as it was. With ``verbose`` the log is also shown live."""
+    writes stage lines and results to the terminal as it was. With ``verbose`` the log is also shown live; with
+    ``quiet`` stage lines and results go to the log only (errors still reach the terminal)."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     for stream in (sys.stdout, sys.stderr):
@@ -115,7 +121,7 @@ def captured(log_path: Path, verbose: bool = False):
         os.close(write_fd)
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")
-    console = Console(out=out, err=err, log=log, verbose=verbose)
+    console = Console(out=out, err=err, log=log, verbose=verbose, quiet=quiet)
     try:
         yield console
     finally:

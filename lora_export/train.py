@@ -1,9 +1,12 @@
 """QLoRA training: a 4-bit NF4 base (bitsandbytes), LoRA through PEFT, the transformers Trainer.
 
 Because the loop is the transformers Trainer, ``accelerate launch`` or ``torchrun`` scale the same call to
-many GPUs (DDP; FSDP with ``quant_storage = bfloat16``). The output is a plain PEFT adapter directory plus
-``training_manifest.json``, which records how the base was quantized so that the exporter can merge into
-exactly the weights the adapter saw. Checkpoints go to a hidden sibling of the output
+many GPUs (DDP; FSDP with ``quant_storage = bfloat16``), or to several CPU processes (DDP over gloo); every
+process trains, only the first (rank 0) writes the adapter. QLoRA's memory recipe is complete: NF4 with double
+quantization, activation (gradient) checkpointing on by default, and bitsandbytes' paged optimizers on request
+(they page optimizer state only on a CUDA GPU; on the CPU they run unpaged). The output is a plain PEFT adapter
+directory plus ``training_manifest.json``, which records how the base was quantized so that the exporter can
+merge into exactly the weights the adapter saw. Checkpoints go to a hidden sibling of the output
 (``.NAME.checkpoints``), so an interrupted run resumes with ``resume=True`` and a finished one leaves only
 the adapter.
 """
@@ -12,11 +15,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,9 +27,15 @@ from .data import load_jsonl, to_prompt_completion
 from .errors import BadInput, Problem, raise_if
 from .fingerprint import fingerprint
 from .outputs import output_problem, staged
+from .quantized_base import is_prequantized, prequantized_quantization
 from .versions import package_versions
 
 MANIFEST = "training_manifest.json"
+# The transformers Trainer's ``optim`` names offered: PyTorch's AdamW, and bitsandbytes' paged AdamW with 8-bit
+# or 32-bit state (QLoRA's paged optimizers: on a CUDA GPU their state is paged to CPU memory under pressure).
+OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit")
+# Non-reentrant checkpointing: needs no inputs that require grad, works under DDP, keeps dropout's RNG state.
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,8 @@ class TrainConfig:
     save_steps: int = 0  # checkpoint every N steps (0: only at the end)
     resume: bool = False  # continue from the last checkpoint of an interrupted run into the same --out
     seed: int = 0
+    gradient_checkpointing: bool = True  # recompute each layer's activations in the backward pass: less memory
+    optim: str = "adamw_torch"  # one of OPTIMIZERS
     nf4: Nf4Settings = field(default_factory=lambda: Nf4Settings(compute_dtype="auto"))
 
 
@@ -98,6 +107,8 @@ def _check(cfg: TrainConfig) -> None:
                                 "use a share such as 0.1"))
     if cfg.save_steps < 0:
         problems.append(Problem("--save-steps", "must be >= 0", "use e.g. --save-steps 50, or 0"))
+    if cfg.optim not in OPTIMIZERS:
+        problems.append(Problem("--optim", f"optimizer {cfg.optim!r} is not offered", f"use one of {', '.join(OPTIMIZERS)}"))
     if problem := output_problem(cfg.out):
         problems.append(problem)
     if cfg.resume and not _last_checkpoint(cfg.out):
@@ -107,10 +118,16 @@ def _check(cfg: TrainConfig) -> None:
 
 
 def _last_checkpoint(out: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *complete* checkpoint: the Trainer writes trainer_state.json last, so a folder without it is one
+    a kill interrupted while it was being saved (transformers' get_last_checkpoint would pick it and fail)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     d = checkpoint_dir(out)
-    return get_last_checkpoint(str(d)) if d.is_dir() else None
+    if not d.is_dir():
+        return None
+    steps = [int(p.name.rsplit("-", 1)[1]) for p in d.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(d / f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}") if steps else None
 
 
 def _tokenize(examples, tok, max_length: int) -> list[dict]:
@@ -191,12 +208,6 @@ def _resolved_nf4(cfg: TrainConfig) -> Nf4Settings:
     return replace(cfg.nf4, compute_dtype="bfloat16" if torch.cuda.is_available() else "float32")
 
 
-@contextmanager
-def _scratch():
-    with tempfile.TemporaryDirectory() as tmp:
-        yield Path(tmp)
-
-
 def _loss_lines(log):
     """A TrainerCallback: one detail line per logging step with the loss (and the eval loss when there is one).
     Made here, not at import: this module's readers (the adapter checks) must not import transformers."""
@@ -210,6 +221,20 @@ def _loss_lines(log):
                     + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in shown.items()))
 
     return LossLines()
+
+
+def _step_of(checkpoint: str) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[1])
+
+
+def _processes(args) -> str:
+    """What the log says about distribution: ', in 2 processes (DDP over gloo)', or nothing for one process."""
+    import torch.distributed as dist
+
+    if args.world_size <= 1:
+        return ""
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "?"
+    return f", in {args.world_size} processes (DDP over {backend})"
 
 
 def step_bar(stream):
@@ -249,16 +274,26 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
 
     _check(cfg)
     base_dir = base_model.check_base(cfg.base)
+    if not cfg.quantize and is_prequantized(base_dir):
+        raise BadInput.one(str(base_dir / "config.json"), "--no-quant: this base is already 4-bit (a bitsandbytes "
+                           "4-bit checkpoint), and plain LoRA trains on full-precision weights",
+                           "drop --no-quant to train QLoRA on its codes, or pass the full-precision original")
     base_model.skeleton(base_dir)  # a config transformers cannot build is bad input, before the model loads
     data = load_jsonl(cfg.data)
     train_examples, eval_examples = _split(data.examples, cfg)
     set_seed(cfg.seed)
     tok = base_model.load_tokenizer(base_dir)
     nf4 = _resolved_nf4(cfg)
+    prequantized = is_prequantized(base_dir)
+    if prequantized:  # a "-bnb-4bit" base: trained on its own codes, which the manifest records
+        nf4 = replace(prequantized_quantization(base_dir).settings, compute_dtype=nf4.compute_dtype)
     if cfg.quantize:
-        log(f"loading {base_dir} in 4-bit {nf4.quant_type} (double quant {nf4.double_quant}, block {nf4.blocksize})")
+        stored = " as stored (a pre-quantized base)" if prequantized else ""
+        log(f"loading {base_dir} in 4-bit {nf4.quant_type}{stored} (double quant {nf4.double_quant}, "
+            f"block {nf4.blocksize})")
         model = base_model.load_nf4(base_dir, nf4)
         quantized = base_model.quantized_module_names(model)
+        # freezes and casts only: checkpointing is switched on by the Trainer (activation_checkpointing below)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         log(f"loading {base_dir} in full precision (plain LoRA)")
@@ -276,26 +311,38 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         rows = _pack(rows, cfg.max_length)
 
     ckpt = checkpoint_dir(cfg.out)
+    resume_from = _last_checkpoint(cfg.out) if cfg.resume else None
+    args = TrainingArguments(
+        output_dir=str(ckpt), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, learning_rate=cfg.lr, lr_scheduler_type="linear",
+        warmup_steps=min(10, cfg.steps // 10), logging_steps=max(1, cfg.steps // 10),
+        save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
+        eval_strategy="steps" if eval_rows else "no", eval_steps=max(1, cfg.steps // 5),
+        report_to=[], seed=cfg.seed, data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(),
+        bf16=nf4.compute_dtype == "bfloat16", dataloader_num_workers=0, remove_unused_columns=False,
+        optim=cfg.optim, activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS),
+        disable_tqdm=True,  # progress is ours: loss lines through ``log``, a bar from the caller on a terminal
+    )
+    # Under accelerate/torchrun every process runs this (the Trainer wraps the model in DDP: the gradients are
+    # averaged, each process reads its own share of every batch); only the first one writes the adapter.
+    main_process = args.process_index == 0
     log(f"training {cfg.steps} steps on {len(rows)} sequences from {data.path}"
-        + (f", eval loss on {len(eval_rows)}" if eval_rows else ""))
-    # Under accelerate/torchrun every process runs this; only the main one writes the adapter.
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    with (staged(Path(cfg.out)) if main_process else _scratch()) as staging:
-        args = TrainingArguments(
-            output_dir=str(ckpt), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.batch_size, learning_rate=cfg.lr, lr_scheduler_type="linear",
-            warmup_steps=min(10, cfg.steps // 10), logging_steps=max(1, cfg.steps // 10),
-            save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
-            eval_strategy="steps" if eval_rows else "no", eval_steps=max(1, cfg.steps // 5),
-            report_to=[], seed=cfg.seed, data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(),
-            bf16=nf4.compute_dtype == "bfloat16", dataloader_num_workers=0, remove_unused_columns=False,
-            disable_tqdm=True,  # progress is ours: loss lines through ``log``, a bar from the caller on a terminal
-        )
+        + (f", eval loss on {len(eval_rows)}" if eval_rows else "") + _processes(args)
+        + (", gradient checkpointing" if cfg.gradient_checkpointing else "") + f", {cfg.optim}")
+    if "paged" in cfg.optim and args.device.type != "cuda":
+        log(f"note: bitsandbytes pages optimizer state only on a CUDA GPU; on the {args.device.type} {cfg.optim} "
+            "runs unpaged")
+    if resume_from:
+        log(f"resuming from {Path(resume_from).name} (step {_step_of(resume_from)} of {cfg.steps})")
+    with (staged(Path(cfg.out)) if main_process else nullcontext()) as staging:
         trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
                           data_collator=_collate(tok.pad_token_id), callbacks=[_loss_lines(log), *callbacks])
-        trainer.train(resume_from_checkpoint=_last_checkpoint(cfg.out) if cfg.resume else None)
+        trainer.train(resume_from_checkpoint=resume_from)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
+        # every process is done with the checkpoints before the first one writes the adapter and removes them
+        trainer.accelerator.wait_for_everyone()
         if not main_process:
             return TrainResult(adapter_dir=Path(cfg.out), first_loss=losses[0] if losses else float("nan"),
                                final_loss=losses[-1] if losses else float("nan"), eval_loss=eval_loss,
@@ -305,7 +352,8 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
             "schema": 1,
             "kind": "qlora" if cfg.quantize else "lora",
             "base": {"path": str(base_dir.resolve()), "weights_sha256": fingerprint(base_dir)},
-            "quantization": {**nf4.to_dict(), "quantized_modules": quantized} if cfg.quantize else None,
+            "quantization": {**nf4.to_dict(), "quantized_modules": quantized, "prequantized": prequantized}
+            if cfg.quantize else None,
             "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
                      "use_dora": cfg.use_dora, "target_modules": cfg.target_modules,
                      "modules_to_save": list(cfg.modules_to_save)},
@@ -314,9 +362,11 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
                      "sequences": len(rows), "packing": cfg.packing, "max_length": cfg.max_length,
                      "chat_template": bool(getattr(tok, "chat_template", None))},
             "training": {"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                         "resumed": cfg.resume, "first_loss": losses[0] if losses else None,
+                         "resumed": cfg.resume, "resumed_from_step": _step_of(resume_from) if resume_from else None,
+                         "first_loss": losses[0] if losses else None,
                          "final_loss": losses[-1] if losses else None, "eval_loss": eval_loss,
-                         "world_size": args.world_size},
+                         "world_size": args.world_size, "device": args.device.type,
+                         "gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": cfg.optim},
             "versions": package_versions(),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -395,3 +395,23 @@ def test_adapters_trained_on_different_bases_are_not_combined(qbase, tmp_path):
     resolved = [resolve(load_adapter(p, qbase), qbase, None, QuantRequest(), lambda m: None)[0] for p in (a, b)]
     with pytest.raises(BadInput, match="was trained against another base"):
         check_same_base(resolved)
+
+
+def test_train_on_a_prequantized_base_and_export_it(prequantized, tmp_path):
+    """`train` takes a "-bnb-4bit" base as it is (no second quantization); its manifest records the base's own
+    4-bit settings, and the export merges into those codes with parity PASS."""
+    from tests.conftest import EMBEDDED
+
+    base = prequantized[0]
+    adapter = tmp_path / "adapter"
+    r = _cli("train", "--base", base, "--data", EMBEDDED / "demo" / "train.jsonl", "--out", adapter, "--steps", "4",
+             "--batch-size", "4", "--max-length", "64")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    quant = json.loads((adapter / "training_manifest.json").read_text())["quantization"]
+    assert quant["prequantized"] is True and quant["quant_type"] == "nf4" and quant["double_quant"] is True
+    r = _cli("export", "--base", base, "--adapter", adapter, "--target", "ort-cpu-fp32", "--out", tmp_path / "export")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((tmp_path / "export" / "export_manifest.json").read_text())["merge_base"] == "nf4"
+    bad = _cli("train", "--base", base, "--data", EMBEDDED / "demo" / "train.jsonl", "--out", tmp_path / "x",
+               "--no-quant")
+    assert bad.returncode == 2 and "already 4-bit" in bad.stderr + bad.stdout

@@ -198,3 +198,94 @@ def test_bad_chat_record_names_its_line(tmp_path):
     with pytest.raises(BadInput) as e:
         load_jsonl(f)
     assert e.value.problems[0].where == f"{f}:2" and "assistant" in e.value.problems[0].what
+
+
+def test_gradient_checkpointing_is_on_by_default_and_changes_no_number(tiny_base, tmp_path):
+    """Checkpointing recomputes each layer's forward in the backward pass: same weights as without it (dropout
+    included: non-reentrant checkpointing restores the RNG state), recorded in the manifest."""
+    from safetensors.torch import load_file
+
+    cfg = dict(base=tiny_base, data=DATA, steps=4, dropout=0.1, seed=2)
+    on = train(TrainConfig(out=tmp_path / "on", **cfg))
+    off = train(TrainConfig(out=tmp_path / "off", gradient_checkpointing=False, **cfg))
+    assert on.model.get_base_model().is_activation_checkpointing
+    assert not off.model.get_base_model().is_activation_checkpointing
+    assert on.final_loss < on.first_loss
+    a, b = (load_file(str(r.adapter_dir / "adapter_model.safetensors")) for r in (on, off))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ma, mb = (json.loads((r.adapter_dir / MANIFEST).read_text())["training"] for r in (on, off))
+    assert (ma["gradient_checkpointing"], mb["gradient_checkpointing"]) == (True, False)
+    assert ma["optimizer"] == mb["optimizer"] == "adamw_torch"
+
+
+def test_plain_lora_trains_with_gradient_checkpointing(tiny_base, tmp_path):
+    r = train(TrainConfig(base=tiny_base, data=DATA, out=tmp_path / "a", steps=4, quantize=False))
+    assert r.model.get_base_model().is_activation_checkpointing and r.final_loss < r.first_loss
+
+
+def test_paged_optimizer_runs_on_the_cpu_unpaged(tmp_path):
+    """bitsandbytes 0.50 runs its paged optimizers on the CPU without paging (it warns and falls back): accepted,
+    said in the log, recorded in the manifest. The stepping is bitsandbytes' own, with 8-bit state (a base 512 wide:
+    bitsandbytes keeps tensors under 4096 elements in 32 bits), and an interrupted run resumes bit-identically."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from .conftest import make_base
+
+    base = make_base(tmp_path / "base", hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                     num_key_value_heads=4)
+    seen, lines = set(), []
+
+    class Optimizer(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kw):
+            inner = getattr(optimizer, "optimizer", optimizer)
+            seen.add(type(inner).__module__.split(".")[0])
+            seen.update(str(v.dtype) for st in inner.state.values() for k, v in st.items() if k == "state1")
+
+    class StopAt6(Optimizer):
+        def on_step_end(self, args, state, control, **kw):
+            super().on_step_end(args, state, control, **kw)
+            if state.global_step == 6:
+                raise Interrupt
+
+    cfg = dict(base=base, data=DATA, steps=10, save_steps=4, batch_size=4, optim="paged_adamw_8bit")
+    whole = train(TrainConfig(out=tmp_path / "whole", **cfg), log=lines.append, callbacks=[Optimizer()])
+    assert {"bitsandbytes", "torch.uint8"} <= seen and not seen & {"torch"}, seen
+    assert whole.final_loss < whole.first_loss
+    m = json.loads((whole.adapter_dir / MANIFEST).read_text())["training"]
+    assert m["optimizer"] == "paged_adamw_8bit" and m["device"] == "cpu"
+    if not torch.cuda.is_available():
+        assert any("pages optimizer state only on a CUDA GPU" in line for line in lines)
+    with pytest.raises(Interrupt):
+        train(TrainConfig(out=tmp_path / "cut", **cfg), log=lambda m: None, callbacks=[StopAt6()])
+    resumed = train(TrainConfig(out=tmp_path / "cut", resume=True, **cfg), log=lambda m: None)
+    a = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_optimizer_choices_match_the_cli_and_a_bad_one_is_refused(tiny_base, tmp_path):
+    from lora_export.cli import build_parser
+    from lora_export.train import OPTIMIZERS
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    optim = next(a for a in train_parser._actions if "--optim" in a.option_strings)
+    assert tuple(optim.choices) == OPTIMIZERS and optim.default == "adamw_torch"
+    with pytest.raises(BadInput, match="--optim: optimizer 'sgd' is not offered"):
+        train(TrainConfig(base=tiny_base, data=DATA, out=tmp_path / "a", steps=2, optim="sgd"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_skips_a_checkpoint_a_kill_left_half_written(tmp_path):
+    """The Trainer writes trainer_state.json last; a folder without it is not resumed from."""
+    from lora_export.train import _last_checkpoint, checkpoint_dir
+
+    d = checkpoint_dir(tmp_path / "a")
+    (d / "checkpoint-4").mkdir(parents=True)
+    (d / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (d / "checkpoint-12").mkdir()  # killed while saving: weights maybe, no trainer state
+    (d / "checkpoint-12" / "adapter_model.safetensors").write_bytes(b"")
+    (d / "checkpoint-8").mkdir()
+    (d / "checkpoint-8" / "trainer_state.json").write_text("{}")
+    assert _last_checkpoint(tmp_path / "a") == str(d / "checkpoint-8")
+    assert _last_checkpoint(tmp_path / "b") is None
