@@ -408,7 +408,7 @@ EXPORT_DIR_CASES = [
     ("manifest with an incomplete adapter entry", "validate", edit_export_manifest(adapter_entry_without_sha),
      "adapter_model_sha256: missing"),
     ("manifest with a bad merge base", "bench", edit_export_manifest(lambda m: {**m, "merge_base": 4}),
-     "merge_base: 4 is not nf4 or original"),
+     "merge_base: 4 is not one of nf4, fp4, original"),
     ("base changed since the export", "validate", changed_base, "the base's weights changed since this export"),
     ("base changed since the export (bench)", "bench", changed_base, "the base's weights changed since this export"),
     ("--report is a directory", "validate", report_is_a_directory, "reports: is a directory"),
