@@ -253,6 +253,10 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/lora-export-gpu-check"), help="scratch folder")
     ap.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds per target")
     ap.add_argument("--shapes", default=None, help="comma-separated shapes (default: all for the mode)")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated targets (default: all three)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no further target after this many seconds (a device lease is short); skipped ones "
+                         "are listed as such")
     ap.add_argument("--install", type=Path, metavar="WHEELS_DIR",
                     help="first make a venv with \".[gpu]\" from these wheels, then rerun this script in it")
     args = ap.parse_args()
@@ -280,11 +284,20 @@ def main() -> int:
             print("gpu_check: this ONNX Runtime has no CUDAExecutionProvider; run with --install WHEELS_DIR (or in "
                   "an environment with \".[gpu]\"), or --dry-run", file=sys.stderr)
             return 2
+        used = _cuda_session_providers()
+        say(f"a CUDA session runs on: {', '.join(used)}")
+        if used[:1] != ["CUDAExecutionProvider"]:  # ONNX Runtime falls back to the CPU when CUDA's libraries fail
+            print("gpu_check: ONNX Runtime could not start its CUDA provider (see its warnings above: CUDA or cuDNN "
+                  "libraries not found?); set LD_LIBRARY_PATH to the folders holding them", file=sys.stderr)
+            return 2
     bandwidth, how = copy_bandwidth_gbs(args.dry_run)
     say(f"copy bandwidth {bandwidth:.1f} GB/s ({how})")
     device = "CPU (dry run)" if args.dry_run else _gpu_name()
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "dry_run": args.dry_run, "device": device,
               "bandwidth_gbs": bandwidth, "bandwidth_how": how, "targets": list(TARGETS), "shapes": {}}
+    started = time.perf_counter()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    targets = [t for t in args.targets.split(",") if t]
     for shape, cfg in shapes.items():
         work = args.work / shape
         shutil.rmtree(work, ignore_errors=True)
@@ -292,17 +305,39 @@ def main() -> int:
         say(f"{shape}: base from its config, PEFT adapter (rank {RANK}, all linear layers)")
         build_base(work / "base", cfg)
         make_adapter(work / "base", work / "adapter")
-        rows = []
-        for target in TARGETS:
+        rows = result["shapes"][shape] = []
+        for target in targets:
+            if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+                say(f"{shape}: {target}: skipped (past --budget-s {args.budget_s:g})")
+                rows.append({"target": target, "export_exit": "skipped (time budget)"})
+                continue
             say(f"{shape}: {target}: export, parity, timing")
             rows.append(run_target(work / "base", work / "adapter", target, work, args.rounds, args.dry_run, bandwidth))
-        result["shapes"][shape] = rows
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / "gpu.md").write_text(markdown(result))
+            _save(result, args.out_dir)  # after each target: a run cut short keeps what it measured
+    _save(result, args.out_dir)
     print(markdown(result))
     failed = [r for rows in result["shapes"].values() for r in rows if "bench" not in r]
     return 1 if failed else 0
+
+
+def _cuda_session_providers() -> list[str]:
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                           providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    return session.get_providers()
+
+
+def _save(result: dict, out_dir: Path) -> None:
+    (out_dir / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "gpu.md").write_text(markdown(result))
 
 
 def _gpu_name() -> str:
