@@ -24,6 +24,7 @@ SCHEMA_VERSION = 2  # both manifests; a reader refuses a newer one and says what
 TRAINING_MANIFEST = "training_manifest.json"
 EXPORT_MANIFEST = "export_manifest.json"
 GRAPHS = ("merged", "unmerged", "switchable")
+MERGE_BASES = FOUR_BIT + ("original",)  # what a merge starts from: the 4-bit base as trained, or the original
 
 
 # --- the training manifest ------------------------------------------------------------------------------------
@@ -263,8 +264,6 @@ def read_export_manifest(export_dir: Path) -> ExportManifest:
 
 
 def export_problems(manifest: dict, path: Path) -> list[Problem]:
-    from .merge import MERGE_BASES
-
     fix = EXPORT_FIX
 
     def bad(field: str, what: str, fix: str = fix) -> None:

@@ -1,5 +1,21 @@
 """The recipe. Each stage is one visible call, in order: check inputs, merge, build the graph, validate.
 
+Module map: data flows one way, down the stages; the records between them are ``manifests``' dataclasses.
+
+    train.py      base + data   -> adapter dir + training_manifest.json (manifests.TrainingManifest)
+    adapters.py   adapter dir   -> Adapter, checked against the base (reads the manifest, never the trainer)
+    merge.py      base + Adapters -> merged fp32 checkpoint (+ the base as trained), streamed shard by shard
+    export/       checkpoint    -> model.onnx (a graph backend by name); quantize/: its weights (a scheme by name)
+    parity.py     export dir    -> parity verdict against reference.py (the adapted model as trained), via runtime.py
+    bench.py      export dir    -> latency: merged vs base (vs unmerged)
+    pipeline.py   this file: export() runs the stages above and writes export_manifest.json
+                  (manifests.ExportManifest); validate() and bench() read it back. switchable*.py: the same
+                  for one base graph with an adapter file per adapter.
+
+export(), top to bottom: check_inputs -> prepare (child: adapters, merge, fp16 check) -> build -> _manifest
+-> quantized_weights (child: training scales, survival) -> write the manifest -> validate_new -> the manifest
+again with parity_summary.
+
     lora-export export  -> export()     base + adapter -> merged fp32 -> ONNX (target precision) -> parity
     lora-export validate -> validate()  an export dir against the adapted model as it was trained
     lora-export bench   -> bench()      the merged export against the base export, interleaved
