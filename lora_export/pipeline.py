@@ -157,7 +157,8 @@ def build(req: ExportRequest, target, prep: Prepared, tmp: Path, progress=_quiet
         run_in_child(build_graph, *graph_args, progress=progress)
 
 
-def quantized_weights(req: ExportRequest, target, prep: Prepared, base: Path, tmp: Path, progress=_quiet) -> dict | None:
+def quantized_weights(req: ExportRequest, target, prep: Prepared, base: Path, tmp: Path,
+                      progress=_quiet) -> dict | None:
     """For quantized weights: the training's scales if asked, and what survives of the adapter (the manifest's
     ``quantization``); None for unquantized weights and unmerged graphs."""
     if target.quantization.scheme == "none" or req.keep_adapter:
@@ -359,7 +360,8 @@ def _locate(entry: BaseEntry | AdapterEntry, export_dir: Path, what: str) -> Pat
     for candidate in candidates:
         if candidate.exists():
             return candidate
-    raise BadInput.one(str(export_dir / EXPORT_MANIFEST), f"the {what} this export was made from is gone ({entry.path})",
+    raise BadInput.one(str(export_dir / EXPORT_MANIFEST),
+                       f"the {what} this export was made from is gone ({entry.path})",
                        f"restore the {what} at that path, or re-export")
 
 
