@@ -15,8 +15,8 @@ from pathlib import Path
 from .errors import BadInput, Problem, raise_if
 from .fingerprint import fingerprint
 from .jsonfile import read_object
+from .manifests import TrainingManifest, read_training_manifest
 from .quantized_base import Quantization
-from .train import MANIFEST
 
 SUPPORTED_PEFT_TYPES = ("LORA",)
 
@@ -25,7 +25,7 @@ SUPPORTED_PEFT_TYPES = ("LORA",)
 class Adapter:
     path: Path
     config: dict  # adapter_config.json
-    manifest: dict | None  # training_manifest.json, when the adapter was made by lora-export
+    manifest: TrainingManifest | None  # training_manifest.json, when the adapter was made by lora-export
     targeted: tuple[str, ...]  # base module names the adapter changes
     weights: Path  # adapter_model.safetensors (or the pickle file, when explicitly allowed)
     saved: tuple[str, ...] = ()  # modules_to_save: base modules the adapter replaces with trained copies
@@ -277,63 +277,17 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
                                     "the adapter was trained for a different base; pass that base with --base"))
 
     problems += _config_problems(config, path / "adapter_config.json", modules, found, arch)
-    manifest = None
-    if (path / MANIFEST).is_file():
-        manifest = read_object(path / MANIFEST, "restore the file the trainer wrote, or delete it for an adapter "
-                               "made by another tool", problems)
-        wrong = manifest_problems(manifest, path / MANIFEST) if manifest is not None else []
-        problems += wrong
-        manifest = None if wrong else manifest
+    manifest = read_training_manifest(path, problems)
     if manifest and check_fingerprint:
-        want = manifest.get("base", {}).get("weights_sha256", {})
+        want = manifest.base_weights_sha256
         if want and fingerprint(base_dir) != want:
             problems.append(Problem(str(base_dir), "weights differ from the base this adapter was trained on "
-                                    f"({manifest.get('base', {}).get('path')})",
-                                    "pass the base the adapter was trained on with --base"))
+                                    f"({manifest.base_path})", "pass the base the adapter was trained on with --base"))
     raise_if(problems)
-    quantization = Quantization.from_dict(manifest["quantization"]) if manifest and manifest.get("kind") == "qlora" \
-        else None
+    quantization = manifest.quantized if manifest else None
     return Adapter(path=path, config=config, manifest=manifest, targeted=tuple(sorted(found)),
                    weights=weights, saved=tuple(sorted(saved)), quantization=quantization,
                    layer_weights=tuple(layer_weights))
-
-
-def manifest_problems(manifest: dict, where: Path) -> list[Problem]:
-    """A training manifest's shape: what the export reads from it must be there, with the right types."""
-    from .base import BLOCKSIZES
-
-    fix = "restore the training_manifest.json the trainer wrote, or delete it for an adapter made by another tool"
-    problems = []
-    kind = manifest.get("kind")
-    if kind not in ("qlora", "lora"):
-        problems.append(Problem(str(where), f"kind = {kind!r}: it must be \"qlora\" or \"lora\"", fix))
-    base = manifest.get("base", {})
-    if not isinstance(base, dict) or not isinstance(base.get("weights_sha256", {}), dict):
-        problems.append(Problem(str(where), "base must be an object with a weights_sha256 object", fix))
-    quant = manifest.get("quantization")
-    if kind == "qlora":
-        if not isinstance(quant, dict):
-            problems.append(Problem(str(where), "a QLoRA manifest without its quantization block (how the base was "
-                                    "quantized is what the nf4 merge reproduces)", fix))
-        else:
-            wrong = [k for k, ok in (
-                ("quant_type", quant.get("quant_type") in ("nf4", "fp4")),
-                ("double_quant", isinstance(quant.get("double_quant"), bool)),
-                ("blocksize", quant.get("blocksize") in BLOCKSIZES),
-                ("compute_dtype", quant.get("compute_dtype") in ("float32", "bfloat16", "float16")),
-                ("load_dtype", quant.get("load_dtype", "float32") in ("float32", "bfloat16", "float16")),
-                ("quant_storage", quant.get("quant_storage", "uint8") in ("uint8", "bfloat16", "float16", "float32")),
-                ("quantized_modules", isinstance(quant.get("quantized_modules"), list)
-                 and all(isinstance(m, str) for m in quant["quantized_modules"])),
-            ) if not ok]
-            unknown = sorted(set(quant) - {"quant_type", "double_quant", "blocksize", "compute_dtype", "load_dtype",
-                                           "quant_storage", "quantized_modules", "prequantized"})
-            if not isinstance(quant.get("prequantized", False), bool):
-                unknown.append("prequantized")
-            if wrong or unknown:
-                problems.append(Problem(str(where), "quantization block has missing or invalid "
-                                        f"{', '.join(wrong + unknown)}", fix))
-    return problems
 
 
 def base_name_note(adapter: Adapter, base_dir: Path) -> str | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,10 +28,9 @@ from . import tensorfile
 from .adapters import Adapter, attach
 from .base import Nf4Settings, load_tokenizer
 from .errors import BadInput
+from .manifests import MERGE_BASES
 from .outputs import check_free_disk
 from .quantized_base import FOUR_BIT
-
-MERGE_BASES = FOUR_BIT + ("original",)
 INDEX = "model.safetensors.index.json"
 
 
@@ -170,39 +169,115 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     """The streaming pass. With no adapters it writes the base itself (after the NF4 round trip given by
     ``nf4``): the base an unmerged side-path graph needs. With ``as_trained_dir`` it also writes the base
     after the round trip (given by ``nf4``) next to the merge, from the same reads."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     shards = _base_shards(base_dir)
     _check_free_disk(shards, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    headers = [tensorfile.read_header(p)[0] for p in shards]
+    pass_ = _plan_pass(base_dir, adapters, weights, merge_base, nf4, as_trained_dir, headers)
+    files, weight_map, trained_map = _stream_shards(pass_, shards, headers, out_dir, as_trained_dir, progress)
+    _write_index(out_dir, files, weight_map)
+    _check_merged(pass_, adapters[0].path if adapters else base_dir)
+    _write_merged_files(base_dir, out_dir, pass_.untie)
+    if as_trained_dir:
+        _write_as_trained_files(base_dir, as_trained_dir, trained_map)
+    return MergeResult(checkpoint=out_dir, merge_base=merge_base, changed=tuple(sorted(pass_.deltas)),
+                       max_abs_delta=max(pass_.deltas.values(), default=0.0), replaced=tuple(sorted(pass_.replaced)),
+                       untied=pass_.untie, weights=tuple(weights), shards=len(files), as_trained=as_trained_dir)
+
+
+@dataclass
+class _Pass:
+    """One streaming pass: the (hollow) model whose layers merge each tensor as it streams by, what to round
+    through NF4, and the tallies of what the merge did."""
+
+    modules: dict  # name -> module of the base model (inside PEFT's wrapper when there are adapters)
+    names: list[str]  # the adapters' names in PEFT (a0, a1, ...)
+    lora: dict  # name -> LoraLayer
+    saved: dict  # name -> ModulesToSaveWrapper
+    prefix: str  # the base model prefix, for checkpoints saved without it
+    in_name: str | None  # the input embedding's module
+    out_name: str | None  # the output embedding's module
+    untie: bool  # tied embeddings the adapter changes on one side: stored apart
+    layer_weights: dict  # base parameter -> the adapter's saved copy
+    rounding: tuple[list[str], Nf4Settings] | None  # (4-bit modules, settings) of the NF4 round trip
+    round_trip_in_merge: bool  # merge into the rounded weights (nf4 base, or the base alone); else the original
+    quantized: frozenset = frozenset()  # the modules of ``rounding``
+    deltas: dict[str, float] = field(default_factory=dict)  # module -> largest |change| of its weight
+    replaced: list[str] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)  # non-finite merged tensors
+
+    def outputs(self, key: str) -> list[tuple[str, str]]:
+        """(module, param) outputs of one base tensor: two for the embedding of a model being untied."""
+        module_name, _, param = key.rpartition(".")
+        if module_name not in self.modules and self.prefix and f"{self.prefix}.{module_name}" in self.modules:
+            module_name = f"{self.prefix}.{module_name}"  # a checkpoint saved without the base prefix
+        both = self.untie and module_name == self.in_name and param == "weight"
+        return ([(self.out_name, "weight")] if both else []) + [(module_name, param)]
+
+    def rounded(self, module_name: str, param: str) -> bool:
+        return self.rounding is not None and module_name in self.quantized and param == "weight"
+
+    def merged(self, module_name: str, param: str, t):
+        """One output tensor: merged by its LoRA layer's own PEFT merge(), or the adapter's saved copy, in fp32."""
+        import torch
+
+        if module_name in self.lora and param == "weight":
+            layer = self.lora[module_name]
+            original = t.clone()
+            layer.base_layer.weight = torch.nn.Parameter(t, requires_grad=False)
+            layer.merge(adapter_names=[n for n in self.names if n in layer.scaling])
+            t = layer.base_layer.weight.detach()
+            self.deltas[module_name] = (t - original).abs().max().item()
+            del original
+            layer.base_layer.weight = torch.nn.Parameter(torch.zeros(()).expand(t.shape), requires_grad=False)
+        elif module_name in self.saved:
+            wrapper = self.saved[module_name]
+            t = dict(wrapper.modules_to_save[wrapper.active_adapters[0]].named_parameters())[param].detach()
+            self.replaced.append(module_name)
+        if t.is_floating_point():
+            t = t.to(torch.float32)  # merge math and the merged checkpoint are fp32
+            if not torch.isfinite(t).all():
+                self.bad.append(f"{module_name}.{param}")
+        return t
+
+
+def _pass_model(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float]):
+    """(the model the pass merges with, the adapters' names, its config): PEFT's adapted model around a hollow
+    base, or with no adapters the bare base on the meta device."""
+    import torch
+
     if adapters:
         model, names, config = _peft_skeleton(base_dir, adapters, weights)
-        inner = model.base_model.model
-        if merge_base in FOUR_BIT or as_trained_dir:
-            nf4 = quantization_of(adapters[0])
-    else:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        return model.base_model.model, names, config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
-        config.__dict__.pop("quantization_config", None)
-        with torch.device("meta"):
-            inner = AutoModelForCausalLM.from_config(config)
-        names = []
-    round_trip_in_merge = merge_base in FOUR_BIT or not adapters
+    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
+    config.__dict__.pop("quantization_config", None)
+    with torch.device("meta"):
+        inner = AutoModelForCausalLM.from_config(config)
+    return inner, [], config
+
+
+def _plan_pass(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float], merge_base: str,
+               nf4: tuple[list[str], Nf4Settings] | None, as_trained_dir: Path | None, headers: list) -> _Pass:
+    """The model, the modules that merge or are replaced, tied embeddings, the round trip: checked before any
+    tensor is written (an FP8 base, a saved layer the base does not store)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    inner, names, config = _pass_model(base_dir, adapters, weights)
+    if adapters and (merge_base in FOUR_BIT or as_trained_dir):
+        nf4 = quantization_of(adapters[0])  # the adapter's own record decides the round trip
     modules = dict(inner.named_modules())
     lora = {n: m for n, m in modules.items() if isinstance(m, LoraLayer)}
     saved = {n: m for n, m in modules.items() if isinstance(m, ModulesToSaveWrapper)}
-    quantized = set(nf4[0]) if nf4 else set()
-    prefix = getattr(inner, "base_model_prefix", "")
 
     # Tied input/output embeddings: when the adapter changes one side only, the two must be stored apart.
     in_emb, out_emb = inner.get_input_embeddings(), inner.get_output_embeddings()
     in_name = next((n for n, m in modules.items() if m is in_emb), None)
     out_name = next((n for n, m in modules.items() if out_emb is not None and m is out_emb), None)
-    headers = [tensorfile.read_header(p)[0] for p in shards]
     fp8 = next((e.name for entries in headers for e in entries if e.dtype.startswith("F8")), None)
     if fp8:
         raise BadInput.one(str(base_dir), f"an FP8 checkpoint ({fp8}): its weights need their scales to mean "
@@ -212,51 +287,29 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
                 getattr(config.get_text_config(), "tie_word_embeddings", False))
     untie = tied and bool({in_name, out_name} & (set(lora) | set(saved)))
 
-    deltas: dict[str, float] = {}
-    replaced: list[str] = []
-    bad: list[str] = []
     layer_weights = _layer_weights(adapters[0]) if adapters else {}
     for name in set(layer_weights) - base_keys:  # a tied head saved beside its embedding: the same matrix
         tied_to = f"{in_name}.weight"
         if not (tied and tied_to in layer_weights and torch.equal(layer_weights[name], layer_weights[tied_to])):
             raise BadInput.one(str(adapters[0].weights), f"saves a weight for {name}, which the base does not store",
                                "export with the base the adapter was trained on")
+    return _Pass(modules=modules, names=names, lora=lora, saved=saved, prefix=getattr(inner, "base_model_prefix", ""),
+                 in_name=in_name, out_name=out_name, untie=untie, layer_weights=layer_weights, rounding=nf4,
+                 round_trip_in_merge=merge_base in FOUR_BIT or not adapters,
+                 quantized=frozenset(nf4[0]) if nf4 else frozenset())
 
-    def plan(key: str) -> list[tuple[str, str]]:
-        """(module, param) outputs of one base tensor: two for the embedding of a model being untied."""
-        module_name, _, param = key.rpartition(".")
-        if module_name not in modules and prefix and f"{prefix}.{module_name}" in modules:
-            module_name = f"{prefix}.{module_name}"  # a checkpoint saved without the base prefix
-        both = untie and module_name == in_name and param == "weight"
-        return ([(out_name, "weight")] if both else []) + [(module_name, param)]
 
-    def emit(module_name: str, param: str, t):
-        if module_name in lora and param == "weight":
-            layer = lora[module_name]
-            original = t.clone()
-            layer.base_layer.weight = torch.nn.Parameter(t, requires_grad=False)
-            layer.merge(adapter_names=[n for n in names if n in layer.scaling])
-            t = layer.base_layer.weight.detach()
-            deltas[module_name] = (t - original).abs().max().item()
-            del original
-            layer.base_layer.weight = torch.nn.Parameter(torch.zeros(()).expand(t.shape), requires_grad=False)
-        elif module_name in saved:
-            wrapper = saved[module_name]
-            t = dict(wrapper.modules_to_save[wrapper.active_adapters[0]].named_parameters())[param].detach()
-            replaced.append(module_name)
-        if t.is_floating_point():
-            t = t.to(torch.float32)  # merge math and the merged checkpoint are fp32
-            if not torch.isfinite(t).all():
-                bad.append(f"{module_name}.{param}")
-        return t
-
+def _stream_shards(pass_: _Pass, shards: list[Path], headers: list, out_dir: Path, as_trained_dir: Path | None,
+                   progress: Callable[[str], None]) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """Each base shard read tensor by tensor, merged and written to its output shard (and, when asked, the
+    base as trained to its own shard). Returns (output files, tensor -> file, as-trained tensor -> file)."""
     files = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map: dict[str, str] = {}
     trained_map: dict[str, str] = {}
     for i, (shard, entries) in enumerate(zip(shards, headers)):
         progress(f"  merging shard {i + 1}/{len(shards)} ({shard.name}, {shard.stat().st_size / 1e6:.0f} MB)")
-        declared = [(f"{m}.{p}", _fp32_code(e.dtype), e.shape) for e in entries for m, p in plan(e.name)]
+        declared = [(f"{m}.{p}", _fp32_code(e.dtype), e.shape) for e in entries for m, p in pass_.outputs(e.name)]
         writer = tensorfile.Writer(out_dir / files[i], declared)
         trained = None
         if as_trained_dir:
@@ -266,49 +319,64 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
             trained_map.update({e.name: files[i] for e in entries})
         with open(shard, "rb") as f:
             for e in entries:
-                t = tensorfile.read_tensor(f, e)
-                if e.name in layer_weights:  # the adapter's saved copy of this layer replaces the base's
-                    t = layer_weights[e.name]
-                    replaced.append(e.name.rpartition(".")[0])
-                if t.is_floating_point():
-                    t = t.to(torch.float32)
-                module_name, param = plan(e.name)[-1]  # the base's own module
-                rounded = nf4 is not None and module_name in quantized and param == "weight"
-                if rounded:
-                    t = round_trip(t, nf4[1])
-                if trained is not None:
-                    trained.write(e.name, t)  # before the merge, which adds to t in place
-                if rounded and not round_trip_in_merge:
-                    t = tensorfile.read_tensor(f, e).to(torch.float32)  # merge into the original weight
-                for module_name, param in plan(e.name):
-                    out = emit(module_name, param, t.clone() if module_name == out_name and untie else t)
-                    writer.write(f"{module_name}.{param}", out)
-                del t
+                _stream_tensor(pass_, f, e, writer, trained)
         writer.close()
         if trained is not None:
             trained.close()
         weight_map.update({name: files[i] for name, _, _ in declared})
+    return files, weight_map, trained_map
+
+
+def _stream_tensor(pass_: _Pass, f, e, writer, trained) -> None:
+    """One base tensor: the adapter's saved copy if it has one, the round trip if its module was 4-bit, the as-
+    trained copy written, then each output merged and written."""
+    import torch
+
+    t = tensorfile.read_tensor(f, e)
+    if e.name in pass_.layer_weights:  # the adapter's saved copy of this layer replaces the base's
+        t = pass_.layer_weights[e.name]
+        pass_.replaced.append(e.name.rpartition(".")[0])
+    if t.is_floating_point():
+        t = t.to(torch.float32)
+    rounded = pass_.rounded(*pass_.outputs(e.name)[-1])  # the base's own module
+    if rounded:
+        t = round_trip(t, pass_.rounding[1])
+    if trained is not None:
+        trained.write(e.name, t)  # before the merge, which adds to t in place
+    if rounded and not pass_.round_trip_in_merge:
+        t = tensorfile.read_tensor(f, e).to(torch.float32)  # merge into the original weight
+    for module_name, param in pass_.outputs(e.name):
+        out = pass_.merged(module_name, param, t.clone() if module_name == pass_.out_name and pass_.untie else t)
+        writer.write(f"{module_name}.{param}", out)
+    del t
+
+
+def _write_index(out_dir: Path, files: list[str], weight_map: dict[str, str]) -> None:
     if len(files) > 1:
         total = sum((out_dir / f).stat().st_size for f in files)
         (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2) + "\n")
-    shard_count = len(files)
 
+
+def _check_merged(pass_: _Pass, where: Path) -> None:
+    """Every adapted module found and changed, every merged tensor finite: else one error that lists them."""
     problems = []
-    missing = sorted(set(lora) - set(deltas))
+    missing = sorted(set(pass_.lora) - set(pass_.deltas))
     if missing:
         problems.append(f"the base checkpoint has no weight for {len(missing)} adapted modules (e.g. {missing[0]})")
-    unchanged = sorted(n for n, d in deltas.items() if d == 0.0)
+    unchanged = sorted(n for n, d in pass_.deltas.items() if d == 0.0)
     if unchanged:
         problems.append(f"merging changed nothing in {len(unchanged)} targeted modules (e.g. {unchanged[0]}): "
                         "their lora_B is zero or their scaling is 0")
-    if bad:
-        problems.append(f"the merged weights hold NaN or Inf ({bad[0]})")
+    if pass_.bad:
+        problems.append(f"the merged weights hold NaN or Inf ({pass_.bad[0]})")
     if problems:
-        where = adapters[0].path if adapters else base_dir
         raise BadInput.one(str(where), "; ".join(problems),
                            "train the adapter (or check its lora_alpha and weights) before exporting it")
 
+
+def _write_merged_files(base_dir: Path, out_dir: Path, untie: bool) -> None:
+    """Config (fp32, no quantization_config, untied if the merge untied), generation config and tokenizer."""
     cfg = json.loads((base_dir / "config.json").read_text())
     cfg.pop("quantization_config", None)
     if untie:
@@ -321,11 +389,6 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     if (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
     load_tokenizer(base_dir).save_pretrained(str(out_dir))
-    if as_trained_dir:
-        _write_as_trained_files(base_dir, as_trained_dir, trained_map)
-    return MergeResult(checkpoint=out_dir, merge_base=merge_base, changed=tuple(sorted(deltas)),
-                       max_abs_delta=max(deltas.values(), default=0.0), replaced=tuple(sorted(replaced)),
-                       untied=untie, weights=tuple(weights), shards=shard_count, as_trained=as_trained_dir)
 
 
 def _layer_weights(adapter: Adapter) -> dict:

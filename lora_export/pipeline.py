@@ -1,5 +1,21 @@
 """The recipe. Each stage is one visible call, in order: check inputs, merge, build the graph, validate.
 
+Module map: data flows one way, down the stages; the records between them are ``manifests``' dataclasses.
+
+    train.py      base + data   -> adapter dir + training_manifest.json (manifests.TrainingManifest)
+    adapters.py   adapter dir   -> Adapter, checked against the base (reads the manifest, never the trainer)
+    merge.py      base + Adapters -> merged fp32 checkpoint (+ the base as trained), streamed shard by shard
+    export/       checkpoint    -> model.onnx (a graph backend by name); quantize/: its weights (a scheme by name)
+    parity.py     export dir    -> parity verdict against reference.py (the adapted model as trained), via runtime.py
+    bench.py      export dir    -> latency: merged vs base (vs unmerged)
+    pipeline.py   this file: export() runs the stages above and writes export_manifest.json
+                  (manifests.ExportManifest); validate() and bench() read it back. switchable*.py: the same
+                  for one base graph with an adapter file per adapter.
+
+export(), top to bottom: check_inputs -> prepare (child: adapters, merge, fp16 check) -> build -> _manifest
+-> quantized_weights (child: training scales, survival) -> write the manifest -> validate_new -> the manifest
+again with parity_summary.
+
     lora-export export  -> export()     base + adapter -> merged fp32 -> ONNX (target precision) -> parity
     lora-export validate -> validate()  an export dir against the adapted model as it was trained
     lora-export bench   -> bench()      the merged export against the base export, interleaved
@@ -25,16 +41,17 @@ from typing import TYPE_CHECKING
 from .adapters import attach, base_name_note, load_adapter
 from .base import check_base, load_fp32, load_tokenizer
 from .data import load_jsonl
-from .errors import BadInput, Problem, ToolchainFailed, UnreadableModel, raise_if
+from .errors import BadInput, ToolchainFailed, UnreadableModel
 from .export import BACKENDS
 from .export.io_spec import check_external_data
 from .fingerprint import sha256_file
 from .isolate import run_in_child
-from .jsonfile import read_object
-from .merge import MERGE_BASES, MergeResult, merge, quantization_of, rewrite_checkpoint
+from .manifests import EXPORT_MANIFEST, NOT_RECORDED, AdapterEntry, BaseEntry, ExportManifest, read_export_manifest
+from .manifests import write_export_manifest as _write_manifest
+from .merge import MergeResult, merge, quantization_of, rewrite_checkpoint
 from .outputs import check_free_disk, check_new_output, scratch, staged, sweep_temp
 from .precision import check_fp16_range
-from .quantized_base import FOUR_BIT, Quantization, QuantRequest, is_prequantized, plain_base, resolve
+from .quantized_base import FOUR_BIT, QuantRequest, is_prequantized, plain_base, resolve
 from .quantized_base import check_request as check_quant_request
 from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
 from .reference import DEVICE as REFERENCE_DEVICE
@@ -48,7 +65,6 @@ if TYPE_CHECKING:  # imported where used: numpy and ONNX Runtime stay out of the
     from . import parity
 
 EMBEDDED = Path(__file__).resolve().parent / "embedded"
-MANIFEST = "export_manifest.json"
 PARITY_PROMPTS = 8
 
 
@@ -104,6 +120,22 @@ def check_request(req: ExportRequest) -> None:
 
 
 def export(req: ExportRequest, progress=_quiet) -> ExportResult:
+    """Base + adapter(s) -> a checked ONNX export at ``req.out``, step by step (each step a function below)."""
+    base, target, out = check_inputs(req)
+    with staged(out) as tmp, scratch(out, "merged") as work:
+        # a child process: torch, PEFT and the merge's memory are gone before the graph builder starts
+        prep: Prepared = run_in_child(prepare, req, base, target, work, progress=progress)
+        build(req, target, prep, tmp, progress)
+        manifest = _manifest(req, base, out, target, prep)
+        manifest = replace(manifest, quantization=quantized_weights(req, target, prep, base, tmp, progress))
+        _write_manifest(tmp, manifest)  # validate reads the target and the inputs from it
+        report = validate_new(tmp, target, prep, progress)
+        _write_manifest(tmp, replace(manifest, parity=parity_summary(report)))
+    return ExportResult(out=out, merge_base=prep.merge_base, parity=report)
+
+
+def check_inputs(req: ExportRequest) -> tuple[Path, object, Path]:
+    """(base, target, out): the request, the target, the base against it, a new output and the disk it needs."""
     check_request(req)
     target = load_target(req.target)
     base = check_base(req.base)
@@ -111,34 +143,46 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
     out = Path(req.out)
     check_new_output(out)
     check_free_disk(out, _export_bytes(base, target), "the merged and the as-trained fp32 checkpoints plus 2.2 x the export")
-    with staged(out) as tmp, scratch(out, "merged") as work:
-        # a child process: torch, PEFT and the merge's memory are gone before the graph builder starts
-        prep: Prepared = run_in_child(prepare, req, base, target, work, progress=progress)
-        adapters, merge_base = list(prep.adapters), prep.merge_base
-        progress(f"building the {'unmerged' if req.keep_adapter else 'merged'} ONNX graph with {target.backend} "
-                 f"({target.precision}, weights {target.quantization.scheme})")
-        graph_args = (target, prep.graph_source, tmp, adapters[0].path if req.keep_adapter else None)
-        if BACKENDS[target.backend].own_process:
-            build_graph(*graph_args)
-        else:
-            run_in_child(build_graph, *graph_args, progress=progress)
-        manifest = _manifest(req, base, out, target, prep)
-        if target.quantization.scheme != "none" and not req.keep_adapter:
-            manifest["quantization"] = run_in_child(requantized, tmp, prep, base, target, progress=progress)
-        _write_manifest(tmp, manifest)
-        progress("validating parity against the adapted model as trained")
-        try:
-            report = validate(tmp, prepared=prep, progress=progress)
-        except UnreadableModel as e:  # the model was written a moment ago by our own build
-            raise ToolchainFailed(f"the {target.backend} backend wrote a model that cannot be loaded: {e}") from e
-        total = report.stages["total"]
-        manifest["parity"] = {"passed": report.passed, "failures": [str(c) for c in report.failures],
-                              "ran_on": list(report.ran_on), "not_checked_on": list(report.not_checked_on),
-                              "max_abs_diff": total.max_abs_diff, "max_rel_diff": total.max_rel_diff,
-                              "mean_kl": total.mean_kl, "top1_agreement": total.top1_agreement,
-                              "adapter_retention": report.adapter_retention}
-        _write_manifest(tmp, manifest)
-    return ExportResult(out=out, merge_base=merge_base, parity=report)
+    return base, target, out
+
+
+def build(req: ExportRequest, target, prep: Prepared, tmp: Path, progress=_quiet) -> None:
+    """The graph, merged or (--keep-adapter) with the adapter as a side path, into ``tmp``."""
+    progress(f"building the {'unmerged' if req.keep_adapter else 'merged'} ONNX graph with {target.backend} "
+             f"({target.precision}, weights {target.quantization.scheme})")
+    graph_args = (target, prep.graph_source, tmp, prep.adapters[0].path if req.keep_adapter else None)
+    if BACKENDS[target.backend].own_process:
+        build_graph(*graph_args)
+    else:
+        run_in_child(build_graph, *graph_args, progress=progress)
+
+
+def quantized_weights(req: ExportRequest, target, prep: Prepared, base: Path, tmp: Path,
+                      progress=_quiet) -> dict | None:
+    """For quantized weights: the training's scales if asked, and what survives of the adapter (the manifest's
+    ``quantization``); None for unquantized weights and unmerged graphs."""
+    if target.quantization.scheme == "none" or req.keep_adapter:
+        return None
+    return run_in_child(requantized, tmp, prep, base, target, progress=progress)
+
+
+def validate_new(tmp: Path, target, prep: Prepared, progress=_quiet) -> parity.ParityReport:
+    """Parity of the graph just built (a model our own build cannot load is the toolchain's failure)."""
+    progress("validating parity against the adapted model as trained")
+    try:
+        return validate(tmp, prepared=prep, progress=progress)
+    except UnreadableModel as e:  # the model was written a moment ago by our own build
+        raise ToolchainFailed(f"the {target.backend} backend wrote a model that cannot be loaded: {e}") from e
+
+
+def parity_summary(report: parity.ParityReport) -> dict:
+    """The manifest's ``parity``: the verdict and the total stage's numbers."""
+    total = report.stages["total"]
+    return {"passed": report.passed, "failures": [str(c) for c in report.failures],
+            "ran_on": list(report.ran_on), "not_checked_on": list(report.not_checked_on),
+            "max_abs_diff": total.max_abs_diff, "max_rel_diff": total.max_rel_diff,
+            "mean_kl": total.mean_kl, "top1_agreement": total.top1_agreement,
+            "adapter_retention": report.adapter_retention}
 
 
 def build_graph(target, checkpoint: Path, out_dir: Path, adapter: Path | None, progress=_quiet) -> None:
@@ -216,27 +260,34 @@ def check_same_base(adapters) -> None:
                            "the same 4-bit base, give its settings with --merge-base nf4 and --bnb-* for all")
 
 
-def _manifest(req: ExportRequest, base: Path, out: Path, target, prep: Prepared) -> dict:
-    entries = [{**_where(a.path, out), "weights_file": a.weights.name, "adapter_model_sha256": sha256_file(a.weights),
-                "weight": w, "quantization": a.quantization.to_dict() if a.quantization else None}
-               for a, w in zip(prep.adapters, prep.weights)]
+def _manifest(req: ExportRequest, base: Path, out: Path, target, prep: Prepared) -> ExportManifest:
     result = prep.merged
-    return {
-        "schema_version": 2,
-        "base": {**_where(base, out), "files_sha256": {p.name: sha256_file(p) for p in
-                                                      sorted(base.glob("*.safetensors"))},
-                 "prequantized": is_prequantized(base)},
-        "adapter": entries[0],
-        "adapters": entries,
-        "target": tomllib.loads(Path(target.source).read_text()),  # validate and bench apply this one
-        "merge_base": prep.merge_base,
-        "graph": "unmerged" if req.keep_adapter else "merged",
-        "merged_modules": len(result.changed),
-        "max_abs_weight_change": result.max_abs_delta,
-        "replaced_modules": list(result.replaced),
-        "untied_embeddings": result.untied,
-        "versions": package_versions(),
-    }
+    return ExportManifest(
+        base=base_entry(base, out),
+        adapters=tuple(adapter_entry(a, out, weight=w) for a, w in zip(prep.adapters, prep.weights)),
+        target=tomllib.loads(Path(target.source).read_text()),  # validate and bench apply this one
+        merge_base=prep.merge_base,
+        graph="unmerged" if req.keep_adapter else "merged",
+        merged_modules=len(result.changed),
+        max_abs_weight_change=result.max_abs_delta,
+        replaced_modules=list(result.replaced),
+        untied_embeddings=result.untied,
+        versions=package_versions(),
+    )
+
+
+def base_entry(base: Path, out: Path) -> BaseEntry:
+    """The manifest's record of the base: where (also relative to the export) and each weight file's sha256."""
+    return BaseEntry(**_where(base, out), files_sha256={p.name: sha256_file(p) for p in
+                                                       sorted(base.glob("*.safetensors"))},
+                     prequantized=is_prequantized(base))
+
+
+def adapter_entry(adapter, out: Path, weight: float = 1.0, **switchable) -> AdapterEntry:
+    """The manifest's record of an adapter: where, its weights' sha256, and the 4-bit base the export resolved."""
+    return AdapterEntry(**_where(adapter.path, out), weights_file=adapter.weights.name,
+                        adapter_model_sha256=sha256_file(adapter.weights), weight=weight,
+                        quantization=adapter.quantization.to_dict() if adapter.quantization else None, **switchable)
 
 
 BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1.1, "int4": 0.6, "nf4": 0.6}  # with scales
@@ -282,20 +333,20 @@ def build_unmerged(base: Path, adapter, merge_base: str, target, out_dir: Path, 
     BACKENDS[target.backend].build(source, out_dir, target, out_dir / "build.log", adapter=adapter.path)
 
 
-def _adapters_of(manifest: dict, export_dir: Path, base: Path):
-    """The adapters an export was made from, checked unchanged since, and their weights."""
+def _adapters_of(entries, export_dir: Path, base: Path):
+    """The adapters an export was made from (its manifest's ``AdapterEntry``s), checked unchanged since, and
+    their weights."""
     adapters, weights = [], []
-    for entry in manifest.get("adapters") or [manifest["adapter"]]:
+    for entry in entries:
         adapter = load_adapter(_locate(entry, export_dir, "adapter"), base,
-                               allow_pickle=entry.get("weights_file") == "adapter_model.bin")
-        if "quantization" in entry:  # the 4-bit base the export resolved (older exports: the training manifest's)
-            adapter = replace(adapter, quantization=Quantization.from_dict(entry["quantization"])
-                              if entry["quantization"] else None)
-        if sha256_file(adapter.weights) != entry["adapter_model_sha256"]:
+                               allow_pickle=entry.weights_file == "adapter_model.bin")
+        if entry.quantization != NOT_RECORDED:  # the 4-bit base the export resolved (older exports: the training's)
+            adapter = replace(adapter, quantization=entry.resolved_quantization)
+        if sha256_file(adapter.weights) != entry.adapter_model_sha256:
             raise BadInput.one(str(adapter.path), "the adapter's weights changed since this export was made",
                                "validate against the adapter that was exported, or re-export")
         adapters.append(adapter)
-        weights.append(entry.get("weight", 1.0))
+        weights.append(entry.weight)
     return adapters, weights
 
 
@@ -304,84 +355,14 @@ def _where(path: Path, out: Path) -> dict:
     return {"path": str(path.resolve()), "relative_path": os.path.relpath(path.resolve(), out.resolve())}
 
 
-def _locate(entry: dict, export_dir: Path, what: str) -> Path:
-    candidates = [Path(entry["path"])] + ([export_dir / entry["relative_path"]] if "relative_path" in entry else [])
+def _locate(entry: BaseEntry | AdapterEntry, export_dir: Path, what: str) -> Path:
+    candidates = [Path(entry.path)] + ([export_dir / entry.relative_path] if entry.relative_path is not None else [])
     for candidate in candidates:
         if candidate.exists():
             return candidate
-    raise BadInput.one(str(export_dir / MANIFEST), f"the {what} this export was made from is gone ({entry['path']})",
+    raise BadInput.one(str(export_dir / EXPORT_MANIFEST),
+                       f"the {what} this export was made from is gone ({entry.path})",
                        f"restore the {what} at that path, or re-export")
-
-
-def _write_manifest(export_dir: Path, manifest: dict) -> None:
-    tmp = export_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(export_dir / MANIFEST)
-
-
-def read_manifest(export_dir: Path) -> dict:
-    """The export's manifest, checked for what validate and bench read from it (a wrong type or a missing
-    entry is bad input naming the field, not a crash later)."""
-    path = Path(export_dir) / MANIFEST
-    if not path.is_file():
-        raise BadInput.one(str(export_dir), f"no {MANIFEST}: not an export directory",
-                           "pass a directory written by `lora-export export`")
-    problems: list[Problem] = []
-    manifest = read_object(path, "re-export the model", problems)
-    raise_if(problems)
-    raise_if(manifest_problems(manifest, path))
-    return manifest
-
-
-QUANT_KEYS = {"quant_type", "double_quant", "blocksize", "compute_dtype", "quant_storage", "load_dtype",
-              "quantized_modules", "sources", "prequantized"}  # Quantization.to_dict()
-
-
-def manifest_problems(manifest: dict, path: Path) -> list[Problem]:
-    fix = "restore the export_manifest.json that `lora-export export` wrote, or re-export"
-
-    def bad(field: str, what: str) -> None:
-        problems.append(Problem(f"{path}:{field}", what, fix))
-
-    def located(entry, field: str) -> bool:
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
-            bad(field, "must be an object with the path it was made from")
-            return False
-        if not isinstance(entry.get("relative_path", ""), str):
-            bad(f"{field}.relative_path", "must be a string")
-        return True
-
-    problems: list[Problem] = []
-    if manifest.get("schema_version") != 2:
-        bad("schema_version", f"{manifest.get('schema_version')!r} is not 2, the version this lora-export reads")
-    if not isinstance(manifest.get("target"), dict):
-        bad("target", "missing: the target table the export was made for")
-    if located(manifest.get("base"), "base") and not isinstance(manifest["base"].get("files_sha256"), dict):
-        bad("base.files_sha256", "missing: the sha256 of each base weight file")
-    entries = manifest.get("adapters") or ([manifest["adapter"]] if "adapter" in manifest else None)
-    if not isinstance(entries, list) or not entries:
-        bad("adapters", "missing: the adapters the export was made from")
-    else:
-        for i, entry in enumerate(entries):
-            if not located(entry, f"adapters[{i}]"):
-                continue
-            if not isinstance(entry.get("adapter_model_sha256"), str):
-                bad(f"adapters[{i}].adapter_model_sha256", "missing: the sha256 of the adapter's weights")
-            weight = entry.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                bad(f"adapters[{i}].weight", f"{weight!r} is not a finite number")
-            quant = entry.get("quantization")
-            if quant is not None and not (isinstance(quant, dict) and isinstance(quant.get("quantized_modules"), list)
-                                          and quant.get("quant_type") in FOUR_BIT and set(quant) <= QUANT_KEYS
-                                          and isinstance(quant.get("prequantized", False), bool)
-                                          and isinstance(quant.get("double_quant", True), bool)
-                                          and isinstance(quant.get("blocksize", 64), int)):
-                bad(f"adapters[{i}].quantization", "must be null or the 4-bit settings the export resolved")
-    if manifest.get("merge_base") not in MERGE_BASES:
-        bad("merge_base", f"{manifest.get('merge_base')!r} is not one of {', '.join(MERGE_BASES)}")
-    if manifest.get("graph", "merged") not in ("merged", "unmerged", "switchable"):
-        bad("graph", f"{manifest.get('graph')!r} is not merged, unmerged or switchable")
-    return problems
 
 
 def check_report_path(path: Path | None) -> None:
@@ -397,10 +378,10 @@ def check_report_path(path: Path | None) -> None:
         raise BadInput.one(str(path), f"its folder {path.parent} is not writable", "write the report elsewhere")
 
 
-def check_base_unchanged(base: Path, manifest: dict, export_dir: Path) -> None:
+def check_base_unchanged(base: Path, manifest: ExportManifest, export_dir: Path) -> None:
     """The base's weight files are the ones the export was made from (else a parity failure would blame the
     export for a changed base)."""
-    recorded = manifest["base"]["files_sha256"]
+    recorded = manifest.base.files_sha256
     now = {p.name: p for p in sorted(base.glob("*.safetensors"))}
     changed = sorted(set(recorded) ^ set(now)) or [n for n in sorted(recorded) if sha256_file(now[n]) != recorded[n]]
     if changed:
@@ -451,15 +432,15 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     from .runtime import OrtCausalLM
 
     export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
-    if manifest.get("graph") == "switchable":  # --switchable: a section per adapter (lora_export/switchable.py)
+    manifest = read_export_manifest(export_dir)
+    if manifest.graph == "switchable":  # --switchable: a section per adapter (lora_export/switchable.py)
         from .switchable_parity import validate as validate_switchable
 
         return validate_switchable(export_dir, report_json, junit, prompts, progress=progress)
-    target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
+    target = parse_target(manifest.target, f"{export_dir / EXPORT_MANIFEST}:target")
     for path in (report_json, junit):
         check_report_path(path)
-    base = check_base(_locate(manifest["base"], export_dir, "base model"))
+    base = check_base(_locate(manifest.base, export_dir, "base model"))
     if prepared is None:  # (export hashed the base a moment ago)
         check_base_unchanged(base, manifest, export_dir)
     check_external_data(export_dir / "model.onnx")
@@ -514,19 +495,19 @@ def check_prompt_lengths(prompt_ids: list[list[int]], max_positions: int, steps:
                            f"use prompts of at most {max(max_positions - steps, 1)} tokens")
 
 
-def validation_inputs(export_dir: Path, manifest: dict, base: Path, prompts: Path | None, tmp: Path,
+def validation_inputs(export_dir: Path, manifest: ExportManifest, base: Path, prompts: Path | None, tmp: Path,
                       prepared: Prepared | None, max_positions: int, steps: int, progress=_quiet):
     """(Prepared, parity prompt token ids): the adapters checked unchanged and merged again unless given.
     Runs in a child process (it imports torch)."""
     token_ids = load_prompts(load_tokenizer(base), prompts)
     check_prompt_lengths(token_ids[0], max_positions, steps, prompts)
     if prepared is None:
-        adapters, weights = _adapters_of(manifest, export_dir, base)
+        adapters, weights = _adapters_of(manifest.adapters, export_dir, base)
         plain = plain_base(base, tmp, progress)
         progress("merging again into a temporary folder (the reference's base and the merge/export breakdown)")
-        merged = merge(plain, adapters, tmp / "merged", manifest["merge_base"], weights,
+        merged = merge(plain, adapters, tmp / "merged", manifest.merge_base, weights,
                        as_trained_dir=tmp / "as-trained")
-        prepared = Prepared(adapters=tuple(adapters), weights=tuple(weights), merge_base=manifest["merge_base"],
+        prepared = Prepared(adapters=tuple(adapters), weights=tuple(weights), merge_base=manifest.merge_base,
                             merged=merged, graph_source=merged.checkpoint, base=plain)
     return prepared, token_ids
 
@@ -559,21 +540,21 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
                            "pass --rounds between 2 and 100000 (default 100)")
     for path in (json_path, plot_path):
         check_report_path(path)
-    manifest = read_manifest(export_dir)
-    if manifest.get("graph") == "switchable":  # each adapter active vs none vs merged: lora_export/switchable_bench.py
+    manifest = read_export_manifest(export_dir)
+    if manifest.graph == "switchable":  # each adapter active vs none vs merged: lora_export/switchable_bench.py
         from .switchable_bench import bench_export
 
         check_external_data(export_dir / "model.onnx")
         return bench_export(export_dir, manifest, json_path, rounds, new_tokens, providers, progress)
-    target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
+    target = parse_target(manifest.target, f"{export_dir / EXPORT_MANIFEST}:target")
     check_external_data(export_dir / "model.onnx")  # refuse a tampered export before building anything
-    base = check_base(_locate(manifest["base"], export_dir, "base model"))
+    base = check_base(_locate(manifest.base, export_dir, "base model"))
     check_base_unchanged(base, manifest, export_dir)
-    adapters, weights = _adapters_of(manifest, export_dir, base)
+    adapters, weights = _adapters_of(manifest.adapters, export_dir, base)
     adapter = adapters[0]
     base_export = export_dir / "bench-base"
     unmerged = export_dir / "bench-unmerged"
-    side_path = manifest.get("graph", "merged") == "merged" and len(adapters) == 1 and not (
+    side_path = manifest.graph == "merged" and len(adapters) == 1 and not (
         adapter.config.get("use_dora") or adapter.config.get("modules_to_save"))
     with contextlib.ExitStack() as stack:
         plain = base
@@ -587,7 +568,7 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
         if side_path and not (unmerged / "model.onnx").is_file():
             progress("building the unmerged graph (LoRA as a side path) to show what merging saves")
             with staged(unmerged) as tmp, scratch(unmerged, "merged") as work:
-                build_unmerged(plain, adapter, manifest["merge_base"], target, tmp, work)
+                build_unmerged(plain, adapter, manifest.merge_base, target, tmp, work)
         extra = {}
         if eager:  # what users run without an export: the fp32 base with the adapter(s) unmerged, in PyTorch
             extra["peft-unmerged"] = TorchCausalLM(attach(load_fp32(plain), adapters, weights)[0].eval())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .adapters import load_adapter
@@ -32,11 +32,10 @@ from .export.lora_inputs import (
 )
 from .fingerprint import sha256_file
 from .isolate import run_in_child
+from .manifests import ExportManifest, read_export_manifest, write_export_manifest
 from .outputs import check_free_disk, check_new_output, scratch, staged
 from .quantized_base import (
-    Quantization,
     QuantRequest,
-    is_prequantized,
     plain_base,
     resolve,
 )
@@ -133,17 +132,15 @@ def write_files(plain: Path, adapters, names, inputs: tuple[LoraInput, ...], fol
     return hashes
 
 
-def _entry(adapter, name: str, sha: str, out: Path) -> dict:
-    from .pipeline import _where
+def _entry(adapter, name: str, sha: str, out: Path):
+    from .pipeline import adapter_entry
 
-    return {**_where(adapter.path, out), "name": name, "file": f"{ADAPTERS}/{name}{SUFFIX}", "file_sha256": sha,
-            "weights_file": adapter.weights.name, "adapter_model_sha256": sha256_file(adapter.weights), "weight": 1.0,
-            "quantization": adapter.quantization.to_dict() if adapter.quantization else None}
+    return adapter_entry(adapter, out, name=name, file=f"{ADAPTERS}/{name}{SUFFIX}", file_sha256=sha)
 
 
 def export(req: SwitchRequest, progress=_quiet):
     """A new switchable export: base graph + one adapter file per adapter, then parity of each."""
-    from .pipeline import _export_bytes, _where, _write_manifest
+    from .pipeline import _export_bytes, base_entry
 
     names = check_request(req)
     target = load_target(req.target)
@@ -163,20 +160,16 @@ def export(req: SwitchRequest, progress=_quiet):
         BACKENDS[target.backend].build(source, tmp, target, tmp / "build.log", adapter=adapters[0].path)
         inputs = make_switchable(tmp / "model.onnx")
         hashes = run_in_child(write_files, plain, adapters, names, inputs, tmp / ADAPTERS, progress=progress)
-        manifest = {
-            "schema_version": 2,
-            "base": {**_where(base, out), "files_sha256": {p.name: sha256_file(p) for p in
-                                                          sorted(base.glob("*.safetensors"))},
-                     "prequantized": is_prequantized(base)},
-            "adapters": [_entry(a, n, hashes[n], out) for a, n in zip(adapters, names)],
-            "target": tomllib.loads(Path(target.source).read_text()),
-            "merge_base": merge_base,
-            "graph": GRAPH,
-            "lora_inputs": len(inputs),
-            "versions": package_versions(),
-        }
-        manifest["adapter"] = manifest["adapters"][0]
-        _write_manifest(tmp, manifest)
+        manifest = ExportManifest(
+            base=base_entry(base, out),
+            adapters=tuple(_entry(a, n, hashes[n], out) for a, n in zip(adapters, names)),
+            target=tomllib.loads(Path(target.source).read_text()),
+            merge_base=merge_base,
+            graph=GRAPH,
+            lora_inputs=len(inputs),
+            versions=package_versions(),
+        )
+        write_export_manifest(tmp, manifest)
         progress("validating parity: the base, then each adapter against its own reference")
         from .switchable_parity import validate
 
@@ -184,39 +177,36 @@ def export(req: SwitchRequest, progress=_quiet):
             report = validate(tmp, progress=progress)
         except UnreadableModel as e:
             raise ToolchainFailed(f"the genai builder wrote a model that cannot be loaded: {e}") from e
-        manifest["parity"] = {"passed": report.passed, "failures": [str(c) for c in report.failures],
-                              "sections": {n: r.passed for n, r in report.sections}}
-        _write_manifest(tmp, manifest)
+        write_export_manifest(tmp, replace(manifest, parity={
+            "passed": report.passed, "failures": [str(c) for c in report.failures],
+            "sections": {n: r.passed for n, r in report.sections}}))
     return out, merge_base, report
 
 
 def add(req: SwitchRequest, progress=_quiet):
     """--into: add adapter files to an existing switchable export, after checking that they fit its graph and
     base, and that each passes parity; the graph is not rebuilt."""
-    from .pipeline import _write_manifest, read_manifest
-
     into = Path(req.into)
-    manifest = read_manifest(into)
-    if manifest.get("graph") != GRAPH:
-        raise BadInput.one(str(into), f"not a switchable export (its graph is {manifest.get('graph', 'merged')})",
+    manifest = read_export_manifest(into)
+    if manifest.graph != GRAPH:
+        raise BadInput.one(str(into), f"not a switchable export (its graph is {manifest.graph})",
                            "pass a directory written by `lora-export export --switchable`, or export anew")
-    entries = manifest["adapters"]
-    names = check_request(req, taken=tuple(e.get("name", "") for e in entries))
+    entries = manifest.adapters
+    names = check_request(req, taken=tuple(e.name or "" for e in entries))
     base = check_base(req.base)
-    recorded = manifest["base"]["files_sha256"]
+    recorded = manifest.base.files_sha256
     now = {p.name: sha256_file(p) for p in sorted(base.glob("*.safetensors"))}
     if now != recorded:  # the base fingerprint: the same weight files, byte for byte
         raise BadInput.one(str(base), f"its weights are not those of the base {into} was exported from "
-                           f"({manifest['base']['path']}: the sha256 of its weight files differ)",
+                           f"({manifest.base.path}: the sha256 of its weight files differ)",
                            "pass the export's own base with --base (an adapter for another base needs its own export)")
     inputs = lora_inputs(into / "model.onnx")
     with scratch(into, "add") as work:
         adapters, merge_base, plain, _ = run_in_child(prepare, req, base, work, False, progress=progress)
-        recorded = entries[0].get("quantization")
         if base_key(merge_base, adapters[0].quantization) != base_key(
-                manifest["merge_base"], Quantization.from_dict(recorded) if recorded else None):
+                manifest.merge_base, entries[0].resolved_quantization):
             raise BadInput.one(str(adapters[0].path), f"trained against another base than the export's (merge base "
-                               f"{merge_base} vs {manifest['merge_base']}, or other 4-bit settings)",
+                               f"{merge_base} vs {manifest.merge_base}, or other 4-bit settings)",
                                "add adapters trained on the export's 4-bit base, or make a new export")
         hashes = run_in_child(write_files, plain, adapters, names, inputs, work / ADAPTERS, progress=progress)
         new = [_entry(a, n, hashes[n], into) for a, n in zip(adapters, names)]
@@ -228,10 +218,11 @@ def add(req: SwitchRequest, progress=_quiet):
             (into / ADAPTERS).mkdir(exist_ok=True)
             for n in names:
                 os.replace(work / ADAPTERS / f"{n}{SUFFIX}", into / ADAPTERS / f"{n}{SUFFIX}")
-            manifest["adapters"] = entries + new
-            if isinstance(manifest.get("parity"), dict) and isinstance(manifest["parity"].get("sections"), dict):
-                manifest["parity"]["sections"].update({n: r.passed for n, r in report.sections})
-            _write_manifest(into, manifest)
+            parity_record = manifest.parity
+            if isinstance(parity_record, dict) and isinstance(parity_record.get("sections"), dict):
+                parity_record = {**parity_record, "sections": {**parity_record["sections"],
+                                                               **{n: r.passed for n, r in report.sections}}}
+            write_export_manifest(into, replace(manifest, adapters=tuple(entries) + tuple(new), parity=parity_record))
             from . import parity
 
             for name, section in report.sections:  # parity.md at the top is the last full `validate`'s

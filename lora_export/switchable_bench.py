@@ -55,16 +55,16 @@ def _median_ms(fn, repeats: int) -> float:
 def bench(export_dir: Path, prompt: list[int], merged_dir: Path | None = None, rounds: int = 20,
           new_tokens: int = 32, max_ratio: float = 1.10, providers=("CPUExecutionProvider",), progress=None):
     from . import bench as latency
-    from .pipeline import read_manifest
+    from .manifests import read_export_manifest
     from .runtime import OrtCausalLM, import_onnxruntime
     from .switchable import GRAPH, run_options_for
 
     say = progress or (lambda msg: None)
     export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
-    if manifest.get("graph") != GRAPH:
+    manifest = read_export_manifest(export_dir)
+    if manifest.graph != GRAPH:
         raise BadInput.one(str(export_dir), "not a switchable export", "pass a directory written by --switchable")
-    files = {e["name"]: export_dir / e["file"] for e in manifest["adapters"]}
+    files = {e.name: export_dir / e.file for e in manifest.adapters}
     models = {NO_ADAPTER: OrtCausalLM(export_dir, providers)}
     models.update({name: OrtCausalLM(export_dir, providers, adapter=path) for name, path in files.items()})
     if merged_dir is not None:
@@ -154,19 +154,19 @@ def write_reports(r: SwitchBench, json_path: Path, md_path: Path) -> None:
     md_path.write_text(markdown(r))
 
 
-def _merged_checkpoint(export_dir: Path, manifest: dict, base: Path, work: Path, progress=None) -> Path:
+def _merged_checkpoint(export_dir: Path, manifest, base: Path, work: Path, progress=None) -> Path:
     """The first adapter merged into the export's merge base (fp32). Runs in a child process (torch)."""
     from .merge import merge
     from .pipeline import _adapters_of
 
-    adapters, _ = _adapters_of(manifest, export_dir, base)
+    adapters, _ = _adapters_of(manifest.adapters, export_dir, base)
     from .quantized_base import plain_base
 
     plain = plain_base(base, work, progress or (lambda m: None))
-    return merge(plain, adapters[:1], work / "checkpoint", manifest["merge_base"], (1.0,)).checkpoint
+    return merge(plain, adapters[:1], work / "checkpoint", manifest.merge_base, (1.0,)).checkpoint
 
 
-def bench_export(export_dir: Path, manifest: dict, json_path: Path | None, rounds: int, new_tokens: int,
+def bench_export(export_dir: Path, manifest, json_path: Path | None, rounds: int, new_tokens: int,
                  providers, progress=None) -> SwitchBench:
     """`lora-export bench` on a switchable export: builds (once) the first adapter's merged graph into
     EXPORT_DIR/bench-merged, then times every variant; writes bench.json and bench.md."""
@@ -174,16 +174,17 @@ def bench_export(export_dir: Path, manifest: dict, json_path: Path | None, round
     from .export import BACKENDS
     from .isolate import run_in_child
     from .outputs import scratch, staged
-    from .pipeline import MANIFEST, _locate, check_base_unchanged, load_prompts
+    from .manifests import EXPORT_MANIFEST
+    from .pipeline import _locate, check_base_unchanged, load_prompts
     from .targets import parse_target
 
     say = progress or (lambda msg: None)
-    target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
-    base = check_base(_locate(manifest["base"], export_dir, "base model"))
+    target = parse_target(manifest.target, f"{export_dir / EXPORT_MANIFEST}:target")
+    base = check_base(_locate(manifest.base, export_dir, "base model"))
     check_base_unchanged(base, manifest, export_dir)
     merged = export_dir / "bench-merged"
     if not (merged / "model.onnx").is_file():
-        say(f"building the merged graph of {manifest['adapters'][0]['name']} to compare against")
+        say(f"building the merged graph of {manifest.adapters[0].name} to compare against")
         with staged(merged) as tmp, scratch(merged, "work") as work:
             checkpoint = run_in_child(_merged_checkpoint, export_dir, manifest, base, work, progress=say)
             BACKENDS[target.backend].build(checkpoint, tmp, target, tmp / "build.log")

@@ -14,6 +14,7 @@ from .errors import Problem, raise_if
 from .export.io_spec import check_external_data
 from .fingerprint import sha256_file
 from .isolate import run_in_child
+from .manifests import EXPORT_MANIFEST, ExportManifest, read_export_manifest
 from .outputs import sweep_temp
 from .quantized_base import plain_base
 from .switchable import BASE_SECTION, GRAPH, _quiet
@@ -48,7 +49,7 @@ class SwitchableReport:
         return "\n".join(head) + "\n\n" + "\n".join(body)
 
 
-def _validation_prep(export_dir: Path, manifest: dict, base: Path, prompts, tmp: Path, max_positions: int,
+def _validation_prep(export_dir: Path, manifest: ExportManifest, base: Path, prompts, tmp: Path, max_positions: int,
                      steps: int, extra: list, progress=_quiet):
     """(adapters, plain base, graph base, prompt token ids). Runs in a child process (torch)."""
     from .pipeline import (
@@ -60,10 +61,9 @@ def _validation_prep(export_dir: Path, manifest: dict, base: Path, prompts, tmp:
 
     token_ids = load_prompts(load_tokenizer(base), prompts)
     check_prompt_lengths(token_ids[0], max_positions, steps, prompts)
-    entries = manifest["adapters"] + list(extra)
-    adapters, _ = _adapters_of({**manifest, "adapters": entries}, export_dir, base)
+    adapters, _ = _adapters_of(list(manifest.adapters) + list(extra), export_dir, base)
     plain = plain_base(base, tmp, progress)
-    source = unmerged_source(plain, adapters[0], manifest["merge_base"], tmp)
+    source = unmerged_source(plain, adapters[0], manifest.merge_base, tmp)
     return tuple(adapters), plain, source, token_ids
 
 
@@ -74,13 +74,11 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     (entries, folder) of adapters being added by --into: only they are checked, from their files in folder."""
     from . import parity
     from .pipeline import (
-        MANIFEST,
         PARITY_TMP,
         _context_of,
         _locate,
         check_base_unchanged,
         check_report_path,
-        read_manifest,
         reference_model,
         torch_model,
     )
@@ -89,21 +87,21 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     from .targets import tolerance_differences
 
     export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
-    target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
+    manifest = read_export_manifest(export_dir)
+    target = parse_target(manifest.target, f"{export_dir / EXPORT_MANIFEST}:target")
     for path in (report_json, junit):
         check_report_path(path)
-    base = check_base(_locate(manifest["base"], export_dir, "base model"))
+    base = check_base(_locate(manifest.base, export_dir, "base model"))
     check_base_unchanged(base, manifest, export_dir)
     check_external_data(export_dir / "model.onnx")
     new_entries, folder = extra if extra else ([], export_dir)
-    entries = new_entries or manifest["adapters"]
+    entries = new_entries or manifest.adapters
     problems = []
     for e in entries:
-        f = folder / e["file"]
+        f = folder / e.file
         if not f.is_file():
             problems.append(Problem(str(f), "the adapter file is missing", "restore it, or re-export"))
-        elif sha256_file(f) != e["file_sha256"]:
+        elif sha256_file(f) != e.file_sha256:
             problems.append(Problem(str(f), "the adapter file changed since the export wrote it (sha256 differs)",
                                     "restore it, or re-export"))
     raise_if(problems)
@@ -120,8 +118,8 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
                                                           progress=progress)
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         runs = [] if new_entries else [(BASE_SECTION, None, None)]
-        n_old = len(manifest["adapters"])
-        runs += [(e["name"], adapters[(n_old if new_entries else 0) + i], folder / e["file"])
+        n_old = len(manifest.adapters)
+        runs += [(e.name, adapters[(n_old if new_entries else 0) + i], folder / e.file)
                  for i, e in enumerate(entries)]
         for name, adapter, path in runs:
             progress(f"parity of section {name}: {'no adapter active' if adapter is None else path.name}")
@@ -133,7 +131,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
             per_shape, stages, retention = parity.measure(models, shapes, steps, Path(tmp), progress=progress,
                                                           vocab_size=vocab_size)
             tol = target.tolerances if adapter else replace(target.tolerances, min_adapter_retention=None)
-            ref = (f"the {manifest['merge_base']} base the graph is built on, no adapter" if adapter is None
+            ref = (f"the {manifest.merge_base} base the graph is built on, no adapter" if adapter is None
                    else describe([adapter]))
             report = parity.judge(per_shape, stages, retention, tol, target.name, ref, steps,
                                   notes=tuple(tolerance_differences(target)),

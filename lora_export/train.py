@@ -13,7 +13,6 @@ the adapter.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -26,11 +25,11 @@ from .base import Nf4Settings
 from .data import load_jsonl, to_prompt_completion
 from .errors import BadInput, Problem, raise_if
 from .fingerprint import fingerprint
+from .manifests import TrainingManifest
 from .outputs import output_problem, staged
 from .quantized_base import is_prequantized, prequantized_quantization
 from .versions import package_versions
 
-MANIFEST = "training_manifest.json"
 # The transformers Trainer's ``optim`` names offered: PyTorch's AdamW, and bitsandbytes' paged AdamW with 8-bit
 # or 32-bit state (QLoRA's paged optimizers: on a CUDA GPU their state is paged to CPU memory under pressure).
 OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit")
@@ -268,65 +267,114 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     ``log`` receives one line per stage, and an indented line (a detail) with the loss at each logging step;
     ``callbacks`` are extra transformers TrainerCallbacks (the CLI adds ``step_bar`` on a terminal).
     """
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
     _check(cfg)
+    base_dir = _checked_base(cfg)
+    data = load_jsonl(cfg.data)
+    train_examples, eval_examples = _split(data.examples, cfg)
+    set_seed(cfg.seed)
+    tok = base_model.load_tokenizer(base_dir)
+    nf4, prequantized = _quantization(cfg, base_dir)
+    model, quantized = _load_base(cfg, base_dir, nf4, prequantized, log)
+    model = _with_lora(model, cfg)
+    rows, eval_rows = _sequences(train_examples, tok, cfg), _tokenize(eval_examples, tok, cfg.max_length)
+    resume_from = _last_checkpoint(cfg.out) if cfg.resume else None
+    args = _training_arguments(cfg, nf4, bool(eval_rows))
+    _log_plan(cfg, args, data, rows, eval_rows, resume_from, log)
+    # Under accelerate/torchrun every process runs this (the Trainer wraps the model in DDP: the gradients are
+    # averaged, each process reads its own share of every batch); only the first one writes the adapter.
+    main_process = args.process_index == 0
+    with (staged(Path(cfg.out)) if main_process else nullcontext()) as staging:
+        trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
+                          data_collator=_collate(tok.pad_token_id), callbacks=[_loss_lines(log), *callbacks])
+        losses, eval_loss = _run(trainer, resume_from, bool(eval_rows))
+        if main_process:
+            manifest = _training_manifest(cfg, base_dir, nf4, quantized, prequantized, data, tok,
+                                          (train_examples, eval_examples, rows), args, resume_from, losses, eval_loss)
+            _write_adapter(staging, model, tok, manifest)
+    if main_process:
+        shutil.rmtree(checkpoint_dir(cfg.out), ignore_errors=True)  # the adapter is complete: checkpoints go
+    return TrainResult(adapter_dir=Path(cfg.out), first_loss=losses[0] if losses else float("nan"),
+                       final_loss=losses[-1] if losses else float("nan"), eval_loss=eval_loss, steps=cfg.steps,
+                       model=model)
+
+
+def _checked_base(cfg: TrainConfig) -> Path:
+    """The base, checked, and refused for --no-quant when it is already 4-bit; its config must build a model."""
     base_dir = base_model.check_base(cfg.base)
     if not cfg.quantize and is_prequantized(base_dir):
         raise BadInput.one(str(base_dir / "config.json"), "--no-quant: this base is already 4-bit (a bitsandbytes "
                            "4-bit checkpoint), and plain LoRA trains on full-precision weights",
                            "drop --no-quant to train QLoRA on its codes, or pass the full-precision original")
     base_model.skeleton(base_dir)  # a config transformers cannot build is bad input, before the model loads
-    data = load_jsonl(cfg.data)
-    train_examples, eval_examples = _split(data.examples, cfg)
-    set_seed(cfg.seed)
-    tok = base_model.load_tokenizer(base_dir)
+    return base_dir
+
+
+def _quantization(cfg: TrainConfig, base_dir: Path) -> tuple[Nf4Settings, bool]:
+    """(the 4-bit settings to train with, whether the base is pre-quantized). A "-bnb-4bit" base is trained on
+    its own codes, which the manifest records."""
     nf4 = _resolved_nf4(cfg)
     prequantized = is_prequantized(base_dir)
-    if prequantized:  # a "-bnb-4bit" base: trained on its own codes, which the manifest records
+    if prequantized:
         nf4 = replace(prequantized_quantization(base_dir).settings, compute_dtype=nf4.compute_dtype)
-    if cfg.quantize:
-        stored = " as stored (a pre-quantized base)" if prequantized else ""
-        log(f"loading {base_dir} in 4-bit {nf4.quant_type}{stored} (double quant {nf4.double_quant}, "
-            f"block {nf4.blocksize})")
-        model = base_model.load_nf4(base_dir, nf4)
-        quantized = base_model.quantized_module_names(model)
-        # freezes and casts only: checkpointing is switched on by the Trainer (activation_checkpointing below)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    else:
+    return nf4, prequantized
+
+
+def _load_base(cfg: TrainConfig, base_dir: Path, nf4: Nf4Settings, prequantized: bool, log):
+    """(the base model ready for LoRA, the names of its 4-bit modules)."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    if not cfg.quantize:
         log(f"loading {base_dir} in full precision (plain LoRA)")
-        model, quantized = base_model.load_fp32(base_dir), []
+        model = base_model.load_fp32(base_dir)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
+        return model, []
+    stored = " as stored (a pre-quantized base)" if prequantized else ""
+    log(f"loading {base_dir} in 4-bit {nf4.quant_type}{stored} (double quant {nf4.double_quant}, "
+        f"block {nf4.blocksize})")
+    model = base_model.load_nf4(base_dir, nf4)
+    quantized = base_model.quantized_module_names(model)
+    # freezes and casts only: checkpointing is switched on by the Trainer (activation_checkpointing below)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), quantized
+
+
+def _with_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
         target_modules=_lora_targets(model, cfg.target_modules), modules_to_save=list(cfg.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
-    rows = _tokenize(train_examples, tok, cfg.max_length)
-    eval_rows = _tokenize(eval_examples, tok, cfg.max_length)
-    if cfg.packing:
-        rows = _pack(rows, cfg.max_length)
+    return get_peft_model(model, lora)
 
-    ckpt = checkpoint_dir(cfg.out)
-    resume_from = _last_checkpoint(cfg.out) if cfg.resume else None
-    args = TrainingArguments(
-        output_dir=str(ckpt), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+
+def _sequences(examples, tok, cfg: TrainConfig) -> list[dict]:
+    rows = _tokenize(examples, tok, cfg.max_length)
+    return _pack(rows, cfg.max_length) if cfg.packing else rows
+
+
+def _training_arguments(cfg: TrainConfig, nf4: Nf4Settings, evaluate: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir(cfg.out)), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, learning_rate=cfg.lr, lr_scheduler_type="linear",
         warmup_steps=min(10, cfg.steps // 10), logging_steps=max(1, cfg.steps // 10),
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
-        eval_strategy="steps" if eval_rows else "no", eval_steps=max(1, cfg.steps // 5),
+        eval_strategy="steps" if evaluate else "no", eval_steps=max(1, cfg.steps // 5),
         report_to=[], seed=cfg.seed, data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(),
         bf16=nf4.compute_dtype == "bfloat16", dataloader_num_workers=0, remove_unused_columns=False,
         optim=cfg.optim, activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS),
         disable_tqdm=True,  # progress is ours: loss lines through ``log``, a bar from the caller on a terminal
     )
-    # Under accelerate/torchrun every process runs this (the Trainer wraps the model in DDP: the gradients are
-    # averaged, each process reads its own share of every batch); only the first one writes the adapter.
-    main_process = args.process_index == 0
+
+
+def _log_plan(cfg: TrainConfig, args, data, rows, eval_rows, resume_from: str | None, log) -> None:
     log(f"training {cfg.steps} steps on {len(rows)} sequences from {data.path}"
         + (f", eval loss on {len(eval_rows)}" if eval_rows else "") + _processes(args)
         + (", gradient checkpointing" if cfg.gradient_checkpointing else "") + f", {cfg.optim}")
@@ -335,43 +383,46 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
             "runs unpaged")
     if resume_from:
         log(f"resuming from {Path(resume_from).name} (step {_step_of(resume_from)} of {cfg.steps})")
-    with (staged(Path(cfg.out)) if main_process else nullcontext()) as staging:
-        trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
-                          data_collator=_collate(tok.pad_token_id), callbacks=[_loss_lines(log), *callbacks])
-        trainer.train(resume_from_checkpoint=resume_from)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
-        # every process is done with the checkpoints before the first one writes the adapter and removes them
-        trainer.accelerator.wait_for_everyone()
-        if not main_process:
-            return TrainResult(adapter_dir=Path(cfg.out), first_loss=losses[0] if losses else float("nan"),
-                               final_loss=losses[-1] if losses else float("nan"), eval_loss=eval_loss,
-                               steps=cfg.steps, model=model)
-        model.save_pretrained(str(staging), safe_serialization=True)
-        manifest = {
-            "schema": 1,
-            "kind": "qlora" if cfg.quantize else "lora",
-            "base": {"path": str(base_dir.resolve()), "weights_sha256": fingerprint(base_dir)},
-            "quantization": {**nf4.to_dict(), "quantized_modules": quantized, "prequantized": prequantized}
-            if cfg.quantize else None,
-            "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
-                     "use_dora": cfg.use_dora, "target_modules": cfg.target_modules,
-                     "modules_to_save": list(cfg.modules_to_save)},
-            "data": {"path": str(data.path.resolve()), "sha256": data.sha256, "examples": len(data.examples),
-                     "train_examples": len(train_examples), "eval_examples": len(eval_examples),
-                     "sequences": len(rows), "packing": cfg.packing, "max_length": cfg.max_length,
-                     "chat_template": bool(getattr(tok, "chat_template", None))},
-            "training": {"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                         "resumed": cfg.resume, "resumed_from_step": _step_of(resume_from) if resume_from else None,
-                         "first_loss": losses[0] if losses else None,
-                         "final_loss": losses[-1] if losses else None, "eval_loss": eval_loss,
-                         "world_size": args.world_size, "device": args.device.type,
-                         "gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": cfg.optim},
-            "versions": package_versions(),
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tok.save_pretrained(str(staging))
-    shutil.rmtree(ckpt, ignore_errors=True)  # the adapter is complete; its checkpoints are no longer needed
-    return TrainResult(adapter_dir=Path(cfg.out), first_loss=losses[0], final_loss=losses[-1], eval_loss=eval_loss,
-                       steps=cfg.steps, model=model)
 
+
+def _run(trainer, resume_from: str | None, evaluate: bool) -> tuple[list[float], float | None]:
+    """Train (resuming if asked), then the eval loss; returns (the logged losses, the eval loss)."""
+    trainer.train(resume_from_checkpoint=resume_from)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
+    # every process is done with the checkpoints before the first one writes the adapter and removes them
+    trainer.accelerator.wait_for_everyone()
+    return losses, eval_loss
+
+
+def _training_manifest(cfg: TrainConfig, base_dir: Path, nf4: Nf4Settings, quantized: list, prequantized: bool,
+                       data, tok, split: tuple, args, resume_from: str | None, losses: list[float],
+                       eval_loss: float | None) -> TrainingManifest:
+    train_examples, eval_examples, rows = split
+    return TrainingManifest(
+        kind="qlora" if cfg.quantize else "lora",
+        base_path=str(base_dir.resolve()), base_weights_sha256=fingerprint(base_dir),
+        quantization={**nf4.to_dict(), "quantized_modules": quantized, "prequantized": prequantized}
+        if cfg.quantize else None,
+        lora={"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+              "use_dora": cfg.use_dora, "target_modules": cfg.target_modules,
+              "modules_to_save": list(cfg.modules_to_save)},
+        data={"path": str(data.path.resolve()), "sha256": data.sha256, "examples": len(data.examples),
+              "train_examples": len(train_examples), "eval_examples": len(eval_examples),
+              "sequences": len(rows), "packing": cfg.packing, "max_length": cfg.max_length,
+              "chat_template": bool(getattr(tok, "chat_template", None))},
+        training={"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                  "resumed": cfg.resume, "resumed_from_step": _step_of(resume_from) if resume_from else None,
+                  "first_loss": losses[0] if losses else None,
+                  "final_loss": losses[-1] if losses else None, "eval_loss": eval_loss,
+                  "world_size": args.world_size, "device": args.device.type,
+                  "gradient_checkpointing": cfg.gradient_checkpointing, "optimizer": cfg.optim},
+        versions=package_versions(),
+    )
+
+
+def _write_adapter(staging: Path, model, tok, manifest: TrainingManifest) -> None:
+    """The PEFT adapter, its training manifest and the tokenizer, into the staged output."""
+    model.save_pretrained(str(staging), safe_serialization=True)
+    manifest.write(staging)
+    tok.save_pretrained(str(staging))

@@ -135,3 +135,34 @@ def test_a_rank_pattern_is_checked_against_each_modules_tensors(tiny_base, tmp_p
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadInput, match="rank 3 for model.layers.0.self_attn.v_proj, but its saved lora_A has rank 2"):
         load_adapter(adapter, tiny_base)
+
+
+def _edit_training_manifest(adapter_dir, change):
+    f = adapter_dir / "training_manifest.json"
+    f.write_text(json.dumps(change(json.loads(f.read_text()))))
+
+
+def test_training_manifest_versions(adapter_copy, tiny_base):
+    """One version for both manifests: an adapter trained by an earlier lora-export ("schema": 1) still loads as
+    the version 1 it is; a newer version, or none, is refused naming the file and the fix."""
+    from lora_export.manifests import SCHEMA_VERSION, TrainingManifest
+
+    m = json.loads((adapter_copy / "training_manifest.json").read_text())
+    assert m["schema_version"] == SCHEMA_VERSION and "schema" not in m
+    assert TrainingManifest.from_dict(m).to_dict() == m  # what is read is what was written
+
+    old = {"schema": 1, **{k: v for k, v in m.items() if k != "schema_version"}}
+    _edit_training_manifest(adapter_copy, lambda _: old)
+    a = load_adapter(adapter_copy, tiny_base)
+    assert a.manifest.schema_version == 1 and a.trained_on_4bit
+    assert a.quantization.settings.blocksize == m["quantization"]["blocksize"]
+
+    _edit_training_manifest(adapter_copy, lambda _: {**m, "schema_version": SCHEMA_VERSION + 1})
+    with pytest.raises(BadInput) as e:
+        load_adapter(adapter_copy, tiny_base)
+    assert "training_manifest.json" in str(e.value) and "newer lora-export" in str(e.value)
+    assert "upgrade lora-export" in str(e.value)
+
+    _edit_training_manifest(adapter_copy, lambda _: {k: v for k, v in old.items() if k != "schema"})
+    with pytest.raises(BadInput, match="schema_version = None"):
+        load_adapter(adapter_copy, tiny_base)

@@ -183,7 +183,7 @@ def test_any_base_config_loads_or_raises_bad_input(data, base_copy, tiny_base):
 @SETTINGS
 @given(data=st.data())
 def test_any_export_manifest_is_read_or_raises_bad_input(data, fp32_export, tmp_path_factory):
-    from lora_export.pipeline import read_manifest
+    from lora_export.manifests import ExportManifest, read_export_manifest
 
     export = tmp_path_factory.mktemp("fuzzexport")
     real = json.loads((fp32_export.out / "export_manifest.json").read_text())
@@ -191,14 +191,15 @@ def test_any_export_manifest_is_read_or_raises_bad_input(data, fp32_export, tmp_
                                    st.builds(lambda e: {**real, "adapters": [e]}, _mutations(real["adapters"][0]))))
     (export / "export_manifest.json").write_text(json.dumps(manifest))
     try:
-        m = read_manifest(export)
+        m = read_export_manifest(export)
     except BadInput as e:
         assert "export_manifest.json" in str(e)
     else:  # what validate and bench read next is there, with the right types
-        assert isinstance(m["target"], dict) and isinstance(m["base"]["path"], str)
-        assert m["merge_base"] in ("nf4", "original")
-        for entry in m.get("adapters") or [m["adapter"]]:
-            assert isinstance(entry["path"], str) and isinstance(entry["adapter_model_sha256"], str)
+        assert isinstance(m.target, dict) and isinstance(m.base.path, str)
+        assert m.merge_base in ("nf4", "original")
+        assert m.to_dict()["adapters"] and ExportManifest.from_dict(m.to_dict()) == m  # written back unchanged
+        for entry in m.adapters:
+            assert isinstance(entry.path, str) and isinstance(entry.adapter_model_sha256, str)
 
 
 @SETTINGS
