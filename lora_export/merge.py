@@ -18,25 +18,22 @@ materialise every weight first.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from . import tensorfile
-from .adapters import Adapter, attach
-from .base import Nf4Settings, load_tokenizer
+from .adapters import Adapter, attach, saved_layer_weights
+from .base import Nf4Settings, config_of, load_tokenizer, skeleton
+from .checkpoint import shard_files, shard_names, write_fp32_config, write_index
 from .errors import BadInput
+from .nf4math import round_trip
 from .outputs import check_free_disk
-from .quantized_base import FOUR_BIT
+from .progress import Progress, quiet
+from .quantized_base import FOUR_BIT, quantization_of
 
 MERGE_BASES = FOUR_BIT + ("original",)
-INDEX = "model.safetensors.index.json"
-
-
-def _quiet(msg: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -56,27 +53,6 @@ def default_merge_base(adapter: Adapter) -> str:
     return adapter.quantization.settings.quant_type if adapter.trained_on_4bit else "original"
 
 
-def round_trip(w, nf4: Nf4Settings):
-    """dequant(NF4(W)) with bitsandbytes, bit for bit what the 4-bit base computed with during training.
-
-    The weights are quantized from ``load_dtype`` (what training loaded) and dequantized in fp32: code x block
-    scale exactly, as bitsandbytes' 4-bit matmul computes it for fp32 inputs (from bf16-loaded weights too;
-    ``dequantize_4bit`` with the state's own dtype would round each product to bf16 first)."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    q, state = bnbf.quantize_4bit(w.to(getattr(torch, nf4.load_dtype)), blocksize=nf4.blocksize,
-                                  compress_statistics=nf4.double_quant, quant_type=nf4.quant_type,
-                                  quant_storage=getattr(torch, nf4.quant_storage))
-    state.dtype = torch.float32
-    return bnbf.dequantize_4bit(q, state).to(w.dtype)
-
-
-def quantization_of(adapter: Adapter) -> tuple[list[str], Nf4Settings]:
-    """The 4-bit modules and settings a QLoRA adapter was trained against (``quantized_base.resolve``)."""
-    return list(adapter.quantization.modules), adapter.quantization.settings
-
-
 def _hollow(model) -> None:
     """Make every parameter a zero-stride CPU view of one scalar: right shapes and dtypes, no memory."""
     import torch
@@ -90,14 +66,11 @@ def _hollow(model) -> None:
 def _peft_skeleton(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float]):
     """PEFT's adapted model around a hollow base, with every adapter loaded and scaled."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
-    config.__dict__.pop("quantization_config", None)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _hollow(skeleton)
-    model, names = attach(skeleton, adapters, weights, low_cpu_mem_usage=True)
+    config = config_of(base_dir)
+    hollow = skeleton(base_dir, config, dtype=torch.float32)
+    _hollow(hollow)
+    model, names = attach(hollow, adapters, weights, low_cpu_mem_usage=True)
     return model, names, config
 
 
@@ -107,8 +80,7 @@ def _check_combination(adapters: Sequence[Adapter], weights: Sequence[float], me
                            "give one weight per adapter, in the same order")
     if len(adapters) > 1:
         for a in adapters:
-            cfg = a.config
-            if cfg.get("use_dora") or cfg.get("modules_to_save") or a.layer_weights:
+            if not a.plain_lora or a.layer_weights:
                 raise BadInput.one(str(a.path / "adapter_config.json"), "DoRA and modules_to_save adapters cannot "
                                    "be combined linearly with others, nor can saved embedding layers (their merge is not "
                                    "a sum of deltas)",
@@ -126,21 +98,13 @@ def _check_combination(adapters: Sequence[Adapter], weights: Sequence[float], me
                            "trained with, and none were resolved", "use --merge-base original")
 
 
-def _base_shards(base_dir: Path) -> list[Path]:
-    index = base_dir / INDEX
-    if index.is_file():
-        files = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        return [base_dir / f for f in files]
-    return sorted(base_dir.glob("*.safetensors"))
-
-
 def _check_free_disk(shards: list[Path], out_dir: Path) -> None:
     """The fp32 output may be up to twice a 16-bit base; refuse before writing rather than fail half-way."""
     check_free_disk(out_dir, int(1.1 * 2 * sum(p.stat().st_size for p in shards)), "the merged fp32 checkpoint")
 
 
 def merge(base_dir: Path, adapters: Adapter | Sequence[Adapter], out_dir: Path, merge_base: str,
-          weights: Sequence[float] | None = None, progress: Callable[[str], None] = _quiet,
+          weights: Sequence[float] | None = None, progress: Progress = quiet,
           as_trained_dir: Path | None = None) -> MergeResult:
     """Merge ``adapters`` (combined linearly with ``weights``, default 1 each) into the base, streaming shard
     by shard, and write an fp32 safetensors checkpoint (config without quantization_config, tokenizer) to
@@ -164,7 +128,7 @@ def merge(base_dir: Path, adapters: Adapter | Sequence[Adapter], out_dir: Path, 
 
 
 def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float], out_dir: Path,
-                       merge_base: str, progress: Callable[[str], None] = _quiet,
+                       merge_base: str, progress: Progress = quiet,
                        nf4: tuple[list[str], Nf4Settings] | None = None,
                        as_trained_dir: Path | None = None) -> MergeResult:
     """The streaming pass. With no adapters it writes the base itself (after the NF4 round trip given by
@@ -175,7 +139,7 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     from peft.utils import ModulesToSaveWrapper
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    shards = _base_shards(base_dir)
+    shards = shard_files(base_dir)
     _check_free_disk(shards, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if adapters:
@@ -184,13 +148,8 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
         if merge_base in FOUR_BIT or as_trained_dir:
             nf4 = quantization_of(adapters[0])
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
-        config.__dict__.pop("quantization_config", None)
-        with torch.device("meta"):
-            inner = AutoModelForCausalLM.from_config(config)
-        names = []
+        config = config_of(base_dir)
+        inner, names = skeleton(base_dir, config), []
     round_trip_in_merge = merge_base in FOUR_BIT or not adapters
     modules = dict(inner.named_modules())
     lora = {n: m for n, m in modules.items() if isinstance(m, LoraLayer)}
@@ -215,11 +174,12 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
     deltas: dict[str, float] = {}
     replaced: list[str] = []
     bad: list[str] = []
-    layer_weights = _layer_weights(adapters[0]) if adapters else {}
+    layer_weights = saved_layer_weights(adapters[0]) if adapters else {}
     for name in set(layer_weights) - base_keys:  # a tied head saved beside its embedding: the same matrix
         tied_to = f"{in_name}.weight"
         if not (tied and tied_to in layer_weights and torch.equal(layer_weights[name], layer_weights[tied_to])):
-            raise BadInput.one(str(adapters[0].weights), f"saves a weight for {name}, which the base does not store",
+            raise BadInput.one(str(adapters[0].weights_file),
+                               f"saves a weight for {name}, which the base does not store",
                                "export with the base the adapter was trained on")
 
     def plan(key: str) -> list[tuple[str, str]]:
@@ -250,8 +210,7 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
                 bad.append(f"{module_name}.{param}")
         return t
 
-    files = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = shard_names(len(shards))
     weight_map: dict[str, str] = {}
     trained_map: dict[str, str] = {}
     for i, (shard, entries) in enumerate(zip(shards, headers)):
@@ -289,9 +248,7 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
             trained.close()
         weight_map.update({name: files[i] for name, _, _ in declared})
     if len(files) > 1:
-        total = sum((out_dir / f).stat().st_size for f in files)
-        (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2) + "\n")
+        write_index(out_dir, weight_map, {"total_size": sum((out_dir / f).stat().st_size for f in files)})
     shard_count = len(files)
 
     problems = []
@@ -309,15 +266,7 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
         raise BadInput.one(str(where), "; ".join(problems),
                            "train the adapter (or check its lora_alpha and weights) before exporting it")
 
-    cfg = json.loads((base_dir / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    if untie:
-        cfg["tie_word_embeddings"] = False
-        if isinstance(cfg.get("text_config"), dict):
-            cfg["text_config"]["tie_word_embeddings"] = False
-    cfg["dtype"] = "float32"
-    cfg.pop("torch_dtype", None)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_fp32_config(base_dir, out_dir, untie=untie)
     if (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
     load_tokenizer(base_dir).save_pretrained(str(out_dir))
@@ -328,24 +277,12 @@ def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Seq
                        untied=untie, weights=tuple(weights), shards=shard_count, as_trained=as_trained_dir)
 
 
-def _layer_weights(adapter: Adapter) -> dict:
-    """Base parameter name -> the adapter's saved copy (``save_embedding_layers``)."""
-    from .adapters import _strip, _tensors
-
-    wanted = set(adapter.layer_weights)
-    return {_strip(k): t for k, t in _tensors(adapter.weights) if k in wanted} if wanted else {}
-
-
 def _fp32_code(dtype: str) -> str:
     return "F32" if dtype in ("F32", "F16", "BF16", "F64") else dtype
 
 
 def _write_as_trained_files(base_dir: Path, out: Path, weight_map: dict) -> None:
     """Config (fp32, no quantization_config) and shard index beside the as-trained base's weights."""
-    cfg = json.loads((base_dir / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    cfg.pop("torch_dtype", None)
-    cfg["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_fp32_config(base_dir, out)
     if len(set(weight_map.values())) > 1:
-        (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+        write_index(out, weight_map)

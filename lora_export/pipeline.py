@@ -28,13 +28,14 @@ from .data import load_jsonl
 from .errors import BadInput, Problem, ToolchainFailed, UnreadableModel, raise_if
 from .export import BACKENDS
 from .export.io_spec import check_external_data
-from .fingerprint import sha256_file
+from .fingerprint import fingerprint, sha256_file
 from .isolate import run_in_child
 from .jsonfile import read_object
-from .merge import MERGE_BASES, MergeResult, merge, quantization_of, rewrite_checkpoint
+from .merge import MERGE_BASES, MergeResult, merge, rewrite_checkpoint
 from .outputs import check_free_disk, check_new_output, scratch, staged, sweep_temp
 from .precision import check_fp16_range
-from .quantized_base import FOUR_BIT, Quantization, QuantRequest, is_prequantized, plain_base, resolve
+from .progress import Progress, quiet
+from .quantized_base import FOUR_BIT, Quantization, QuantRequest, is_prequantized, plain_base, quantization_of, resolve
 from .quantized_base import check_request as check_quant_request
 from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
 from .reference import DEVICE as REFERENCE_DEVICE
@@ -50,10 +51,6 @@ if TYPE_CHECKING:  # imported where used: numpy and ONNX Runtime stay out of the
 EMBEDDED = Path(__file__).resolve().parent / "embedded"
 MANIFEST = "export_manifest.json"
 PARITY_PROMPTS = 8
-
-
-def _quiet(msg: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -103,14 +100,14 @@ def check_request(req: ExportRequest) -> None:
                                "pass a finite weight such as 1.0 or 0.5 for each adapter")
 
 
-def export(req: ExportRequest, progress=_quiet) -> ExportResult:
+def export(req: ExportRequest, progress: Progress = quiet) -> ExportResult:
     check_request(req)
     target = load_target(req.target)
     base = check_base(req.base)
-    check_against_context(target, _context_of(base)[0], str(base / "config.json"))
+    check_against_context(target, context_of(base)[0], str(base / "config.json"))
     out = Path(req.out)
     check_new_output(out)
-    check_free_disk(out, _export_bytes(base, target), "the merged and the as-trained fp32 checkpoints plus 2.2 x the export")
+    check_free_disk(out, export_bytes(base, target), "the merged and the as-trained fp32 checkpoints plus 2.2 x the export")
     with staged(out) as tmp, scratch(out, "merged") as work:
         # a child process: torch, PEFT and the merge's memory are gone before the graph builder starts
         prep: Prepared = run_in_child(prepare, req, base, target, work, progress=progress)
@@ -141,14 +138,14 @@ def export(req: ExportRequest, progress=_quiet) -> ExportResult:
     return ExportResult(out=out, merge_base=merge_base, parity=report)
 
 
-def build_graph(target, checkpoint: Path, out_dir: Path, adapter: Path | None, progress=_quiet) -> None:
+def build_graph(target, checkpoint: Path, out_dir: Path, adapter: Path | None, progress: Progress = quiet) -> None:
     """The target's graph backend on a checkpoint (in a child process: the torch-dynamo backend loads the
     model in-process, and the export's own process stays light)."""
     BACKENDS[target.backend].build(checkpoint, out_dir, target, out_dir / "build.log",
                                    **({"adapter": adapter} if adapter is not None else {}))
 
 
-def requantized(export_dir: Path, prep: Prepared, base: Path, target, progress=_quiet) -> dict:
+def requantized(export_dir: Path, prep: Prepared, base: Path, target, progress: Progress = quiet) -> dict:
     """After the build of a quantized graph: NF4 with the training's scales if asked, and how much of the
     adapter's change survives the weight quantization (for the manifest). Runs in a child process."""
     from .quantize.survival import ERASED, measure_survival
@@ -171,7 +168,7 @@ def requantized(export_dir: Path, prep: Prepared, base: Path, target, progress=_
     return survival.to_dict()
 
 
-def prepare(req: ExportRequest, base: Path, target, work: Path, progress=_quiet) -> Prepared:
+def prepare(req: ExportRequest, base: Path, target, work: Path, progress: Progress = quiet) -> Prepared:
     """Check every adapter against the base, merge them in fp32 shard by shard (and for fp16 targets check
     the range). For --keep-adapter, also write the base the side path sits on (the NF4 round trip for QLoRA)."""
     paths = [req.adapter] if isinstance(req.adapter, (str, Path)) else list(req.adapter)
@@ -217,8 +214,9 @@ def check_same_base(adapters) -> None:
 
 
 def _manifest(req: ExportRequest, base: Path, out: Path, target, prep: Prepared) -> dict:
-    entries = [{**_where(a.path, out), "weights_file": a.weights.name, "adapter_model_sha256": sha256_file(a.weights),
-                "weight": w, "quantization": a.quantization.to_dict() if a.quantization else None}
+    entries = [{**_where(a.path, out), "weights_file": a.weights_file.name,
+                "adapter_model_sha256": sha256_file(a.weights_file), "weight": w,
+                "quantization": a.quantization.to_dict() if a.quantization else None}
                for a, w in zip(prep.adapters, prep.weights)]
     result = prep.merged
     return {
@@ -242,14 +240,14 @@ def _manifest(req: ExportRequest, base: Path, out: Path, target, prep: Prepared)
 BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1.1, "int4": 0.6, "nf4": 0.6}  # with scales
 
 
-def _export_bytes(base: Path, target) -> int:
+def export_bytes(base: Path, target) -> int:
     """Disk an export needs at its peak: the merged and as-trained fp32 checkpoints (scratch) and 2.2 x the ONNX output
     (the graph builder's own temporaries and our re-save), from the parameter count in the shard headers."""
-    from .merge import _base_shards
+    from .checkpoint import shard_files
     from .tensorfile import read_header
 
     params = sum(math.prod(e.shape) * (2 if e.dtype == "U8" else 1)  # a 4-bit base: two weights a byte
-                 for p in _base_shards(base) for e in read_header(p)[0])
+                 for p in shard_files(base) for e in read_header(p)[0])
     scheme = target.quantization.scheme
     weights = BYTES_PER_WEIGHT[scheme if scheme != "none" else target.precision]
     return int((12 if is_prequantized(base) else 8) * params + 2.2 * weights * params)  # + its dequantized copy
@@ -259,8 +257,7 @@ def check_side_path(adapters) -> None:
     """--keep-adapter: one plain LoRA or rsLoRA adapter, which the builder can emit as a side path."""
     if len(adapters) > 1:
         raise BadInput.one("--keep-adapter", "an unmerged graph carries one adapter", "pass a single --adapter")
-    config = adapters[0].config
-    if config.get("use_dora") or config.get("modules_to_save"):
+    if not adapters[0].plain_lora:
         raise BadInput.one(str(adapters[0].path / "adapter_config.json"), "--keep-adapter supports plain LoRA and "
                            "rsLoRA side paths only (this adapter uses DoRA or modules_to_save)",
                            "export it merged (without --keep-adapter)")
@@ -282,16 +279,17 @@ def build_unmerged(base: Path, adapter, merge_base: str, target, out_dir: Path, 
     BACKENDS[target.backend].build(source, out_dir, target, out_dir / "build.log", adapter=adapter.path)
 
 
-def _adapters_of(manifest: dict, export_dir: Path, base: Path):
-    """The adapters an export was made from, checked unchanged since, and their weights."""
+def _adapters_of(manifest: dict, export_dir: Path, base: Path, base_hashes: dict | None = None):
+    """The adapters an export was made from, checked unchanged since, and their weights. ``base_hashes``: the
+    base's fingerprint, when the caller has it."""
     adapters, weights = [], []
     for entry in manifest.get("adapters") or [manifest["adapter"]]:
-        adapter = load_adapter(_locate(entry, export_dir, "adapter"), base,
+        adapter = load_adapter(_locate(entry, export_dir, "adapter"), base, base_fingerprint=base_hashes,
                                allow_pickle=entry.get("weights_file") == "adapter_model.bin")
         if "quantization" in entry:  # the 4-bit base the export resolved (older exports: the training manifest's)
             adapter = replace(adapter, quantization=Quantization.from_dict(entry["quantization"])
                               if entry["quantization"] else None)
-        if sha256_file(adapter.weights) != entry["adapter_model_sha256"]:
+        if sha256_file(adapter.weights_file) != entry["adapter_model_sha256"]:
             raise BadInput.one(str(adapter.path), "the adapter's weights changed since this export was made",
                                "validate against the adapter that was exported, or re-export")
         adapters.append(adapter)
@@ -397,16 +395,18 @@ def check_report_path(path: Path | None) -> None:
         raise BadInput.one(str(path), f"its folder {path.parent} is not writable", "write the report elsewhere")
 
 
-def check_base_unchanged(base: Path, manifest: dict, export_dir: Path) -> None:
+def check_base_unchanged(base: Path, manifest: dict, export_dir: Path) -> dict[str, str]:
     """The base's weight files are the ones the export was made from (else a parity failure would blame the
-    export for a changed base)."""
+    export for a changed base). Returns the base's ``fingerprint``, for the adapter checks that follow."""
     recorded = manifest["base"]["files_sha256"]
-    now = {p.name: p for p in sorted(base.glob("*.safetensors"))}
-    changed = sorted(set(recorded) ^ set(now)) or [n for n in sorted(recorded) if sha256_file(now[n]) != recorded[n]]
+    hashes = fingerprint(base)
+    now = {n: h for n, h in hashes.items() if n.endswith(".safetensors")}
+    changed = sorted(set(recorded) ^ set(now)) or [n for n in sorted(recorded) if now[n] != recorded[n]]
     if changed:
         raise BadInput.one(str(base), f"the base's weights changed since this export was made ({', '.join(changed[:3])} "
                            "differ from the sha256 in export_manifest.json)",
                            "validate against the base that was exported, or re-export")
+    return hashes
 
 
 def load_prompts(tok, path: Path | None = None) -> tuple[list[list[int]], list[list[int]]]:
@@ -423,7 +423,7 @@ def load_prompts(tok, path: Path | None = None) -> tuple[list[list[int]], list[l
     return prompts, documents
 
 
-def _context_of(base: Path) -> tuple[int, int]:
+def context_of(base: Path) -> tuple[int, int]:
     """(context length, vocabulary size) of the base model, read from its config.json (no torch needed).
 
     Architectures name the context differently (GPT-2 ``n_positions``, Llama ``max_position_embeddings``)."""
@@ -439,7 +439,8 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence
 
 
 def validate(export_dir: Path, report_json: Path | None = None, junit: Path | None = None,
-             prompts: Path | None = None, progress=_quiet, prepared: Prepared | None = None) -> parity.ParityReport:
+             prompts: Path | None = None, progress: Progress = quiet,
+             prepared: Prepared | None = None) -> parity.ParityReport:
     """Parity of an export against the adapted model as trained, with the target's tolerances.
 
     ``prepared`` is the checked adapters and the merge (with the base as trained beside it) when the caller
@@ -460,10 +461,11 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     for path in (report_json, junit):
         check_report_path(path)
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
-    if prepared is None:  # (export hashed the base a moment ago)
-        check_base_unchanged(base, manifest, export_dir)
+    base_hashes = None  # export (``prepared``) hashed the base a moment ago
+    if prepared is None:
+        base_hashes = check_base_unchanged(base, manifest, export_dir)
     check_external_data(export_dir / "model.onnx")
-    max_positions, vocab_size = _context_of(base)
+    max_positions, vocab_size = context_of(base)
     check_against_context(target, max_positions, str(base / "config.json"))
     steps = max(parity.MIN_STEPS, target.tolerances.greedy_tokens)
     from .runtime import check_providers, parity_providers
@@ -479,7 +481,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
             token_ids = prepared.prompt_ids
         else:
             prepared, token_ids = run_in_child(validation_inputs, export_dir, manifest, base, prompts, Path(tmp),
-                                               prepared, max_positions, steps, progress=progress)
+                                               prepared, max_positions, steps, base_hashes, progress=progress)
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         adapters, merged = list(prepared.adapters), prepared.merged
         models = parity.Models(
@@ -515,13 +517,14 @@ def check_prompt_lengths(prompt_ids: list[list[int]], max_positions: int, steps:
 
 
 def validation_inputs(export_dir: Path, manifest: dict, base: Path, prompts: Path | None, tmp: Path,
-                      prepared: Prepared | None, max_positions: int, steps: int, progress=_quiet):
+                      prepared: Prepared | None, max_positions: int, steps: int, base_hashes: dict | None = None,
+                      progress: Progress = quiet):
     """(Prepared, parity prompt token ids): the adapters checked unchanged and merged again unless given.
     Runs in a child process (it imports torch)."""
     token_ids = load_prompts(load_tokenizer(base), prompts)
     check_prompt_lengths(token_ids[0], max_positions, steps, prompts)
     if prepared is None:
-        adapters, weights = _adapters_of(manifest, export_dir, base)
+        adapters, weights = _adapters_of(manifest, export_dir, base, base_hashes)
         plain = plain_base(base, tmp, progress)
         progress("merging again into a temporary folder (the reference's base and the merge/export breakdown)")
         merged = merge(plain, adapters, tmp / "merged", manifest["merge_base"], weights,
@@ -543,14 +546,14 @@ def torch_model(checkpoint: Path):
     return TorchCausalLM(load_fp32(checkpoint))
 
 
-def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, rounds: int = 100,
+def bench(export_dir: Path, json_path: Path | None = None, progress: Progress = quiet, rounds: int = 100,
           plot_path: Path | None = None, memory: bool = True, eager: bool = False, providers=None,
           new_tokens: int = 64):
     """Time the export against the unadapted base export for the same target (built once, into bench-base/),
     and, for a merged export of a plain LoRA adapter, against the unmerged side-path graph (bench-unmerged/).
     ``providers``, ``new_tokens``: run with these providers instead of the target's, and decode this many tokens
     per round (benchmarks/gpu_check.py's CPU dry run)."""
-    from . import bench as latency
+    from . import latency
     from .runtime import TorchCausalLM
 
     export_dir = Path(export_dir)
@@ -568,13 +571,11 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     check_external_data(export_dir / "model.onnx")  # refuse a tampered export before building anything
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
-    check_base_unchanged(base, manifest, export_dir)
-    adapters, weights = _adapters_of(manifest, export_dir, base)
+    adapters, weights = _adapters_of(manifest, export_dir, base, check_base_unchanged(base, manifest, export_dir))
     adapter = adapters[0]
     base_export = export_dir / "bench-base"
     unmerged = export_dir / "bench-unmerged"
-    side_path = manifest.get("graph", "merged") == "merged" and len(adapters) == 1 and not (
-        adapter.config.get("use_dora") or adapter.config.get("modules_to_save"))
+    side_path = manifest.get("graph", "merged") == "merged" and len(adapters) == 1 and adapter.plain_lora
     with contextlib.ExitStack() as stack:
         plain = base
         if is_prequantized(base) and (eager or not (base_export / "model.onnx").is_file() or

@@ -33,6 +33,7 @@ from .export.lora_inputs import (
 from .fingerprint import sha256_file
 from .isolate import run_in_child
 from .outputs import check_free_disk, check_new_output, scratch, staged
+from .progress import Progress, quiet
 from .quantized_base import (
     Quantization,
     QuantRequest,
@@ -47,10 +48,6 @@ ADAPTERS = "adapters"
 GRAPH = "switchable"
 BASE_SECTION = "base"  # the section for no adapter active
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-def _quiet(msg: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,7 @@ def check_request(req: SwitchRequest, taken: tuple[str, ...] = ()) -> tuple[str,
     return names
 
 
-def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True, progress=_quiet):
+def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True, progress: Progress = quiet):
     """Check each adapter (plain LoRA/rsLoRA, one shared merge base); the full-precision base; the base the
     graph is built on. Runs in a child process (it imports torch)."""
     from .pipeline import check_side_path, load_prompts, unmerged_source
@@ -102,7 +99,7 @@ def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True
     for p in req.adapters:
         a, merge_base = resolve(load_adapter(p, base, allow_pickle=req.allow_pickle), base, req.merge_base, req.quant,
                                 progress)
-        if a.config.get("use_dora") or a.config.get("modules_to_save"):
+        if not a.plain_lora:
             raise BadInput.one(str(a.path / "adapter_config.json"), "--switchable supports plain LoRA and rsLoRA "
                                "adapters only (this one uses DoRA or modules_to_save)",
                                "export it merged (without --switchable)")
@@ -121,7 +118,8 @@ def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True
     return tuple(adapters), merge_base, plain, source
 
 
-def write_files(plain: Path, adapters, names, inputs: tuple[LoraInput, ...], folder: Path, progress=_quiet) -> dict:
+def write_files(plain: Path, adapters, names, inputs: tuple[LoraInput, ...], folder: Path,
+                progress: Progress = quiet) -> dict:
     """One .onnx_adapter per adapter; returns {name: sha256}. Runs in a child process (PEFT, torch)."""
     folder.mkdir(exist_ok=True)
     hashes = {}
@@ -137,13 +135,13 @@ def _entry(adapter, name: str, sha: str, out: Path) -> dict:
     from .pipeline import _where
 
     return {**_where(adapter.path, out), "name": name, "file": f"{ADAPTERS}/{name}{SUFFIX}", "file_sha256": sha,
-            "weights_file": adapter.weights.name, "adapter_model_sha256": sha256_file(adapter.weights), "weight": 1.0,
-            "quantization": adapter.quantization.to_dict() if adapter.quantization else None}
+            "weights_file": adapter.weights_file.name, "adapter_model_sha256": sha256_file(adapter.weights_file),
+            "weight": 1.0, "quantization": adapter.quantization.to_dict() if adapter.quantization else None}
 
 
-def export(req: SwitchRequest, progress=_quiet):
+def export(req: SwitchRequest, progress: Progress = quiet):
     """A new switchable export: base graph + one adapter file per adapter, then parity of each."""
-    from .pipeline import _export_bytes, _where, _write_manifest
+    from .pipeline import _where, _write_manifest, export_bytes
 
     names = check_request(req)
     target = load_target(req.target)
@@ -156,7 +154,7 @@ def export(req: SwitchRequest, progress=_quiet):
     base = check_base(req.base)
     out = Path(req.out)
     check_new_output(out)
-    check_free_disk(out, _export_bytes(base, target), "the base as trained plus 2.2 x the export")
+    check_free_disk(out, export_bytes(base, target), "the base as trained plus 2.2 x the export")
     with staged(out) as tmp, scratch(out, "work") as work:
         adapters, merge_base, plain, source = run_in_child(prepare, req, base, work, progress=progress)
         progress(f"building the base graph with LoRA inputs ({target.precision}) on the {merge_base} base")
@@ -190,7 +188,7 @@ def export(req: SwitchRequest, progress=_quiet):
     return out, merge_base, report
 
 
-def add(req: SwitchRequest, progress=_quiet):
+def add(req: SwitchRequest, progress: Progress = quiet):
     """--into: add adapter files to an existing switchable export, after checking that they fit its graph and
     base, and that each passes parity; the graph is not rebuilt."""
     from .pipeline import _write_manifest, read_manifest
@@ -255,7 +253,7 @@ def run_options_for(ort, path: Path):
     return options, adapter  # the caller keeps the adapter alive as long as the options
 
 
-def export_command(args, progress=_quiet):
+def export_command(args, progress: Progress = quiet):
     """The CLI's export arguments: (dir, merge base, report) for --switchable/--into, else None (after checking
     the options that only they take, and the --target/--out the other exports need)."""
     switched = args.switchable or args.into is not None

@@ -16,7 +16,8 @@ from .fingerprint import sha256_file
 from .isolate import run_in_child
 from .outputs import sweep_temp
 from .quantized_base import plain_base
-from .switchable import BASE_SECTION, GRAPH, _quiet
+from .progress import Progress, quiet
+from .switchable import BASE_SECTION, GRAPH
 from .targets import check_against_context, parse_target
 
 
@@ -49,7 +50,7 @@ class SwitchableReport:
 
 
 def _validation_prep(export_dir: Path, manifest: dict, base: Path, prompts, tmp: Path, max_positions: int,
-                     steps: int, extra: list, progress=_quiet):
+                     steps: int, extra: list, base_hashes: dict, progress: Progress = quiet):
     """(adapters, plain base, graph base, prompt token ids). Runs in a child process (torch)."""
     from .pipeline import (
         _adapters_of,
@@ -61,14 +62,14 @@ def _validation_prep(export_dir: Path, manifest: dict, base: Path, prompts, tmp:
     token_ids = load_prompts(load_tokenizer(base), prompts)
     check_prompt_lengths(token_ids[0], max_positions, steps, prompts)
     entries = manifest["adapters"] + list(extra)
-    adapters, _ = _adapters_of({**manifest, "adapters": entries}, export_dir, base)
+    adapters, _ = _adapters_of({**manifest, "adapters": entries}, export_dir, base, base_hashes)
     plain = plain_base(base, tmp, progress)
     source = unmerged_source(plain, adapters[0], manifest["merge_base"], tmp)
     return tuple(adapters), plain, source, token_ids
 
 
 def validate(export_dir: Path, report_json: Path | None = None, junit: Path | None = None, prompts: Path | None = None,
-             progress=_quiet, extra: tuple | None = None) -> SwitchableReport:
+             progress: Progress = quiet, extra: tuple | None = None) -> SwitchableReport:
     """Parity of the base section and of every adapter, each against its own reference, with the target's
     tolerances (the base section without the adapter-retention check: there is no adapter). ``extra``:
     (entries, folder) of adapters being added by --into: only they are checked, from their files in folder."""
@@ -76,10 +77,10 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     from .pipeline import (
         MANIFEST,
         PARITY_TMP,
-        _context_of,
         _locate,
         check_base_unchanged,
         check_report_path,
+        context_of,
         read_manifest,
         reference_model,
         torch_model,
@@ -94,7 +95,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     for path in (report_json, junit):
         check_report_path(path)
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
-    check_base_unchanged(base, manifest, export_dir)
+    base_hashes = check_base_unchanged(base, manifest, export_dir)
     check_external_data(export_dir / "model.onnx")
     new_entries, folder = extra if extra else ([], export_dir)
     entries = new_entries or manifest["adapters"]
@@ -107,7 +108,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
             problems.append(Problem(str(f), "the adapter file changed since the export wrote it (sha256 differs)",
                                     "restore it, or re-export"))
     raise_if(problems)
-    max_positions, vocab_size = _context_of(base)
+    max_positions, vocab_size = context_of(base)
     check_against_context(target, max_positions, str(base / "config.json"))
     steps = max(parity.MIN_STEPS, target.tolerances.greedy_tokens)
     run_with, not_here = parity_providers(target.execution_providers)
@@ -117,7 +118,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     with tempfile.TemporaryDirectory(prefix=f"{PARITY_TMP}{os.getpid()}-") as tmp:
         adapters, plain, source, token_ids = run_in_child(_validation_prep, export_dir, manifest, base, prompts,
                                                           Path(tmp), max_positions, steps, new_entries,
-                                                          progress=progress)
+                                                          base_hashes, progress=progress)
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         runs = [] if new_entries else [(BASE_SECTION, None, None)]
         n_old = len(manifest["adapters"])
