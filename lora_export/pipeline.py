@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .adapters import attach, base_name_note, load_adapter
-from .base import check_base, load_fp32, load_tokenizer
+from .adapters import Adapter, attach, base_name_note, load_adapter
+from .base import check_base, is_prequantized, load_fp32, load_tokenizer
 from .data import load_jsonl
 from .errors import BadInput, Problem, ToolchainFailed, UnreadableModel, raise_if
 from .export import BACKENDS
@@ -35,7 +35,7 @@ from .merge import MERGE_BASES, MergeResult, merge, rewrite_checkpoint
 from .outputs import check_free_disk, check_new_output, scratch, staged, sweep_temp
 from .precision import check_fp16_range
 from .progress import Progress, quiet
-from .quantized_base import FOUR_BIT, Quantization, QuantRequest, is_prequantized, plain_base, quantization_of, resolve
+from .quantized_base import FOUR_BIT, Quantization, QuantRequest, plain_base, quantization_of, resolve
 from .quantized_base import check_request as check_quant_request
 from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
 from .reference import DEVICE as REFERENCE_DEVICE
@@ -77,7 +77,7 @@ class ExportResult:
 class Prepared:
     """What the preparing child hands back: checked adapters, the merge, and what the graph builder reads."""
 
-    adapters: tuple
+    adapters: tuple[Adapter, ...]
     weights: tuple[float, ...]
     merge_base: str
     merged: MergeResult

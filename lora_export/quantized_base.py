@@ -26,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .base import BLOCKSIZES, Nf4Settings
+from .base import BLOCKSIZES, Nf4Settings, is_prequantized, quantization_config
 from .checkpoint import shard_files, shard_names, write_fp32_config, write_index
 from .errors import BadInput, Problem, raise_if
 from .jsonfile import read_object
@@ -101,40 +101,6 @@ def quantization_of(adapter) -> tuple[list[str], Nf4Settings]:
 
 
 # --- pre-quantized bases -------------------------------------------------------------------------------------
-
-
-def quantization_config(base_dir: Path) -> dict | None:
-    """The base's config.json quantization_config, if any (no torch needed)."""
-    try:
-        cfg = json.loads((Path(base_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    return qc if isinstance(qc, dict) else None
-
-
-def _is_4bit_bnb(qc: dict) -> bool:
-    return qc.get("quant_method", "bitsandbytes") == "bitsandbytes" and bool(qc.get("load_in_4bit") or
-                                                                               qc.get("_load_in_4bit"))
-
-
-def base_quantization_problems(base_dir: Path) -> list[Problem]:
-    """A quantized base this tool cannot merge into: 8-bit bitsandbytes, GPTQ, AWQ, FP8 and the others."""
-    qc = quantization_config(base_dir)
-    if qc is None or _is_4bit_bnb(qc):
-        return []
-    method = qc.get("quant_method", "bitsandbytes")
-    kind = "8-bit bitsandbytes" if method == "bitsandbytes" and (qc.get("load_in_8bit") or qc.get("_load_in_8bit")) \
-        else f"{method}-quantized"
-    article = "an" if kind[0] in "8aeiou" else "a"
-    return [Problem(str(Path(base_dir) / "config.json"), f"{article} {kind} checkpoint: lora-export merges into full-precision "
-                    "weights or into bitsandbytes 4-bit (NF4/FP4) codes, not into this format",
-                    "pass the full-precision (bf16/fp16/fp32) model the quantized one was made from with --base")]
-
-
-def is_prequantized(base_dir: Path) -> bool:
-    qc = quantization_config(base_dir)
-    return qc is not None and _is_4bit_bnb(qc)
 
 
 def _entries(base_dir: Path) -> dict:

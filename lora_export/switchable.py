@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .adapters import load_adapter
-from .base import check_base, load_tokenizer
+from .base import check_base, is_prequantized, load_tokenizer
 from .errors import BadInput, Problem, ToolchainFailed, UnreadableModel, raise_if
 from .export import BACKENDS
 from .export.lora_inputs import (
@@ -34,13 +34,7 @@ from .fingerprint import sha256_file
 from .isolate import run_in_child
 from .outputs import check_free_disk, check_new_output, scratch, staged
 from .progress import Progress, quiet
-from .quantized_base import (
-    Quantization,
-    QuantRequest,
-    is_prequantized,
-    plain_base,
-    resolve,
-)
+from .quantized_base import Quantization, QuantRequest, plain_base, resolve
 from .targets import load_target, tomllib
 from .versions import package_versions
 

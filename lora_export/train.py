@@ -22,13 +22,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import base as base_model
-from .base import Nf4Settings
+from .base import Nf4Settings, is_prequantized
 from .data import load_jsonl, to_prompt_completion, with_bos
 from .errors import BadInput, Problem, raise_if
 from .fingerprint import fingerprint
 from .outputs import output_problem, staged
 from .progress import Progress, quiet
-from .quantized_base import is_prequantized, prequantized_quantization
+from .quantized_base import prequantized_quantization
 from .versions import package_versions
 
 MANIFEST = "training_manifest.json"
