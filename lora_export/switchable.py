@@ -232,21 +232,6 @@ def add(req: SwitchRequest, progress: Progress = quiet):
     return into, merge_base, report
 
 
-def run_options_for(ort, path: Path):
-    """(RunOptions with the adapter file ``path`` active, the loaded adapter: ONNX Runtime memory-maps it)."""
-    if not path.is_file():
-        raise BadInput.one(str(path), "no adapter file here", "pass a file under EXPORT_DIR/adapters/")
-    adapter = ort.LoraAdapter()
-    try:
-        adapter.Load(str(path))
-    except Exception as e:
-        raise BadInput.one(str(path), f"ONNX Runtime cannot read this adapter file ({str(e)[:200]})",
-                           "re-export it with `lora-export export --switchable` or `--into`") from e
-    options = ort.RunOptions()
-    options.add_active_adapter(adapter)
-    return options, adapter  # the caller keeps the adapter alive as long as the options
-
-
 def export_command(args, progress: Progress = quiet):
     """The CLI's export arguments: (dir, merge base, report) for --switchable/--into, else None (after checking
     the options that only they take, and the --target/--out the other exports need)."""

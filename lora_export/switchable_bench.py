@@ -58,8 +58,8 @@ def bench(export_dir: Path, prompt: list[int], merged_dir: Path | None = None, r
           progress: Progress = quiet):
     from . import latency
     from .pipeline import read_manifest
-    from .runtime import OrtCausalLM, import_onnxruntime
-    from .switchable import GRAPH, run_options_for
+    from .runtime import OrtCausalLM, import_onnxruntime, run_options_for
+    from .switchable import GRAPH
 
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
