@@ -571,7 +571,8 @@ def bench(export_dir: Path, json_path: Path | None = None, progress: Progress = 
     target = parse_target(manifest["target"], f"{export_dir / MANIFEST}:target")
     check_external_data(export_dir / "model.onnx")  # refuse a tampered export before building anything
     base = check_base(_locate(manifest["base"], export_dir, "base model"))
-    adapters, weights = _adapters_of(manifest, export_dir, base, check_base_unchanged(base, manifest, export_dir))
+    base_hashes = check_base_unchanged(base, manifest, export_dir)
+    adapters, weights = _adapters_of(manifest, export_dir, base, base_hashes)
     adapter = adapters[0]
     base_export = export_dir / "bench-base"
     unmerged = export_dir / "bench-unmerged"

@@ -15,8 +15,8 @@ from .export.io_spec import check_external_data
 from .fingerprint import sha256_file
 from .isolate import run_in_child
 from .outputs import sweep_temp
-from .quantized_base import plain_base
 from .progress import Progress, quiet
+from .quantized_base import plain_base
 from .switchable import BASE_SECTION, GRAPH
 from .targets import check_against_context, parse_target
 
