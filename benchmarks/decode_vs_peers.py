@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from machine import describe  # beside this script
 
-from lora_export.bench import vm_hwm_mb
+from lora_export.latency import vm_hwm_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -71,7 +71,7 @@ def make_models(tmp: Path, shape: dict):
 
 def time_variant(model, prompt: list[int]) -> float:
     """Median ms per decode step over NEW_TOKENS greedy steps through the KV cache."""
-    from lora_export.bench import time_decode
+    from lora_export.latency import time_decode
 
     return time_decode(model, prompt, NEW_TOKENS)
 

@@ -122,7 +122,7 @@ class TreeSampler(threading.Thread):
 
 
 def _vm_hwm_bytes(pid: int) -> int | None:
-    """A process's own peak RSS since it was exec'd (VmHWM, Linux), as lora_export.bench.vm_hwm_mb reads it."""
+    """A process's own peak RSS since it was exec'd (VmHWM, Linux), as lora_export.latency.vm_hwm_mb reads it."""
     try:
         with open(f"/proc/{pid}/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024

@@ -321,7 +321,6 @@ def main() -> int:
 
 
 def _cuda_session_providers() -> list[str]:
-    import onnx
     import onnxruntime
     from onnx import TensorProto, helper
 

@@ -96,7 +96,7 @@ def child(kind: str, base: str, adapter: str, out: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         merged.save_pretrained(out)
-    from lora_export.bench import own_peak_rss_mb
+    from lora_export.latency import own_peak_rss_mb
 
     print(json.dumps({"seconds": time.perf_counter() - t0, "adapter_check_seconds": checked,
                       "peak_rss_gb": own_peak_rss_mb() * 1024**2 / 1e9}))

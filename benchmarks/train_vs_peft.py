@@ -98,7 +98,7 @@ def child_plain(base: str, out: str, timer, data: Path = DATA, steps: int = STEP
 
 
 def child(kind: str, base: str) -> None:
-    from lora_export.bench import own_peak_rss_mb
+    from lora_export.latency import own_peak_rss_mb
 
     timer = step_timer()
     with tempfile.TemporaryDirectory() as tmp:

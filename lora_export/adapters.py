@@ -27,7 +27,7 @@ class Adapter:
     config: dict  # adapter_config.json
     manifest: TrainingManifest | None  # training_manifest.json, when the adapter was made by lora-export
     targeted: tuple[str, ...]  # base module names the adapter changes
-    weights: Path  # adapter_model.safetensors (or the pickle file, when explicitly allowed)
+    weights_file: Path  # adapter_model.safetensors (or the pickle file, when explicitly allowed)
     saved: tuple[str, ...] = ()  # modules_to_save: base modules the adapter replaces with trained copies
     quantization: Quantization | None = None  # the 4-bit base it was trained against (quantized_base.resolve)
     layer_weights: tuple[str, ...] = ()  # base parameters saved whole (save_embedding_layers): key in the file
@@ -35,6 +35,11 @@ class Adapter:
     @property
     def trained_on_4bit(self) -> bool:
         return self.quantization is not None
+
+    @property
+    def plain_lora(self) -> bool:
+        """Neither DoRA nor modules_to_save: its merge is a sum of deltas, and it can be a side path."""
+        return not (self.config.get("use_dora") or self.config.get("modules_to_save"))
 
 
 _PARTS = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
@@ -202,7 +207,8 @@ def _tensors(weights: Path):
 
 
 def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: bool = True,
-                 allow_pickle: bool = False) -> Adapter:
+                 allow_pickle: bool = False, base_fingerprint: dict | None = None) -> Adapter:
+    """``base_fingerprint``: ``fingerprint(base_dir)`` when the caller has just computed it (not hashed again)."""
     import torch
 
     path = Path(adapter_dir)
@@ -280,14 +286,20 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
     manifest = read_training_manifest(path, problems)
     if manifest and check_fingerprint:
         want = manifest.base_weights_sha256
-        if want and fingerprint(base_dir) != want:
+        if want and (base_fingerprint if base_fingerprint is not None else fingerprint(base_dir)) != want:
             problems.append(Problem(str(base_dir), "weights differ from the base this adapter was trained on "
                                     f"({manifest.base_path})", "pass the base the adapter was trained on with --base"))
     raise_if(problems)
     quantization = manifest.quantized if manifest else None
     return Adapter(path=path, config=config, manifest=manifest, targeted=tuple(sorted(found)),
-                   weights=weights, saved=tuple(sorted(saved)), quantization=quantization,
+                   weights_file=weights, saved=tuple(sorted(saved)), quantization=quantization,
                    layer_weights=tuple(layer_weights))
+
+
+def saved_layer_weights(adapter: Adapter) -> dict:
+    """Base parameter name -> the adapter's saved copy (``save_embedding_layers``)."""
+    wanted = set(adapter.layer_weights)
+    return {_strip(k): t for k, t in _tensors(adapter.weights_file) if k in wanted} if wanted else {}
 
 
 def base_name_note(adapter: Adapter, base_dir: Path) -> str | None:

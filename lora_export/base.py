@@ -50,8 +50,6 @@ def check_base(base_dir: str | Path) -> Path:
     else:
         config = read_object(cfg, "restore the model's config.json", problems)
         if config is not None:
-            from .quantized_base import base_quantization_problems
-
             problems += _config_field_problems(config, cfg) + base_quantization_problems(base)
     if not list(base.glob("*.safetensors")):
         hint = " (only pickle .bin files: convert them to safetensors)" if list(base.glob("*.bin")) else ""
@@ -83,6 +81,43 @@ def _config_field_problems(config: dict, where: Path) -> list[Problem]:
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         problems.append(Problem(str(where), f"architectures = {str(archs)[:60]!r}: it must be a list of class names", fix))
     return problems
+
+
+# --- pre-quantized bases: what config.json says (no torch needed) ------------------------------------------
+
+
+def quantization_config(base_dir: Path) -> dict | None:
+    """The base's config.json quantization_config, if any."""
+    try:
+        cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return qc if isinstance(qc, dict) else None
+
+
+def _is_4bit_bnb(qc: dict) -> bool:
+    return qc.get("quant_method", "bitsandbytes") == "bitsandbytes" and bool(qc.get("load_in_4bit") or
+                                                                               qc.get("_load_in_4bit"))
+
+
+def base_quantization_problems(base_dir: Path) -> list[Problem]:
+    """A quantized base this tool cannot merge into: 8-bit bitsandbytes, GPTQ, AWQ, FP8 and the others."""
+    qc = quantization_config(base_dir)
+    if qc is None or _is_4bit_bnb(qc):
+        return []
+    method = qc.get("quant_method", "bitsandbytes")
+    kind = "8-bit bitsandbytes" if method == "bitsandbytes" and (qc.get("load_in_8bit") or qc.get("_load_in_8bit")) \
+        else f"{method}-quantized"
+    article = "an" if kind[0] in "8aeiou" else "a"
+    return [Problem(str(Path(base_dir) / "config.json"), f"{article} {kind} checkpoint: lora-export merges into full-precision "
+                    "weights or into bitsandbytes 4-bit (NF4/FP4) codes, not into this format",
+                    "pass the full-precision (bf16/fp16/fp32) model the quantized one was made from with --base")]
+
+
+def is_prequantized(base_dir: Path) -> bool:
+    qc = quantization_config(base_dir)
+    return qc is not None and _is_4bit_bnb(qc)
 
 
 def config_of(base_dir: Path):
@@ -165,8 +200,6 @@ def load_nf4(base_dir: Path, nf4: Nf4Settings):
     """
     import torch
     from transformers import AutoModelForCausalLM
-
-    from .quantized_base import is_prequantized
 
     if is_prequantized(base_dir):  # already 4-bit (a "-bnb-4bit" checkpoint): its own codes, nothing to quantize
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), device_map=device_map(), trust_remote_code=False,

@@ -234,7 +234,7 @@ def _run(args, console) -> int:
         return _verdict(console, validate(args.export_dir, args.report, args.junit, args.prompts, progress=say), "",
                         args.export_dir)
     if args.command == "bench":
-        from .bench import markdown
+        from .latency import markdown
         from .pipeline import bench
 
         r = bench(args.export_dir, args.json, progress=say, rounds=args.rounds, plot_path=args.plot, eager=args.eager)

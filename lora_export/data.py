@@ -22,6 +22,11 @@ class Example:
     messages: tuple = ()  # ((role, content), ...) for chat records; prompt/completion come from the template
 
 
+def with_bos(tok, ids: list[int]) -> list[int]:
+    """``ids`` after the tokenizer's BOS token, when it has one: how training and every evaluation start a text."""
+    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
+
+
 def _messages(rec) -> tuple | None:
     msgs = rec.get("messages") if isinstance(rec, dict) else None
     if not isinstance(msgs, list) or not msgs:

@@ -16,6 +16,7 @@ from .base import load_fp32, load_tokenizer
 from .data import load_jsonl
 from .outputs import check_new_output, staged
 from .pipeline import EMBEDDED, ExportRequest, bench, export
+from .progress import Progress, quiet
 from .reference import load_adapted
 from .runtime import OrtCausalLM, TorchCausalLM
 from .tasks import task_accuracy
@@ -59,7 +60,7 @@ def default_out(cwd: Path | None = None) -> Path:
     return cwd / f"lora-export-demo-{n}"
 
 
-def demo(out: Path | None = None, progress=print, targets=TARGETS, training: dict | None = None,
+def demo(out: Path | None = None, progress: Progress = quiet, targets=TARGETS, training: dict | None = None,
          bench_rounds: int = 40, base_dir: Path = EMBEDDED / "base", data_dir: Path = EMBEDDED / "demo",
          bar=None) -> DemoResult:
     """Run the whole pipeline; ``base_dir`` and ``data_dir`` (train.jsonl, eval.jsonl) default to the embedded ones.

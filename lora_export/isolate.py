@@ -24,6 +24,7 @@ import traceback
 from typing import Any, Callable
 
 from .errors import ToolchainFailed
+from .progress import Progress, quiet
 
 
 class StageCrashed(ToolchainFailed):
@@ -41,7 +42,7 @@ def lean_env() -> dict:
     return {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)}
 
 
-def run_in_child(fn: Callable[..., Any], *args, progress: Callable[[str], None] = lambda m: None) -> Any:
+def run_in_child(fn: Callable[..., Any], *args, progress: Progress = quiet) -> Any:
     """``fn(*args, progress=...)`` in a fresh Python process; returns its result or raises its error.
 
     ``fn`` must be a module-level function; its arguments and result must pickle."""
@@ -91,7 +92,7 @@ def _receive(stream):
     return pickle.loads(body)
 
 
-def _serve(fd: int) -> None:
+def serve(fd: int) -> None:
     """The child's side: run the stage read from stdin, report on ``fd``."""
     die_with_parent()
     with os.fdopen(fd, "wb") as out:
@@ -125,6 +126,6 @@ def die_with_parent() -> None:
 
 
 if __name__ == "__main__":
-    from lora_export.isolate import _serve as serve  # the importable module's classes, not __main__'s
+    from lora_export import isolate  # the importable module's classes, not __main__'s
 
-    serve(int(sys.argv[1]))
+    isolate.serve(int(sys.argv[1]))

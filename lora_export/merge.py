@@ -18,24 +18,21 @@ materialise every weight first.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from . import tensorfile
-from .adapters import Adapter, attach
-from .base import Nf4Settings, load_tokenizer
+from .adapters import Adapter, attach, saved_layer_weights
+from .base import Nf4Settings, config_of, load_tokenizer, skeleton
+from .checkpoint import shard_files, shard_names, write_fp32_config, write_index
 from .errors import BadInput
 from .manifests import MERGE_BASES
+from .nf4math import round_trip
 from .outputs import check_free_disk
-from .quantized_base import FOUR_BIT
-INDEX = "model.safetensors.index.json"
-
-
-def _quiet(msg: str) -> None:
-    pass
+from .progress import Progress, quiet
+from .quantized_base import FOUR_BIT, quantization_of
 
 
 @dataclass(frozen=True)
@@ -55,27 +52,6 @@ def default_merge_base(adapter: Adapter) -> str:
     return adapter.quantization.settings.quant_type if adapter.trained_on_4bit else "original"
 
 
-def round_trip(w, nf4: Nf4Settings):
-    """dequant(NF4(W)) with bitsandbytes, bit for bit what the 4-bit base computed with during training.
-
-    The weights are quantized from ``load_dtype`` (what training loaded) and dequantized in fp32: code x block
-    scale exactly, as bitsandbytes' 4-bit matmul computes it for fp32 inputs (from bf16-loaded weights too;
-    ``dequantize_4bit`` with the state's own dtype would round each product to bf16 first)."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    q, state = bnbf.quantize_4bit(w.to(getattr(torch, nf4.load_dtype)), blocksize=nf4.blocksize,
-                                  compress_statistics=nf4.double_quant, quant_type=nf4.quant_type,
-                                  quant_storage=getattr(torch, nf4.quant_storage))
-    state.dtype = torch.float32
-    return bnbf.dequantize_4bit(q, state).to(w.dtype)
-
-
-def quantization_of(adapter: Adapter) -> tuple[list[str], Nf4Settings]:
-    """The 4-bit modules and settings a QLoRA adapter was trained against (``quantized_base.resolve``)."""
-    return list(adapter.quantization.modules), adapter.quantization.settings
-
-
 def _hollow(model) -> None:
     """Make every parameter a zero-stride CPU view of one scalar: right shapes and dtypes, no memory."""
     import torch
@@ -89,14 +65,11 @@ def _hollow(model) -> None:
 def _peft_skeleton(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float]):
     """PEFT's adapted model around a hollow base, with every adapter loaded and scaled."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
-    config.__dict__.pop("quantization_config", None)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _hollow(skeleton)
-    model, names = attach(skeleton, adapters, weights, low_cpu_mem_usage=True)
+    config = config_of(base_dir)
+    hollow = skeleton(base_dir, config, dtype=torch.float32)
+    _hollow(hollow)
+    model, names = attach(hollow, adapters, weights, low_cpu_mem_usage=True)
     return model, names, config
 
 
@@ -106,8 +79,7 @@ def _check_combination(adapters: Sequence[Adapter], weights: Sequence[float], me
                            "give one weight per adapter, in the same order")
     if len(adapters) > 1:
         for a in adapters:
-            cfg = a.config
-            if cfg.get("use_dora") or cfg.get("modules_to_save") or a.layer_weights:
+            if not a.plain_lora or a.layer_weights:
                 raise BadInput.one(str(a.path / "adapter_config.json"), "DoRA and modules_to_save adapters cannot "
                                    "be combined linearly with others, nor can saved embedding layers (their merge is not "
                                    "a sum of deltas)",
@@ -125,21 +97,13 @@ def _check_combination(adapters: Sequence[Adapter], weights: Sequence[float], me
                            "trained with, and none were resolved", "use --merge-base original")
 
 
-def _base_shards(base_dir: Path) -> list[Path]:
-    index = base_dir / INDEX
-    if index.is_file():
-        files = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        return [base_dir / f for f in files]
-    return sorted(base_dir.glob("*.safetensors"))
-
-
 def _check_free_disk(shards: list[Path], out_dir: Path) -> None:
     """The fp32 output may be up to twice a 16-bit base; refuse before writing rather than fail half-way."""
     check_free_disk(out_dir, int(1.1 * 2 * sum(p.stat().st_size for p in shards)), "the merged fp32 checkpoint")
 
 
 def merge(base_dir: Path, adapters: Adapter | Sequence[Adapter], out_dir: Path, merge_base: str,
-          weights: Sequence[float] | None = None, progress: Callable[[str], None] = _quiet,
+          weights: Sequence[float] | None = None, progress: Progress = quiet,
           as_trained_dir: Path | None = None) -> MergeResult:
     """Merge ``adapters`` (combined linearly with ``weights``, default 1 each) into the base, streaming shard
     by shard, and write an fp32 safetensors checkpoint (config without quantization_config, tokenizer) to
@@ -163,14 +127,14 @@ def merge(base_dir: Path, adapters: Adapter | Sequence[Adapter], out_dir: Path, 
 
 
 def rewrite_checkpoint(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float], out_dir: Path,
-                       merge_base: str, progress: Callable[[str], None] = _quiet,
+                       merge_base: str, progress: Progress = quiet,
                        nf4: tuple[list[str], Nf4Settings] | None = None,
                        as_trained_dir: Path | None = None) -> MergeResult:
     """The streaming pass. With no adapters it writes the base itself (after the NF4 round trip given by
     ``nf4``): the base an unmerged side-path graph needs. With ``as_trained_dir`` it also writes the base
     after the round trip (given by ``nf4``) next to the merge, from the same reads."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    shards = _base_shards(base_dir)
+    shards = shard_files(base_dir)
     _check_free_disk(shards, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     headers = [tensorfile.read_header(p)[0] for p in shards]
@@ -245,18 +209,11 @@ class _Pass:
 def _pass_model(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float]):
     """(the model the pass merges with, the adapters' names, its config): PEFT's adapted model around a hollow
     base, or with no adapters the bare base on the meta device."""
-    import torch
-
     if adapters:
         model, names, config = _peft_skeleton(base_dir, adapters, weights)
         return model.base_model.model, names, config
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
-    config.__dict__.pop("quantization_config", None)
-    with torch.device("meta"):
-        inner = AutoModelForCausalLM.from_config(config)
-    return inner, [], config
+    config = config_of(base_dir)
+    return skeleton(base_dir, config), [], config
 
 
 def _plan_pass(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[float], merge_base: str,
@@ -287,11 +244,12 @@ def _plan_pass(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[fl
                 getattr(config.get_text_config(), "tie_word_embeddings", False))
     untie = tied and bool({in_name, out_name} & (set(lora) | set(saved)))
 
-    layer_weights = _layer_weights(adapters[0]) if adapters else {}
+    layer_weights = saved_layer_weights(adapters[0]) if adapters else {}
     for name in set(layer_weights) - base_keys:  # a tied head saved beside its embedding: the same matrix
         tied_to = f"{in_name}.weight"
         if not (tied and tied_to in layer_weights and torch.equal(layer_weights[name], layer_weights[tied_to])):
-            raise BadInput.one(str(adapters[0].weights), f"saves a weight for {name}, which the base does not store",
+            raise BadInput.one(str(adapters[0].weights_file),
+                               f"saves a weight for {name}, which the base does not store",
                                "export with the base the adapter was trained on")
     return _Pass(modules=modules, names=names, lora=lora, saved=saved, prefix=getattr(inner, "base_model_prefix", ""),
                  in_name=in_name, out_name=out_name, untie=untie, layer_weights=layer_weights, rounding=nf4,
@@ -300,11 +258,10 @@ def _plan_pass(base_dir: Path, adapters: Sequence[Adapter], weights: Sequence[fl
 
 
 def _stream_shards(pass_: _Pass, shards: list[Path], headers: list, out_dir: Path, as_trained_dir: Path | None,
-                   progress: Callable[[str], None]) -> tuple[list[str], dict[str, str], dict[str, str]]:
+                   progress: Progress) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """Each base shard read tensor by tensor, merged and written to its output shard (and, when asked, the
     base as trained to its own shard). Returns (output files, tensor -> file, as-trained tensor -> file)."""
-    files = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = shard_names(len(shards))
     weight_map: dict[str, str] = {}
     trained_map: dict[str, str] = {}
     for i, (shard, entries) in enumerate(zip(shards, headers)):
@@ -353,9 +310,7 @@ def _stream_tensor(pass_: _Pass, f, e, writer, trained) -> None:
 
 def _write_index(out_dir: Path, files: list[str], weight_map: dict[str, str]) -> None:
     if len(files) > 1:
-        total = sum((out_dir / f).stat().st_size for f in files)
-        (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2) + "\n")
+        write_index(out_dir, weight_map, {"total_size": sum((out_dir / f).stat().st_size for f in files)})
 
 
 def _check_merged(pass_: _Pass, where: Path) -> None:
@@ -377,26 +332,10 @@ def _check_merged(pass_: _Pass, where: Path) -> None:
 
 def _write_merged_files(base_dir: Path, out_dir: Path, untie: bool) -> None:
     """Config (fp32, no quantization_config, untied if the merge untied), generation config and tokenizer."""
-    cfg = json.loads((base_dir / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    if untie:
-        cfg["tie_word_embeddings"] = False
-        if isinstance(cfg.get("text_config"), dict):
-            cfg["text_config"]["tie_word_embeddings"] = False
-    cfg["dtype"] = "float32"
-    cfg.pop("torch_dtype", None)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_fp32_config(base_dir, out_dir, untie=untie)
     if (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
     load_tokenizer(base_dir).save_pretrained(str(out_dir))
-
-
-def _layer_weights(adapter: Adapter) -> dict:
-    """Base parameter name -> the adapter's saved copy (``save_embedding_layers``)."""
-    from .adapters import _strip, _tensors
-
-    wanted = set(adapter.layer_weights)
-    return {_strip(k): t for k, t in _tensors(adapter.weights) if k in wanted} if wanted else {}
 
 
 def _fp32_code(dtype: str) -> str:
@@ -405,10 +344,6 @@ def _fp32_code(dtype: str) -> str:
 
 def _write_as_trained_files(base_dir: Path, out: Path, weight_map: dict) -> None:
     """Config (fp32, no quantization_config) and shard index beside the as-trained base's weights."""
-    cfg = json.loads((base_dir / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    cfg.pop("torch_dtype", None)
-    cfg["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_fp32_config(base_dir, out)
     if len(set(weight_map.values())) > 1:
-        (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+        write_index(out, weight_map)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .isolate import run_in_child
+from .progress import Progress, quiet
 from .runtime import Generation, LogitStore, generate, greedy_tokens, release, teacher_forced
 from .targets import Tolerances
 
@@ -228,14 +229,15 @@ def _open(model):
     return model if hasattr(model, "step") else model()
 
 
-def _call(fn, *args, progress=None):
+def _call(fn, *args, progress: Progress = quiet):
     return fn(*args, progress=progress)
 
 
-def reference_stage(reference, seqs: list[list[int]], steps: int, budget: int, store: Path, progress=None):
+def reference_stage(reference, seqs: list[list[int]], steps: int, budget: int, store: Path,
+                    progress: Progress = quiet):
     """The reference generates its greedy continuations (one batch, KV cache, last-position logits only); its
     logits for every position come from a teacher-forced pass and go to a file. Returns (tokens, store state)."""
-    (progress or (lambda msg: None))(f"parity: the reference generates {len(seqs)} sequences x {steps} tokens")
+    progress(f"parity: the reference generates {len(seqs)} sequences x {steps} tokens")
     model, ref_store = _open(reference), LogitStore(store)
     tokens = greedy_tokens(model, seqs, steps)
     for i, rows in teacher_forced(model, [p + t[:-1] for p, t in zip(seqs, tokens)], budget):
@@ -246,18 +248,18 @@ def reference_stage(reference, seqs: list[list[int]], steps: int, budget: int, s
 
 
 def comparison_stages(merged, base, seqs: list[list[int]], tokens: list[list[int]], budget: int, ref_state: tuple,
-                      store: Path, progress=None):
+                      store: Path, progress: Progress = quiet):
     """The merged and the unadapted model (PyTorch), one after the other, teacher-forced on the reference's
     tokens and compared with its logits as they go; the merged logits go to a file for the export stage.
     Returns (stage Metrics, merged store state or None)."""
-    say = progress or (lambda msg: None)
     full = [p + t[:-1] for p, t in zip(seqs, tokens)]
     ref_store, merged_store = LogitStore.reader(ref_state), LogitStore(store)
     stages: dict[str, Metrics] = {}
     for key, loader, out in (("merge", merged, merged_store), ("adapter", base, None)):
         if loader is None:
             continue
-        say("parity: the merged fp32 model (PyTorch)" if key == "merge" else "parity: the unadapted base (PyTorch)")
+        progress("parity: the merged fp32 model (PyTorch)" if key == "merge" else
+                 "parity: the unadapted base (PyTorch)")
         model, acc = _open(loader), Accumulator()
         for i, rows in teacher_forced(model, full, budget):
             acc.add(ref_store[i], rows)
@@ -273,7 +275,7 @@ def comparison_stages(merged, base, seqs: list[list[int]], tokens: list[list[int
 
 
 def candidate_stage(candidate, shapes: list[Shape], steps: int, ref_tokens: list[list[int]], ref_state: tuple,
-                    merged_state: tuple | None, progress=None):
+                    merged_state: tuple | None, progress: Progress = quiet):
     """The export's run: each shape as its batches, teacher-forced with the reference's tokens through its KV
     cache, compared as it goes with the reference's (and the merged model's) stored logits.
     Returns (per-shape Metrics, total Metrics, export-stage Metrics or None)."""
@@ -303,7 +305,7 @@ def _sequences(shapes: list[Shape]) -> list[list[int]]:
     return [list(p) for shape in shapes for batch in shape.batches for p in batch]
 
 
-def measure(models: Models, shapes: list[Shape], steps: int, work_dir: Path, progress=None,
+def measure(models: Models, shapes: list[Shape], steps: int, work_dir: Path, progress: Progress = quiet,
             vocab_size: int = 50_000):
     """Run every model on every shape. Returns (per-shape Metrics, pooled stage Metrics, adapter retention).
 
@@ -315,19 +317,18 @@ def measure(models: Models, shapes: list[Shape], steps: int, work_dir: Path, pro
        teacher-forced with the reference's tokens; compared with the reference and the merged model.
     Only one model is in memory at a time; logits live in files, read back a sequence at a time.
     """
-    say = progress or (lambda msg: None)
     run = run_in_child if models.isolate else _call
     seqs, budget = _sequences(shapes), max(1, LOGIT_BUDGET_BYTES // (4 * vocab_size))
     stores = (work_dir / "reference.f32", work_dir / "merged.f32")
     try:
-        tokens, ref_state = run(reference_stage, models.reference, seqs, steps, budget, stores[0], progress=say)
+        tokens, ref_state = run(reference_stage, models.reference, seqs, steps, budget, stores[0], progress=progress)
         stages, merged_state = {}, None
         if models.merged is not None or models.base is not None:
             stages, merged_state = run(comparison_stages, models.merged, models.base, seqs, tokens, budget, ref_state,
-                                       stores[1], progress=say)
-        say("parity: the export (ONNX Runtime), each shape through its KV cache")
+                                       stores[1], progress=progress)
+        progress("parity: the export (ONNX Runtime), each shape through its KV cache")
         per_shape, total, export = run(candidate_stage, models.candidate, shapes, steps, tokens, ref_state,
-                                       merged_state, progress=say)
+                                       merged_state, progress=progress)
     finally:
         for path in stores:
             path.unlink(missing_ok=True)

@@ -38,8 +38,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .adapters import attach, base_name_note, load_adapter
-from .base import check_base, load_fp32, load_tokenizer
+from .adapters import Adapter, attach, base_name_note, load_adapter
+from .base import check_base, is_prequantized, load_fp32, load_tokenizer
 from .data import load_jsonl
 from .errors import BadInput, ToolchainFailed, UnreadableModel
 from .export import BACKENDS
@@ -48,10 +48,11 @@ from .fingerprint import sha256_file
 from .isolate import run_in_child
 from .manifests import EXPORT_MANIFEST, NOT_RECORDED, AdapterEntry, BaseEntry, ExportManifest, read_export_manifest
 from .manifests import write_export_manifest as _write_manifest
-from .merge import MergeResult, merge, quantization_of, rewrite_checkpoint
+from .merge import MergeResult, merge, rewrite_checkpoint
 from .outputs import check_free_disk, check_new_output, scratch, staged, sweep_temp
 from .precision import check_fp16_range
-from .quantized_base import FOUR_BIT, QuantRequest, is_prequantized, plain_base, resolve
+from .progress import Progress, quiet
+from .quantized_base import FOUR_BIT, QuantRequest, plain_base, quantization_of, resolve
 from .quantized_base import check_request as check_quant_request
 from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
 from .reference import DEVICE as REFERENCE_DEVICE
@@ -66,10 +67,6 @@ if TYPE_CHECKING:  # imported where used: numpy and ONNX Runtime stay out of the
 
 EMBEDDED = Path(__file__).resolve().parent / "embedded"
 PARITY_PROMPTS = 8
-
-
-def _quiet(msg: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -96,7 +93,7 @@ class ExportResult:
 class Prepared:
     """What the preparing child hands back: checked adapters, the merge, and what the graph builder reads."""
 
-    adapters: tuple
+    adapters: tuple[Adapter, ...]
     weights: tuple[float, ...]
     merge_base: str
     merged: MergeResult
@@ -119,7 +116,7 @@ def check_request(req: ExportRequest) -> None:
                                "pass a finite weight such as 1.0 or 0.5 for each adapter")
 
 
-def export(req: ExportRequest, progress=_quiet) -> ExportResult:
+def export(req: ExportRequest, progress: Progress = quiet) -> ExportResult:
     """Base + adapter(s) -> a checked ONNX export at ``req.out``, step by step (each step a function below)."""
     base, target, out = check_inputs(req)
     with staged(out) as tmp, scratch(out, "merged") as work:
@@ -139,14 +136,14 @@ def check_inputs(req: ExportRequest) -> tuple[Path, object, Path]:
     check_request(req)
     target = load_target(req.target)
     base = check_base(req.base)
-    check_against_context(target, _context_of(base)[0], str(base / "config.json"))
+    check_against_context(target, context_of(base)[0], str(base / "config.json"))
     out = Path(req.out)
     check_new_output(out)
-    check_free_disk(out, _export_bytes(base, target), "the merged and the as-trained fp32 checkpoints plus 2.2 x the export")
+    check_free_disk(out, export_bytes(base, target), "the merged and the as-trained fp32 checkpoints plus 2.2 x the export")
     return base, target, out
 
 
-def build(req: ExportRequest, target, prep: Prepared, tmp: Path, progress=_quiet) -> None:
+def build(req: ExportRequest, target, prep: Prepared, tmp: Path, progress: Progress = quiet) -> None:
     """The graph, merged or (--keep-adapter) with the adapter as a side path, into ``tmp``."""
     progress(f"building the {'unmerged' if req.keep_adapter else 'merged'} ONNX graph with {target.backend} "
              f"({target.precision}, weights {target.quantization.scheme})")
@@ -158,7 +155,7 @@ def build(req: ExportRequest, target, prep: Prepared, tmp: Path, progress=_quiet
 
 
 def quantized_weights(req: ExportRequest, target, prep: Prepared, base: Path, tmp: Path,
-                      progress=_quiet) -> dict | None:
+                      progress: Progress = quiet) -> dict | None:
     """For quantized weights: the training's scales if asked, and what survives of the adapter (the manifest's
     ``quantization``); None for unquantized weights and unmerged graphs."""
     if target.quantization.scheme == "none" or req.keep_adapter:
@@ -166,7 +163,7 @@ def quantized_weights(req: ExportRequest, target, prep: Prepared, base: Path, tm
     return run_in_child(requantized, tmp, prep, base, target, progress=progress)
 
 
-def validate_new(tmp: Path, target, prep: Prepared, progress=_quiet) -> parity.ParityReport:
+def validate_new(tmp: Path, target, prep: Prepared, progress: Progress = quiet) -> parity.ParityReport:
     """Parity of the graph just built (a model our own build cannot load is the toolchain's failure)."""
     progress("validating parity against the adapted model as trained")
     try:
@@ -185,14 +182,14 @@ def parity_summary(report: parity.ParityReport) -> dict:
             "adapter_retention": report.adapter_retention}
 
 
-def build_graph(target, checkpoint: Path, out_dir: Path, adapter: Path | None, progress=_quiet) -> None:
+def build_graph(target, checkpoint: Path, out_dir: Path, adapter: Path | None, progress: Progress = quiet) -> None:
     """The target's graph backend on a checkpoint (in a child process: the torch-dynamo backend loads the
     model in-process, and the export's own process stays light)."""
     BACKENDS[target.backend].build(checkpoint, out_dir, target, out_dir / "build.log",
                                    **({"adapter": adapter} if adapter is not None else {}))
 
 
-def requantized(export_dir: Path, prep: Prepared, base: Path, target, progress=_quiet) -> dict:
+def requantized(export_dir: Path, prep: Prepared, base: Path, target, progress: Progress = quiet) -> dict:
     """After the build of a quantized graph: NF4 with the training's scales if asked, and how much of the
     adapter's change survives the weight quantization (for the manifest). Runs in a child process."""
     from .quantize.survival import ERASED, measure_survival
@@ -215,7 +212,7 @@ def requantized(export_dir: Path, prep: Prepared, base: Path, target, progress=_
     return survival.to_dict()
 
 
-def prepare(req: ExportRequest, base: Path, target, work: Path, progress=_quiet) -> Prepared:
+def prepare(req: ExportRequest, base: Path, target, work: Path, progress: Progress = quiet) -> Prepared:
     """Check every adapter against the base, merge them in fp32 shard by shard (and for fp16 targets check
     the range). For --keep-adapter, also write the base the side path sits on (the NF4 round trip for QLoRA)."""
     paths = [req.adapter] if isinstance(req.adapter, (str, Path)) else list(req.adapter)
@@ -285,22 +282,22 @@ def base_entry(base: Path, out: Path) -> BaseEntry:
 
 def adapter_entry(adapter, out: Path, weight: float = 1.0, **switchable) -> AdapterEntry:
     """The manifest's record of an adapter: where, its weights' sha256, and the 4-bit base the export resolved."""
-    return AdapterEntry(**_where(adapter.path, out), weights_file=adapter.weights.name,
-                        adapter_model_sha256=sha256_file(adapter.weights), weight=weight,
+    return AdapterEntry(**_where(adapter.path, out), weights_file=adapter.weights_file.name,
+                        adapter_model_sha256=sha256_file(adapter.weights_file), weight=weight,
                         quantization=adapter.quantization.to_dict() if adapter.quantization else None, **switchable)
 
 
 BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1.1, "int4": 0.6, "nf4": 0.6}  # with scales
 
 
-def _export_bytes(base: Path, target) -> int:
+def export_bytes(base: Path, target) -> int:
     """Disk an export needs at its peak: the merged and as-trained fp32 checkpoints (scratch) and 2.2 x the ONNX output
     (the graph builder's own temporaries and our re-save), from the parameter count in the shard headers."""
-    from .merge import _base_shards
+    from .checkpoint import shard_files
     from .tensorfile import read_header
 
     params = sum(math.prod(e.shape) * (2 if e.dtype == "U8" else 1)  # a 4-bit base: two weights a byte
-                 for p in _base_shards(base) for e in read_header(p)[0])
+                 for p in shard_files(base) for e in read_header(p)[0])
     scheme = target.quantization.scheme
     weights = BYTES_PER_WEIGHT[scheme if scheme != "none" else target.precision]
     return int((12 if is_prequantized(base) else 8) * params + 2.2 * weights * params)  # + its dequantized copy
@@ -310,8 +307,7 @@ def check_side_path(adapters) -> None:
     """--keep-adapter: one plain LoRA or rsLoRA adapter, which the builder can emit as a side path."""
     if len(adapters) > 1:
         raise BadInput.one("--keep-adapter", "an unmerged graph carries one adapter", "pass a single --adapter")
-    config = adapters[0].config
-    if config.get("use_dora") or config.get("modules_to_save"):
+    if not adapters[0].plain_lora:
         raise BadInput.one(str(adapters[0].path / "adapter_config.json"), "--keep-adapter supports plain LoRA and "
                            "rsLoRA side paths only (this adapter uses DoRA or modules_to_save)",
                            "export it merged (without --keep-adapter)")
@@ -342,7 +338,7 @@ def _adapters_of(entries, export_dir: Path, base: Path):
                                allow_pickle=entry.weights_file == "adapter_model.bin")
         if entry.quantization != NOT_RECORDED:  # the 4-bit base the export resolved (older exports: the training's)
             adapter = replace(adapter, quantization=entry.resolved_quantization)
-        if sha256_file(adapter.weights) != entry.adapter_model_sha256:
+        if sha256_file(adapter.weights_file) != entry.adapter_model_sha256:
             raise BadInput.one(str(adapter.path), "the adapter's weights changed since this export was made",
                                "validate against the adapter that was exported, or re-export")
         adapters.append(adapter)
@@ -404,7 +400,7 @@ def load_prompts(tok, path: Path | None = None) -> tuple[list[list[int]], list[l
     return prompts, documents
 
 
-def _context_of(base: Path) -> tuple[int, int]:
+def context_of(base: Path) -> tuple[int, int]:
     """(context length, vocabulary size) of the base model, read from its config.json (no torch needed).
 
     Architectures name the context differently (GPT-2 ``n_positions``, Llama ``max_position_embeddings``)."""
@@ -420,7 +416,8 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence
 
 
 def validate(export_dir: Path, report_json: Path | None = None, junit: Path | None = None,
-             prompts: Path | None = None, progress=_quiet, prepared: Prepared | None = None) -> parity.ParityReport:
+             prompts: Path | None = None, progress: Progress = quiet,
+             prepared: Prepared | None = None) -> parity.ParityReport:
     """Parity of an export against the adapted model as trained, with the target's tolerances.
 
     ``prepared`` is the checked adapters and the merge (with the base as trained beside it) when the caller
@@ -444,7 +441,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     if prepared is None:  # (export hashed the base a moment ago)
         check_base_unchanged(base, manifest, export_dir)
     check_external_data(export_dir / "model.onnx")
-    max_positions, vocab_size = _context_of(base)
+    max_positions, vocab_size = context_of(base)
     check_against_context(target, max_positions, str(base / "config.json"))
     steps = max(parity.MIN_STEPS, target.tolerances.greedy_tokens)
     from .runtime import check_providers, parity_providers
@@ -496,7 +493,7 @@ def check_prompt_lengths(prompt_ids: list[list[int]], max_positions: int, steps:
 
 
 def validation_inputs(export_dir: Path, manifest: ExportManifest, base: Path, prompts: Path | None, tmp: Path,
-                      prepared: Prepared | None, max_positions: int, steps: int, progress=_quiet):
+                      prepared: Prepared | None, max_positions: int, steps: int, progress: Progress = quiet):
     """(Prepared, parity prompt token ids): the adapters checked unchanged and merged again unless given.
     Runs in a child process (it imports torch)."""
     token_ids = load_prompts(load_tokenizer(base), prompts)
@@ -524,14 +521,14 @@ def torch_model(checkpoint: Path):
     return TorchCausalLM(load_fp32(checkpoint))
 
 
-def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, rounds: int = 100,
+def bench(export_dir: Path, json_path: Path | None = None, progress: Progress = quiet, rounds: int = 100,
           plot_path: Path | None = None, memory: bool = True, eager: bool = False, providers=None,
           new_tokens: int = 64):
     """Time the export against the unadapted base export for the same target (built once, into bench-base/),
     and, for a merged export of a plain LoRA adapter, against the unmerged side-path graph (bench-unmerged/).
     ``providers``, ``new_tokens``: run with these providers instead of the target's, and decode this many tokens
     per round (benchmarks/gpu_check.py's CPU dry run)."""
-    from . import bench as latency
+    from . import latency
     from .runtime import TorchCausalLM
 
     export_dir = Path(export_dir)
@@ -554,8 +551,7 @@ def bench(export_dir: Path, json_path: Path | None = None, progress=_quiet, roun
     adapter = adapters[0]
     base_export = export_dir / "bench-base"
     unmerged = export_dir / "bench-unmerged"
-    side_path = manifest.graph == "merged" and len(adapters) == 1 and not (
-        adapter.config.get("use_dora") or adapter.config.get("modules_to_save"))
+    side_path = manifest.graph == "merged" and len(adapters) == 1 and adapter.plain_lora
     with contextlib.ExitStack() as stack:
         plain = base
         if is_prequantized(base) and (eager or not (base_export / "model.onnx").is_file() or

@@ -25,11 +25,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
-from .base import BLOCKSIZES, Nf4Settings
+from .base import BLOCKSIZES, Nf4Settings, is_prequantized, quantization_config
+from .checkpoint import shard_files, shard_names, write_fp32_config, write_index
 from .errors import BadInput, Problem, raise_if
 from .jsonfile import read_object
+from .progress import Progress, quiet
 
 FOUR_BIT = ("nf4", "fp4")  # merge bases that reproduce the 4-bit base (named by the quant type)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -40,10 +41,6 @@ SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 QUANT_STATE = ".quant_state.bitsandbytes__"
 FLAGS = {"quant_type": "--bnb-quant-type", "blocksize": "--bnb-block-size", "double_quant": "--bnb-double-quant",
          "load_dtype": "--bnb-load-dtype"}
-
-
-def _quiet(msg: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -98,60 +95,23 @@ class Quantization:
         return ", ".join(parts)
 
 
+def quantization_of(adapter) -> tuple[list[str], Nf4Settings]:
+    """The 4-bit modules and settings a QLoRA adapter was trained against (``resolve``)."""
+    return list(adapter.quantization.modules), adapter.quantization.settings
+
+
 # --- pre-quantized bases -------------------------------------------------------------------------------------
-
-
-def quantization_config(base_dir: Path) -> dict | None:
-    """The base's config.json quantization_config, if any (no torch needed)."""
-    try:
-        cfg = json.loads((Path(base_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    return qc if isinstance(qc, dict) else None
-
-
-def _is_4bit_bnb(qc: dict) -> bool:
-    return qc.get("quant_method", "bitsandbytes") == "bitsandbytes" and bool(qc.get("load_in_4bit") or
-                                                                               qc.get("_load_in_4bit"))
-
-
-def base_quantization_problems(base_dir: Path) -> list[Problem]:
-    """A quantized base this tool cannot merge into: 8-bit bitsandbytes, GPTQ, AWQ, FP8 and the others."""
-    qc = quantization_config(base_dir)
-    if qc is None or _is_4bit_bnb(qc):
-        return []
-    method = qc.get("quant_method", "bitsandbytes")
-    kind = "8-bit bitsandbytes" if method == "bitsandbytes" and (qc.get("load_in_8bit") or qc.get("_load_in_8bit")) \
-        else f"{method}-quantized"
-    article = "an" if kind[0] in "8aeiou" else "a"
-    return [Problem(str(Path(base_dir) / "config.json"), f"{article} {kind} checkpoint: lora-export merges into full-precision "
-                    "weights or into bitsandbytes 4-bit (NF4/FP4) codes, not into this format",
-                    "pass the full-precision (bf16/fp16/fp32) model the quantized one was made from with --base")]
-
-
-def is_prequantized(base_dir: Path) -> bool:
-    qc = quantization_config(base_dir)
-    return qc is not None and _is_4bit_bnb(qc)
-
-
-def _shards(base_dir: Path) -> list[Path]:
-    index = Path(base_dir) / "model.safetensors.index.json"
-    if index.is_file():
-        return [Path(base_dir) / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
-    return sorted(Path(base_dir).glob("*.safetensors"))
 
 
 def _entries(base_dir: Path) -> dict:
     """name -> (shard, header entry) over all shards."""
     from .tensorfile import read_header
 
-    return {e.name: (shard, e) for shard in _shards(base_dir) for e in read_header(shard)[0]}
+    return {e.name: (shard, e) for shard in shard_files(base_dir) for e in read_header(shard)[0]}
 
 
 def prequantized_quantization(base_dir: Path) -> Quantization:
     """The settings of a pre-quantized 4-bit base, read from the quant_state stored with its weights."""
-    from .tensorfile import read_tensor
 
     where = str(Path(base_dir) / "config.json")
     qc = quantization_config(base_dir) or {}
@@ -219,7 +179,7 @@ def check_prequantized(base_dir: Path, entries: dict, states: list[str]) -> dict
     return settings[1]
 
 
-def dequantize_base(base_dir: Path, out_dir: Path, progress: Callable[[str], None] = _quiet) -> Path:
+def dequantize_base(base_dir: Path, out_dir: Path, progress: Progress = quiet) -> Path:
     """Write the pre-quantized base as an fp32 checkpoint: every 4-bit weight dequantized once by bitsandbytes
     (exactly the weights its fp32 path multiplies with in training), the rest as stored; shard by shard."""
     import bitsandbytes.functional as bnbf
@@ -237,9 +197,8 @@ def dequantize_base(base_dir: Path, out_dir: Path, progress: Callable[[str], Non
             weight = name.split(QUANT_STATE)[0]
             parts[weight] = [n for n in entries if n.startswith(weight + ".")]
     skip = {n for names in parts.values() for n in names}
-    shards = _shards(base_dir)
-    files = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    shards = shard_files(base_dir)
+    files = shard_names(len(shards))
     weight_map = {}
     handles = {shard: open(shard, "rb") for shard in shards}
     try:
@@ -268,13 +227,8 @@ def dequantize_base(base_dir: Path, out_dir: Path, progress: Callable[[str], Non
         for f in handles.values():
             f.close()
     if len(files) > 1:
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                         indent=2) + "\n")
-    cfg = json.loads((base_dir / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    cfg.pop("torch_dtype", None)
-    cfg["dtype"] = "float32"
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        write_index(out_dir, weight_map)
+    write_fp32_config(base_dir, out_dir)
     if (base_dir / "generation_config.json").is_file():
         (out_dir / "generation_config.json").write_bytes((base_dir / "generation_config.json").read_bytes())
     load_tokenizer(base_dir).save_pretrained(str(out_dir))
@@ -293,7 +247,7 @@ def _state(weight: str, names: list[str], entries: dict, handles: dict):
     return state
 
 
-def plain_base(base_dir: Path, work: Path, progress: Callable[[str], None] = _quiet) -> Path:
+def plain_base(base_dir: Path, work: Path, progress: Progress = quiet) -> Path:
     """The base as full-precision weights: itself, or a pre-quantized base dequantized into ``work``."""
     if not is_prequantized(base_dir):
         return Path(base_dir)
@@ -447,24 +401,23 @@ def _read_any(path: Path, problems: list[Problem]) -> Record | None:
     return _card_record(path, problems) if path.suffix == ".md" else _config_record(path, problems)
 
 
-def find_record(adapter_dir: Path, training_config: Path | None = None) -> tuple[Record | None, list[str]]:
+def find_record(records: list[Record], problems: list[Problem], adapter_dir: Path,
+                training_config: Path | None = None) -> tuple[Record | None, list[str]]:
     """(the record of the 4-bit settings, the other files that hold one): --training-config, else the files in
-    the adapter directory, which must agree with each other."""
-    problems: list[Problem] = []
+    the adapter directory (``records``, read by ``_records_in`` with ``problems``), which must agree."""
     if training_config is not None:
         path = Path(training_config)
         if not path.is_file():
             raise BadInput.one(str(path), "--training-config file not found",
                                "pass the axolotl YAML, config.json or README.md the training run wrote")
-        record = _read_any(path, problems)
-        raise_if(problems)
+        own: list[Problem] = []
+        record = _read_any(path, own)
+        raise_if(own)
         if record is None or not (record.four_bit or record.eight_bit):
             raise BadInput.one(str(path), "records no bitsandbytes quantization settings",
                                "pass the file the training tool wrote (axolotl YAML with adapter: qlora, a config.json "
                                "with quantization_config, PEFT's README.md), or give them with --bnb-* flags")
-        beside = [r for r in _records_in(Path(adapter_dir), problems) if r.where != record.where]
-        return record, [r.where for r in beside]
-    records = _records_in(Path(adapter_dir), problems)
+        return record, [r.where for r in records if r.where != record.where]
     raise_if(problems)
     if not records:
         return None, []
@@ -545,7 +498,7 @@ def check_request(req: QuantRequest) -> None:
 
 
 def resolve(adapter, base_dir: Path, merge_base: str | None, request: QuantRequest = QuantRequest(),
-            progress: Callable[[str], None] = _quiet):
+            progress: Progress = quiet):
     """(the adapter with the 4-bit base it was trained against, or None for plain LoRA; the merge base).
 
     ``merge_base``: "nf4", "fp4", "original" or None (the default for this adapter)."""
@@ -554,15 +507,17 @@ def resolve(adapter, base_dir: Path, merge_base: str | None, request: QuantReque
     if merge_base in FOUR_BIT and "quant_type" in given and given["quant_type"] != merge_base:
         raise BadInput.one("--bnb-quant-type", f"{given['quant_type']} disagrees with --merge-base {merge_base}",
                            "give the quant type once: --merge-base nf4 or --merge-base fp4")
+    read_problems: list[Problem] = []  # the adapter directory's records, read once: used, or named as ignored
+    records = _records_in(Path(adapter.path), read_problems)
     if is_prequantized(base_dir):
-        _note_ignored(adapter.path, request, "the pre-quantized base's own codes decide", progress)
+        _note_ignored(records, request, "the pre-quantized base's own codes decide", progress)
         return _prequantized(adapter, base_dir, merge_base, given)
     known = adapter.quantization  # from lora-export's training manifest
     if known:
-        _note_ignored(adapter.path, request, "training_manifest.json records the run", progress)
+        _note_ignored(records, request, "training_manifest.json records the run", progress)
         record = None
     else:
-        record, ignored = find_record(adapter.path, request.training_config)
+        record, ignored = find_record(records, read_problems, adapter.path, request.training_config)
         for where in ignored:
             progress(f"  {where} ignored: --training-config {request.training_config} is used instead")
     partial = sorted(k for k in given if k != "quant_type")
@@ -626,9 +581,9 @@ def resolve(adapter, base_dir: Path, merge_base: str | None, request: QuantReque
     return replace(adapter, quantization=quant), chosen
 
 
-def _note_ignored(adapter_dir: Path, request: QuantRequest, why: str, progress: Callable[[str], None]) -> None:
-    """Say which records of the 4-bit settings were not read, and why."""
-    files = [r.path for r in _records_in(Path(adapter_dir), [])]
+def _note_ignored(records: list[Record], request: QuantRequest, why: str, progress: Progress) -> None:
+    """Say which records of the 4-bit settings were not used, and why."""
+    files = [r.path for r in records]
     if request.training_config is not None:
         files.append(f"--training-config {request.training_config}")
     for f in files:

@@ -21,7 +21,8 @@ from typing import Sequence
 
 from .adapters import Adapter, attach
 from .base import Nf4Settings, load_fp32
-from .merge import quantization_of, round_trip
+from .nf4math import round_trip
+from .quantized_base import quantization_of
 
 COMPUTE_DTYPE = "float32"
 DEVICE = "cpu"

@@ -64,6 +64,21 @@ def parity_providers(providers) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(providers), missing  # check_providers refuses these
 
 
+def run_options_for(ort, path: Path):
+    """(RunOptions with the adapter file ``path`` active, the loaded adapter: ONNX Runtime memory-maps it)."""
+    if not path.is_file():
+        raise BadInput.one(str(path), "no adapter file here", "pass a file under EXPORT_DIR/adapters/")
+    adapter = ort.LoraAdapter()
+    try:
+        adapter.Load(str(path))
+    except Exception as e:
+        raise BadInput.one(str(path), f"ONNX Runtime cannot read this adapter file ({str(e)[:200]})",
+                           "re-export it with `lora-export export --switchable` or `--into`") from e
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    return options, adapter  # the caller keeps the adapter alive as long as the options
+
+
 class OrtCausalLM:
     """An exported decoder in a plain ``onnxruntime.InferenceSession`` with its KV cache."""
 
@@ -80,8 +95,6 @@ class OrtCausalLM:
         self._ort = ort
         self.run_options = None
         if adapter is not None:  # --switchable: ONNX Runtime binds the file's parameters to the LoRA inputs
-            from .switchable import run_options_for
-
             self.run_options, self._adapter = run_options_for(ort, Path(adapter))
 
         self.dir = Path(export_dir)

@@ -34,11 +34,8 @@ from .fingerprint import sha256_file
 from .isolate import run_in_child
 from .manifests import ExportManifest, read_export_manifest, write_export_manifest
 from .outputs import check_free_disk, check_new_output, scratch, staged
-from .quantized_base import (
-    QuantRequest,
-    plain_base,
-    resolve,
-)
+from .progress import Progress, quiet
+from .quantized_base import QuantRequest, plain_base, resolve
 from .targets import load_target, tomllib
 from .versions import package_versions
 
@@ -46,10 +43,6 @@ ADAPTERS = "adapters"
 GRAPH = "switchable"
 BASE_SECTION = "base"  # the section for no adapter active
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-def _quiet(msg: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -91,7 +84,7 @@ def check_request(req: SwitchRequest, taken: tuple[str, ...] = ()) -> tuple[str,
     return names
 
 
-def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True, progress=_quiet):
+def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True, progress: Progress = quiet):
     """Check each adapter (plain LoRA/rsLoRA, one shared merge base); the full-precision base; the base the
     graph is built on. Runs in a child process (it imports torch)."""
     from .pipeline import check_side_path, load_prompts, unmerged_source
@@ -101,7 +94,7 @@ def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True
     for p in req.adapters:
         a, merge_base = resolve(load_adapter(p, base, allow_pickle=req.allow_pickle), base, req.merge_base, req.quant,
                                 progress)
-        if a.config.get("use_dora") or a.config.get("modules_to_save"):
+        if not a.plain_lora:
             raise BadInput.one(str(a.path / "adapter_config.json"), "--switchable supports plain LoRA and rsLoRA "
                                "adapters only (this one uses DoRA or modules_to_save)",
                                "export it merged (without --switchable)")
@@ -120,7 +113,8 @@ def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True
     return tuple(adapters), merge_base, plain, source
 
 
-def write_files(plain: Path, adapters, names, inputs: tuple[LoraInput, ...], folder: Path, progress=_quiet) -> dict:
+def write_files(plain: Path, adapters, names, inputs: tuple[LoraInput, ...], folder: Path,
+                progress: Progress = quiet) -> dict:
     """One .onnx_adapter per adapter; returns {name: sha256}. Runs in a child process (PEFT, torch)."""
     folder.mkdir(exist_ok=True)
     hashes = {}
@@ -138,9 +132,9 @@ def _entry(adapter, name: str, sha: str, out: Path):
     return adapter_entry(adapter, out, name=name, file=f"{ADAPTERS}/{name}{SUFFIX}", file_sha256=sha)
 
 
-def export(req: SwitchRequest, progress=_quiet):
+def export(req: SwitchRequest, progress: Progress = quiet):
     """A new switchable export: base graph + one adapter file per adapter, then parity of each."""
-    from .pipeline import _export_bytes, base_entry
+    from .pipeline import base_entry, export_bytes
 
     names = check_request(req)
     target = load_target(req.target)
@@ -153,7 +147,7 @@ def export(req: SwitchRequest, progress=_quiet):
     base = check_base(req.base)
     out = Path(req.out)
     check_new_output(out)
-    check_free_disk(out, _export_bytes(base, target), "the base as trained plus 2.2 x the export")
+    check_free_disk(out, export_bytes(base, target), "the base as trained plus 2.2 x the export")
     with staged(out) as tmp, scratch(out, "work") as work:
         adapters, merge_base, plain, source = run_in_child(prepare, req, base, work, progress=progress)
         progress(f"building the base graph with LoRA inputs ({target.precision}) on the {merge_base} base")
@@ -183,7 +177,7 @@ def export(req: SwitchRequest, progress=_quiet):
     return out, merge_base, report
 
 
-def add(req: SwitchRequest, progress=_quiet):
+def add(req: SwitchRequest, progress: Progress = quiet):
     """--into: add adapter files to an existing switchable export, after checking that they fit its graph and
     base, and that each passes parity; the graph is not rebuilt."""
     into = Path(req.into)
@@ -231,22 +225,7 @@ def add(req: SwitchRequest, progress=_quiet):
     return into, merge_base, report
 
 
-def run_options_for(ort, path: Path):
-    """(RunOptions with the adapter file ``path`` active, the loaded adapter: ONNX Runtime memory-maps it)."""
-    if not path.is_file():
-        raise BadInput.one(str(path), "no adapter file here", "pass a file under EXPORT_DIR/adapters/")
-    adapter = ort.LoraAdapter()
-    try:
-        adapter.Load(str(path))
-    except Exception as e:
-        raise BadInput.one(str(path), f"ONNX Runtime cannot read this adapter file ({str(e)[:200]})",
-                           "re-export it with `lora-export export --switchable` or `--into`") from e
-    options = ort.RunOptions()
-    options.add_active_adapter(adapter)
-    return options, adapter  # the caller keeps the adapter alive as long as the options
-
-
-def export_command(args, progress=_quiet):
+def export_command(args, progress: Progress = quiet):
     """The CLI's export arguments: (dir, merge base, report) for --switchable/--into, else None (after checking
     the options that only they take, and the --target/--out the other exports need)."""
     switched = args.switchable or args.into is not None

@@ -1,7 +1,7 @@
 """Latency of a switchable export: the base graph with no adapter active, with each adapter active, and (when
 given) a merged export of one adapter; the time to switch adapters between generations; adapter file sizes.
 
-Decode and prompt-pass times come from ``bench.measure`` (variants interleaved, the order rotating each round,
+Decode and prompt-pass times come from ``latency.measure`` (variants interleaved, the order rotating each round,
 paired per-round ratios with a bootstrap interval). Switching is timed two ways: ONNX Runtime (a new RunOptions
 with another loaded LoraAdapter active) and onnxruntime-genai (``Generator.set_active_adapter`` on a new
 generator, the adapters loaded once), each against one decode step.
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
+from .progress import Progress, quiet
 
 NO_ADAPTER = "no adapter"
 
@@ -28,7 +29,7 @@ class SwitchBench:
     prompt_len: int
     decode_ms: dict  # variant -> median ms per decode step
     prompt_ms: dict  # variant -> median ms of the prompt pass
-    decode_ratio: dict  # variant -> bench.RatioStats against NO_ADAPTER (and "vs merged" where there is one)
+    decode_ratio: dict  # variant -> latency.RatioStats against NO_ADAPTER (and "vs merged" where there is one)
     switch_ms: dict  # "onnxruntime" / "onnxruntime-genai" -> median ms to switch the active adapter
     load_ms: dict  # adapter -> ms to load its file (ONNX Runtime LoraAdapter)
     adapter_bytes: dict  # adapter -> file size
@@ -53,13 +54,13 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def bench(export_dir: Path, prompt: list[int], merged_dir: Path | None = None, rounds: int = 20,
-          new_tokens: int = 32, max_ratio: float = 1.10, providers=("CPUExecutionProvider",), progress=None):
-    from . import bench as latency
+          new_tokens: int = 32, max_ratio: float = 1.10, providers=("CPUExecutionProvider",),
+          progress: Progress = quiet):
+    from . import latency
     from .manifests import read_export_manifest
-    from .runtime import OrtCausalLM, import_onnxruntime
-    from .switchable import GRAPH, run_options_for
+    from .runtime import OrtCausalLM, import_onnxruntime, run_options_for
+    from .switchable import GRAPH
 
-    say = progress or (lambda msg: None)
     export_dir = Path(export_dir)
     manifest = read_export_manifest(export_dir)
     if manifest.graph != GRAPH:
@@ -69,7 +70,8 @@ def bench(export_dir: Path, prompt: list[int], merged_dir: Path | None = None, r
     models.update({name: OrtCausalLM(export_dir, providers, adapter=path) for name, path in files.items()})
     if merged_dir is not None:
         models[f"merged {next(iter(files))}"] = OrtCausalLM(merged_dir, providers)
-    say(f"timing {', '.join(models)}: {rounds} interleaved rounds of a {len(prompt)}-token prompt + {new_tokens} tokens")
+    progress(f"timing {', '.join(models)}: {rounds} interleaved rounds of a {len(prompt)}-token prompt + "
+             f"{new_tokens} tokens")
     samples = latency.measure(models, prompt, new_tokens, rounds)
     decode = {n: float(np.median(s[1])) for n, s in samples.items()}
     prompt_ms = {n: float(np.median(s[0])) for n, s in samples.items()}
@@ -80,7 +82,7 @@ def bench(export_dir: Path, prompt: list[int], merged_dir: Path | None = None, r
             ratios[f"{n} vs merged"] = asdict(latency.ratio_stats(samples[n][1], samples[merged][1]))
 
     ort = import_onnxruntime()
-    say("timing adapter loads and switches")
+    progress("timing adapter loads and switches")
     load_ms = {n: _median_ms(lambda p=p: run_options_for(ort, p), 5) for n, p in files.items()}
     loaded = [run_options_for(ort, p)[1] for p in files.values()]
     state = {"i": 0}
@@ -154,7 +156,7 @@ def write_reports(r: SwitchBench, json_path: Path, md_path: Path) -> None:
     md_path.write_text(markdown(r))
 
 
-def _merged_checkpoint(export_dir: Path, manifest, base: Path, work: Path, progress=None) -> Path:
+def _merged_checkpoint(export_dir: Path, manifest, base: Path, work: Path, progress: Progress = quiet) -> Path:
     """The first adapter merged into the export's merge base (fp32). Runs in a child process (torch)."""
     from .merge import merge
     from .pipeline import _adapters_of
@@ -162,12 +164,12 @@ def _merged_checkpoint(export_dir: Path, manifest, base: Path, work: Path, progr
     adapters, _ = _adapters_of(manifest.adapters, export_dir, base)
     from .quantized_base import plain_base
 
-    plain = plain_base(base, work, progress or (lambda m: None))
+    plain = plain_base(base, work, progress)
     return merge(plain, adapters[:1], work / "checkpoint", manifest.merge_base, (1.0,)).checkpoint
 
 
 def bench_export(export_dir: Path, manifest, json_path: Path | None, rounds: int, new_tokens: int,
-                 providers, progress=None) -> SwitchBench:
+                 providers, progress: Progress = quiet) -> SwitchBench:
     """`lora-export bench` on a switchable export: builds (once) the first adapter's merged graph into
     EXPORT_DIR/bench-merged, then times every variant; writes bench.json and bench.md."""
     from .base import check_base, load_tokenizer
@@ -186,11 +188,12 @@ def bench_export(export_dir: Path, manifest, json_path: Path | None, rounds: int
     if not (merged / "model.onnx").is_file():
         say(f"building the merged graph of {manifest.adapters[0].name} to compare against")
         with staged(merged) as tmp, scratch(merged, "work") as work:
-            checkpoint = run_in_child(_merged_checkpoint, export_dir, manifest, base, work, progress=say)
+            checkpoint = run_in_child(_merged_checkpoint, export_dir, manifest, base, work,
+                                      progress=progress)
             BACKENDS[target.backend].build(checkpoint, tmp, target, tmp / "build.log")
     prompt = [t for p in load_prompts(load_tokenizer(base))[1] for t in p][:32]
     r = bench(export_dir, prompt, merged_dir=merged, rounds=rounds, new_tokens=new_tokens,
               max_ratio=target.latency.max_ratio if target.latency.max_ratio else 1.10,
-              providers=tuple(providers) if providers else target.execution_providers, progress=say)
+              providers=tuple(providers) if providers else target.execution_providers, progress=progress)
     write_reports(r, Path(json_path) if json_path else export_dir / "bench.json", export_dir / "bench.md")
     return r

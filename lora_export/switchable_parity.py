@@ -16,8 +16,9 @@ from .fingerprint import sha256_file
 from .isolate import run_in_child
 from .manifests import EXPORT_MANIFEST, ExportManifest, read_export_manifest
 from .outputs import sweep_temp
+from .progress import Progress, quiet
 from .quantized_base import plain_base
-from .switchable import BASE_SECTION, GRAPH, _quiet
+from .switchable import BASE_SECTION, GRAPH
 from .targets import check_against_context, parse_target
 
 
@@ -50,7 +51,7 @@ class SwitchableReport:
 
 
 def _validation_prep(export_dir: Path, manifest: ExportManifest, base: Path, prompts, tmp: Path, max_positions: int,
-                     steps: int, extra: list, progress=_quiet):
+                     steps: int, extra: list, progress: Progress = quiet):
     """(adapters, plain base, graph base, prompt token ids). Runs in a child process (torch)."""
     from .pipeline import (
         _adapters_of,
@@ -68,17 +69,17 @@ def _validation_prep(export_dir: Path, manifest: ExportManifest, base: Path, pro
 
 
 def validate(export_dir: Path, report_json: Path | None = None, junit: Path | None = None, prompts: Path | None = None,
-             progress=_quiet, extra: tuple | None = None) -> SwitchableReport:
+             progress: Progress = quiet, extra: tuple | None = None) -> SwitchableReport:
     """Parity of the base section and of every adapter, each against its own reference, with the target's
     tolerances (the base section without the adapter-retention check: there is no adapter). ``extra``:
     (entries, folder) of adapters being added by --into: only they are checked, from their files in folder."""
     from . import parity
     from .pipeline import (
         PARITY_TMP,
-        _context_of,
         _locate,
         check_base_unchanged,
         check_report_path,
+        context_of,
         reference_model,
         torch_model,
     )
@@ -105,7 +106,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
             problems.append(Problem(str(f), "the adapter file changed since the export wrote it (sha256 differs)",
                                     "restore it, or re-export"))
     raise_if(problems)
-    max_positions, vocab_size = _context_of(base)
+    max_positions, vocab_size = context_of(base)
     check_against_context(target, max_positions, str(base / "config.json"))
     steps = max(parity.MIN_STEPS, target.tolerances.greedy_tokens)
     run_with, not_here = parity_providers(target.execution_providers)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .data import with_bos
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,7 @@ class Accuracy:
 
 
 def encode_prompt(tok, prompt: str) -> list[int]:
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
+    return with_bos(tok, tok(prompt, add_special_tokens=False)["input_ids"])
 
 
 def task_accuracy(model, tok, examples, max_new_tokens: int | None = None) -> Accuracy:

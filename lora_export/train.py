@@ -21,13 +21,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import base as base_model
-from .base import Nf4Settings
-from .data import load_jsonl, to_prompt_completion
+from .base import Nf4Settings, is_prequantized
+from .data import load_jsonl, to_prompt_completion, with_bos
 from .errors import BadInput, Problem, raise_if
 from .fingerprint import fingerprint
 from .manifests import TrainingManifest
 from .outputs import output_problem, staged
-from .quantized_base import is_prequantized, prequantized_quantization
+from .progress import Progress, quiet
+from .quantized_base import prequantized_quantization
 from .versions import package_versions
 
 # The transformers Trainer's ``optim`` names offered: PyTorch's AdamW, and bitsandbytes' paged AdamW with 8-bit
@@ -135,7 +136,7 @@ def _tokenize(examples, tok, max_length: int) -> list[dict]:
         prompt_text, completion_text = to_prompt_completion(ex, tok)
         prompt = tok(prompt_text, add_special_tokens=False)["input_ids"] if prompt_text else []
         completion = tok(completion_text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + prompt + completion
+        ids = with_bos(tok, prompt + completion)
         labels = [-100] * (len(ids) - len(completion)) + completion  # loss on the completion only
         rows.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
     return rows
@@ -261,7 +262,7 @@ def step_bar(stream):
     return StepBar()
 
 
-def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
+def train(cfg: TrainConfig, log: Progress = quiet, callbacks=()) -> TrainResult:
     """Train a (Q)LoRA adapter and write it, complete, to ``cfg.out`` (written in a temporary sibling first).
 
     ``log`` receives one line per stage, and an indented line (a detail) with the loss at each logging step;

@@ -488,5 +488,5 @@ def test_a_pickle_file_beside_safetensors_is_never_read(tiny_base, tiny_adapter,
 
     monkeypatch.setattr(builtins, "open", spy)
     a = load_adapter(adapter, tiny_base)
-    assert a.weights.name == "adapter_model.safetensors"
+    assert a.weights_file.name == "adapter_model.safetensors"
     assert not [f for f in opened if f.endswith(".bin")]

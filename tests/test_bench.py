@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lora_export.bench import ratio_stats, verdict
+from lora_export.latency import ratio_stats, verdict
 
 
 def _samples(ratio: float, noise: float, n: int = 40, seed: int = 0):

@@ -155,7 +155,7 @@ def test_any_training_manifest_loads_or_raises_bad_input(data, real_manifest, ad
         assert "training_manifest.json" in str(e)
     else:
         if adapter.trained_on_4bit:  # what the nf4 merge reads from it is there and usable
-            from lora_export.merge import quantization_of
+            from lora_export.quantized_base import quantization_of
 
             modules, nf4 = quantization_of(adapter)
             assert isinstance(modules, list) and nf4.quant_type in ("nf4", "fp4")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx
 
-from lora_export.bench import graph_structure
+from lora_export.latency import graph_structure
 from lora_export.export import BACKENDS
 from lora_export.pipeline import ExportRequest, export
 from lora_export.targets import load_target

@@ -10,7 +10,8 @@ import torch
 
 from lora_export.adapters import load_adapter
 from lora_export.base import load_fp32
-from lora_export.merge import merge, round_trip
+from lora_export.merge import merge
+from lora_export.nf4math import round_trip
 from lora_export.reference import load_adapted
 
 IDS = torch.tensor([[0, 11, 52, 301, 7, 99, 1500, 42, 8, 640]])

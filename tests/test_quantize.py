@@ -101,7 +101,7 @@ def test_nearest_level_coding_reproduces_bitsandbytes(blocksize):
     import bitsandbytes.functional as bnbf
     import torch
 
-    from lora_export.quantize.nf4 import quantize_with_absmax
+    from lora_export.nf4math import quantize_with_absmax
 
     torch.manual_seed(0)
     w = torch.randn(96, 256) * 0.05
@@ -119,8 +119,9 @@ def test_nf4_with_the_training_scales(tiny_base, tiny_adapter, tmp_path):
     from safetensors import safe_open
 
     from lora_export.adapters import load_adapter
-    from lora_export.merge import quantization_of, round_trip
+    from lora_export.nf4math import round_trip
     from lora_export.quantize.survival import _dequantize
+    from lora_export.quantized_base import quantization_of
 
     shares = {}
     for scales in ("fresh", "original"):

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_export.adapters import load_adapter
 from lora_export.base import load_nf4
-from lora_export.merge import quantization_of
+from lora_export.quantized_base import quantization_of
 from lora_export.reference import load_adapted, load_base_as_trained
 from lora_export.runtime import TorchCausalLM, greedy_tokens, teacher_forced
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import BadInput, ToolchainFailed
 from .backend import Backend
+from .io_spec import kv_input_names, kv_output_names
 
 ARCHITECTURES = (
     "GPT2LMHeadModel", "GPTNeoXForCausalLM", "OPTForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM",
@@ -90,8 +91,7 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
     mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
     pos = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
     past = [torch.randn(batch, kv_heads, past_len, head_dim, dtype=dtype) for _ in range(2 * layers)]
-    kv_in = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    kv_out = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    kv_in, kv_out = kv_input_names(layers), kv_output_names(layers)
     b, s, p, t = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total_sequence"))
     dynamic = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t}, "position_ids": {0: b, 1: s},
                "past": tuple({0: b, 2: p} for _ in kv_in)}

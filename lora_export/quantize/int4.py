@@ -7,22 +7,16 @@ at int8 by default: an int4 lm_head is a known cause of repetition (FACTS.md, fa
 strategy: the first and last eighth of the layers and every third layer's qkv and down projections).
 """
 
+from .nbits import accuracy_problems, block_problems
+from .nbits import options as nbits_options
 from .scheme import Scheme
 
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 LM_HEAD = ("int8", "int4", "unquantized")
 SENSITIVE = ("int4", "int8")
 
 
-def _common(q) -> dict:
-    opts = {"block_size": str(q.block_size), "is_symmetric": str(q.symmetric).lower()}
-    if q.accuracy_level:
-        opts["accuracy_level"] = str(q.accuracy_level)
-    return opts
-
-
 def _options(q) -> dict:
-    opts = _common(q)
+    opts = nbits_options(q)
     mixed = []
     # The builder shares a tied embedding with lm_head; a shared matrix cannot be int4 on one side and
     # int8/unquantized on the other (it emits an invalid graph), so the two are stored separately then.
@@ -39,13 +33,10 @@ def _options(q) -> dict:
 
 
 def _check(q) -> list[str]:
-    problems = []
-    if q.block_size not in BLOCK_SIZES:
-        problems.append(f"block_size {q.block_size} is not supported for MatMulNBits (use one of {BLOCK_SIZES})")
+    problems = block_problems(q)
     if q.lm_head not in LM_HEAD:
         problems.append(f"lm_head = '{q.lm_head}' is not one of {LM_HEAD}")
-    if q.accuracy_level not in (0, 1, 2, 3, 4):
-        problems.append(f"accuracy_level {q.accuracy_level} is not one of 0 (default), 1, 2, 3, 4")
+    problems += accuracy_problems(q)
     if q.sensitive_layers not in SENSITIVE:
         problems.append(f"sensitive_layers = '{q.sensitive_layers}' is not one of {SENSITIVE}")
     return problems

@@ -24,9 +24,16 @@ def _post_process(model_dir: Path, q) -> None:
     model = onnx.load(str(model_dir / "model.onnx"))
     quantizer = MatMulBnb4Quantizer(model, quant_type=NF4, block_size=q.block_size, nodes_to_exclude=["/lm_head/MatMul"])
     quantizer.process()
-    # write beside, then replace: the external data file's name must stay model.onnx.data
+    _replace_model(quantizer.model.model, model_dir)
+
+
+def _replace_model(model, model_dir: Path) -> None:
+    """Save ``model`` as model_dir's model.onnx + model.onnx.data: written beside, then moved over the old ones
+    (the external data file's name must stay model.onnx.data)."""
+    import onnx
+
     with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
-        onnx.save_model(quantizer.model.model, str(Path(tmp) / "model.onnx"), save_as_external_data=True,
+        onnx.save_model(model, str(Path(tmp) / "model.onnx"), save_as_external_data=True,
                         all_tensors_to_one_file=True, location="model.onnx.data")
         for name in ("model.onnx", "model.onnx.data"):
             shutil.move(str(Path(tmp) / name), str(model_dir / name))
@@ -57,33 +64,9 @@ NF4_SCHEME = Scheme(
 # the absmax bitsandbytes gave dequant(NF4(W)) during training, so a weight the adapter did not move keeps
 # exactly its trained 4-bit code. Neither bitsandbytes (quantize_4bit overwrites a given absmax) nor ONNX
 # Runtime (quantize_matmul_bnb4 computes its own) quantizes with given scales, so the nearest-level coding
-# is written here; with a block's own absmax it reproduces bitsandbytes' bytes exactly (tested), and
-# MatMulBnb4 reads bitsandbytes' packing as is (two codes per byte, first in the high nibble).
-
-
-def training_absmax(w, nf4):
-    """The per-block absmax (fp32) bitsandbytes computes for W with the training's NF4 settings."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    _, state = bnbf.quantize_4bit(w.to(getattr(torch, nf4.load_dtype)), blocksize=nf4.blocksize,
-                                  compress_statistics=nf4.double_quant, quant_type=nf4.quant_type)
-    absmax = state.absmax
-    if state.nested:  # double quantization: the absmax are themselves 8-bit blockwise, plus an offset
-        absmax = bnbf.dequantize_blockwise(absmax, state.state2) + state.offset
-    return absmax.to(torch.float32)
-
-
-def quantize_with_absmax(w, absmax, blocksize: int, quant_type: str = "nf4"):
-    """W (N x K) coded to the nearest NF4 level of W / absmax per block; bitsandbytes' packed bytes."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    levels = bnbf.get_4bit_type(quant_type, device="cpu").to(torch.float32)
-    midpoints = (levels[1:] + levels[:-1]) / 2
-    x = (w.to(torch.float32).reshape(-1, blocksize) / absmax.reshape(-1, 1)).clamp(-1, 1).reshape(-1)
-    codes = torch.bucketize(x, midpoints).to(torch.uint8)
-    return (codes[0::2] << 4) | codes[1::2]
+# is written by hand (``nf4math.quantize_with_absmax``); with a block's own absmax it reproduces bitsandbytes'
+# bytes exactly (tested), and MatMulBnb4 reads bitsandbytes' packing as is (two codes per byte, first in the
+# high nibble).
 
 
 def reuse_training_scales(export_dir: Path, checkpoint: Path, base_dir: Path, adapter, q) -> int:
@@ -92,9 +75,11 @@ def reuse_training_scales(export_dir: Path, checkpoint: Path, base_dir: Path, ad
     import torch
     from onnx import numpy_helper
 
+    from ..checkpoint import CheckpointTensors
     from ..errors import BadInput
-    from ..merge import quantization_of
-    from .survival import _candidate_modules, checkpoint_tensors
+    from ..nf4math import quantize_with_absmax, training_absmax
+    from ..quantized_base import quantization_of
+    from .survival import candidate_modules
 
     if not adapter.trained_on_4bit:
         raise BadInput.one(str(adapter.path), 'scales = "original" needs the NF4 scales the adapter was trained '
@@ -104,14 +89,14 @@ def reuse_training_scales(export_dir: Path, checkpoint: Path, base_dir: Path, ad
         raise BadInput.one(str(adapter.path), f"the adapter was trained with {nf4.quant_type} blocks of "
                            f"{nf4.blocksize}; the target asks for nf4 blocks of {q.block_size}",
                            f"set block_size = {nf4.blocksize} in the target, or scales = \"fresh\"")
-    merged, base = checkpoint_tensors(checkpoint), checkpoint_tensors(base_dir)
+    merged, base = CheckpointTensors(checkpoint), CheckpointTensors(base_dir)
     model = onnx.load(str(export_dir / "model.onnx"), load_external_data=True)
     inits = {i.name: i for i in model.graph.initializer}
     done = 0
     for node in model.graph.node:
         if node.op_type != "MatMulBnb4":
             continue
-        modules = _candidate_modules(node.name, set(merged.keys) & set(base.keys))
+        modules = candidate_modules(node.name, set(merged.keys) & set(base.keys))
         if not modules or not set(modules) <= set(quantized):
             continue
         w = torch.cat([merged.get(f"{m}.weight") for m in modules])
@@ -122,9 +107,5 @@ def reuse_training_scales(export_dir: Path, checkpoint: Path, base_dir: Path, ad
         dtype = numpy_helper.to_array(inits[absmax_name]).dtype  # fp16 in an fp16 graph (MatMulBnb4's T1)
         inits[absmax_name].CopyFrom(numpy_helper.from_array(absmax.numpy().astype(dtype), absmax_name))
         done += 1
-    with tempfile.TemporaryDirectory(dir=export_dir) as tmp:
-        onnx.save_model(model, str(Path(tmp) / "model.onnx"), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="model.onnx.data")
-        for name in ("model.onnx", "model.onnx.data"):
-            shutil.move(str(Path(tmp) / name), str(export_dir / name))
+    _replace_model(model, export_dir)
     return done

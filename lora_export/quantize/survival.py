@@ -17,12 +17,16 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..checkpoint import CheckpointTensors
+
 QUANTIZED_OPS = ("MatMulNBits", "MatMulBnb4")
 ERASED = 0.5  # survival below this: most of the adapter's change in that tensor is gone
 
 
 @dataclass(frozen=True)
 class TensorSurvival:
+    """One quantized MatMul the adapters changed: its error and how much of their change it kept."""
+
     node: str
     modules: tuple[str, ...]
     bits: int
@@ -54,27 +58,7 @@ class SurvivalReport:
                 "tensors": [asdict(t) for t in self.tensors]}
 
 
-class checkpoint_tensors:
-    """Tensors of a safetensors checkpoint by name, read one at a time, as fp32."""
-
-    def __init__(self, directory: Path):
-        from safetensors import safe_open
-
-        self.files = {}
-        for p in sorted(Path(directory).glob("*.safetensors")):
-            with safe_open(str(p), framework="pt") as f:
-                self.files.update({k: p for k in f.keys()})
-        self.keys = set(self.files)
-
-    def get(self, key: str):
-        import torch
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[key]), framework="pt") as f:
-            return f.get_tensor(key).to(torch.float32)
-
-
-def _candidate_modules(node_name: str, keys: set[str]) -> tuple[str, ...] | None:
+def candidate_modules(node_name: str, keys: set[str]) -> tuple[str, ...] | None:
     """'/model/layers.0/attn/qkv_proj/MatMul_Q4' -> the checkpoint modules whose rows it packs."""
     path = ".".join(node_name.strip("/").split("/")[:-1]).replace(".attn.", ".self_attn.")
     if f"{path}.weight" in keys:
@@ -141,9 +125,10 @@ def measure_survival(export_dir: Path, checkpoint: Path, base_dir: Path, adapter
     import onnx
     import torch
 
-    from ..merge import quantization_of, round_trip
+    from ..nf4math import round_trip
+    from ..quantized_base import quantization_of
 
-    merged, base = checkpoint_tensors(checkpoint), checkpoint_tensors(base_dir)
+    merged, base = CheckpointTensors(checkpoint), CheckpointTensors(base_dir)
     # ``base_dir`` is in full precision: a pre-quantized base arrives dequantized, with nothing to round again
     quant = adapters[0].quantization
     quantized, nf4 = quantization_of(adapters[0]) if merge_base != "original" and not quant.prequantized else ([], None)
@@ -159,7 +144,7 @@ def measure_survival(export_dir: Path, checkpoint: Path, base_dir: Path, adapter
     for node in model.graph.node:
         if node.op_type not in QUANTIZED_OPS:
             continue
-        modules = _candidate_modules(node.name, set(merged.keys) & set(base.keys))
+        modules = candidate_modules(node.name, set(merged.keys) & set(base.keys))
         if modules is None:
             continue  # e.g. a tied lm_head, stored once as the embedding: no adapter change to measure
         w_new = torch.cat([merged.get(f"{m}.weight") for m in modules]).numpy()

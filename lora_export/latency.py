@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .progress import Progress, quiet
+
 ZERO_BAND = (0.98, 1.02)
 PROMPT_LENGTHS = (16, 64, 256)  # prompt-pass latency is also reported at these fixed lengths
 
@@ -182,7 +184,7 @@ def own_peak_rss_mb() -> float:
 
 _PEAK_SCRIPT = """
 import sys
-from lora_export.bench import own_peak_rss_mb
+from lora_export.latency import own_peak_rss_mb
 from lora_export.runtime import OrtCausalLM, greedy
 m = OrtCausalLM(sys.argv[1], sys.argv[2].split(","), threads=int(sys.argv[3]))
 greedy(m, [int(t) for t in sys.argv[4].split(",")], int(sys.argv[5]))
@@ -222,7 +224,7 @@ def prompt_pass_by_length(models: dict, prompt: list[int], rounds: int,
 
 
 def bench(merged_dir: Path, base_dir: Path, prompt: list[int], max_ratio: float, providers,
-          new_tokens: int = 64, rounds: int = 100, threads: int = 1, progress=None,
+          new_tokens: int = 64, rounds: int = 100, threads: int = 1, progress: Progress = quiet,
           unmerged_dir: Path | None = None, memory: bool = True, extra: dict | None = None) -> BenchResult:
     """Time merged against base (and the unmerged adapter graph, if given), interleaved. ``extra``: more
     variants by name, already loaded (e.g. PyTorch eager with the PEFT adapter unmerged); no RSS for them.
@@ -246,8 +248,7 @@ def bench(merged_dir: Path, base_dir: Path, prompt: list[int], max_ratio: float,
         v = verdict(list(ratios["merged"].values()))
         if v != "inconclusive" or attempt == 1:
             break
-        if progress:
-            progress("spread too wide to decide; repeating with twice the rounds")
+        progress("spread too wide to decide; repeating with twice the rounds")
     by_length = prompt_pass_by_length(models, prompt, max(5, rounds // 10))
     return BenchResult(
         prompt_len=len(prompt), new_tokens=new_tokens, rounds=n, threads=threads, prompt_ms_by_length=by_length,
