@@ -28,6 +28,7 @@ from .export.lora_inputs import (
     adapter_arrays,
     lora_inputs,
     make_switchable,
+    union_adapter,
     write_adapter,
 )
 from .fingerprint import sha256_file
@@ -94,7 +95,8 @@ def check_request(req: SwitchRequest, taken: tuple[str, ...] = ()) -> tuple[str,
 
 def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True, progress=_quiet):
     """Check each adapter (plain LoRA/rsLoRA, one shared merge base); the full-precision base; the base the
-    graph is built on. Runs in a child process (it imports torch)."""
+    graph is built on and (``need_source``) a zero adapter on the union of the adapters' target modules for the
+    builder. Runs in a child process (it imports torch)."""
     from .pipeline import check_side_path, load_prompts, unmerged_source
 
     load_prompts(load_tokenizer(base))
@@ -117,8 +119,10 @@ def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True
                            "export adapters trained on the same 4-bit base together, or each merged on its own")
     merge_base = next(iter(bases))[0]
     plain = plain_base(base, work, progress)
-    source = unmerged_source(plain, adapters[0], merge_base, work) if need_source else plain
-    return tuple(adapters), merge_base, plain, source
+    if not need_source:
+        return tuple(adapters), merge_base, plain, plain, None
+    source = unmerged_source(plain, adapters[0], merge_base, work)
+    return tuple(adapters), merge_base, plain, source, union_adapter(plain, adapters, work / "lora-union")
 
 
 def write_files(plain: Path, adapters, names, inputs: tuple[LoraInput, ...], folder: Path, progress=_quiet) -> dict:
@@ -158,9 +162,10 @@ def export(req: SwitchRequest, progress=_quiet):
     check_new_output(out)
     check_free_disk(out, _export_bytes(base, target), "the base as trained plus 2.2 x the export")
     with staged(out) as tmp, scratch(out, "work") as work:
-        adapters, merge_base, plain, source = run_in_child(prepare, req, base, work, progress=progress)
-        progress(f"building the base graph with LoRA inputs ({target.precision}) on the {merge_base} base")
-        BACKENDS[target.backend].build(source, tmp, target, tmp / "build.log", adapter=adapters[0].path)
+        adapters, merge_base, plain, source, union = run_in_child(prepare, req, base, work, progress=progress)
+        progress(f"building the base graph with LoRA inputs ({target.precision}) on the {merge_base} base, for "
+                 "the union of the adapters' target modules")
+        BACKENDS[target.backend].build(source, tmp, target, tmp / "build.log", adapter=union)
         inputs = make_switchable(tmp / "model.onnx")
         hashes = run_in_child(write_files, plain, adapters, names, inputs, tmp / ADAPTERS, progress=progress)
         manifest = {
@@ -211,7 +216,7 @@ def add(req: SwitchRequest, progress=_quiet):
                            "pass the export's own base with --base (an adapter for another base needs its own export)")
     inputs = lora_inputs(into / "model.onnx")
     with scratch(into, "add") as work:
-        adapters, merge_base, plain, _ = run_in_child(prepare, req, base, work, False, progress=progress)
+        adapters, merge_base, plain, _, _ = run_in_child(prepare, req, base, work, False, progress=progress)
         recorded = entries[0].get("quantization")
         if base_key(merge_base, adapters[0].quantization) != base_key(
                 manifest["merge_base"], Quantization.from_dict(recorded) if recorded else None):

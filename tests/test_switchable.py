@@ -3,6 +3,7 @@ onnxruntime-genai itself switching between the adapters. Tiny Llama, PEFT-made a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -99,14 +100,13 @@ def test_our_runner_switches_adapters(export_dir):
     assert np.array_equal(again, logits[None])  # no adapter: the base, every time
 
 
-def test_onnxruntime_genai_switches_adapters_like_our_runner(export_dir):
-    og = pytest.importorskip("onnxruntime_genai")
-    from lora_export.runtime import OrtCausalLM
+def _genai(export_dir, names, steps):
+    """generate(name or None): onnxruntime-genai's greedy tokens after PROMPT with that adapter file active."""
+    import onnxruntime_genai as og
 
-    steps = 12
     model = og.Model(str(export_dir))
     adapters = og.Adapters(model)
-    for name in ("first", "second"):
+    for name in names:
         adapters.load(str(export_dir / "adapters" / f"{name}.onnx_adapter"), name)
 
     def generate(name):
@@ -120,6 +120,15 @@ def test_onnxruntime_genai_switches_adapters_like_our_runner(export_dir):
             generator.generate_next_token()
         return [int(t) for t in generator.get_sequence(0)][len(PROMPT):]
 
+    return generate
+
+
+def test_onnxruntime_genai_switches_adapters_like_our_runner(export_dir):
+    pytest.importorskip("onnxruntime_genai")
+    from lora_export.runtime import OrtCausalLM
+
+    steps = 12
+    generate = _genai(export_dir, ("first", "second"), steps)
     seen = {}
     for name in ("first", None, "second", "first"):  # switching back and forth between generations
         ours = _greedy(OrtCausalLM(export_dir, adapter=export_dir / "adapters" / f"{name}.onnx_adapter"
@@ -169,6 +178,63 @@ def test_qlora_adapters_get_their_nf4_base(parts, tmp_path, capsys):
     assert manifest["merge_base"] == "nf4"
     assert all(e["quantization"]["quant_type"] == "nf4" for e in manifest["adapters"])
     assert manifest["parity"]["passed"]
+
+
+def _peft_logits(base, adapter, ids):
+    import torch
+    from peft import PeftModel
+
+    from lora_export.base import load_fp32
+
+    model = PeftModel.from_pretrained(load_fp32(base), str(adapter)).eval()  # unmerged: PEFT's own forward
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids)).logits.float().numpy()
+
+
+def test_graph_covers_the_union_of_the_adapters_target_modules(parts, tmp_path, capsys):
+    """Adapters on disjoint modules: the graph has LoRA inputs for all four modules; each adapter's file leaves the
+    modules it does not adapt empty (rank 0), and each matches PEFT's unmerged forward. --into takes an adapter on a
+    subset of the graph's modules and refuses one that adapts a module the graph has no input for."""
+    from lora_export.export.lora_inputs import adapter_ranks, lora_inputs
+    from lora_export.runtime import OrtCausalLM
+
+    base = parts["base"]
+    x = _make_adapter(base, tmp_path / "x", seed=4, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    y = _make_adapter(base, tmp_path / "y", seed=5, r=8, lora_alpha=8, target_modules=["o_proj", "down_proj"])
+    out = tmp_path / "export"
+    rc, _, err = run(["export", "--base", base, "--adapter", x, "--adapter", y, "--target", TARGET, "--out", out,
+                      "--switchable"], capsys)
+    assert rc == 0, err
+    inputs = lora_inputs(out / "model.onnx")
+    assert {i.module for i in inputs} == {"q_proj", "v_proj", "o_proj", "down_proj"}
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    assert manifest["parity"]["sections"] == {"base": True, "x": True, "y": True}
+    ids, mask = np.array([PROMPT]), np.ones((1, len(PROMPT)), np.int64)
+    base_logits = OrtCausalLM(out).step(ids, mask, None)[0]
+    for adapter, mine in ((x, {"q_proj", "v_proj"}), (y, {"o_proj", "down_proj"})):
+        path = out / "adapters" / f"{adapter.name}.onnx_adapter"
+        ranks = adapter_ranks(path)
+        for i in inputs:
+            rank = ranks[i.name][1] if i.kind == "A" else ranks[i.name][0]
+            assert (rank > 0) == (i.module in mine), (adapter.name, i.name, rank)
+        ours = OrtCausalLM(out, adapter=path).step(ids, mask, None)[0]
+        peft = _peft_logits(base, adapter, [PROMPT])
+        assert np.abs(peft - base_logits).max() > 1e-2  # the adapter changes the output ...
+        np.testing.assert_allclose(ours, peft, atol=2e-4, rtol=1e-4)  # ... and the export changes it the same way
+    if importlib.util.find_spec("onnxruntime_genai"):  # its runtime takes the rank-0 entries too
+        generate = _genai(out, ("x", "y"), 8)
+        for name in ("x", "y"):
+            path = out / "adapters" / f"{name}.onnx_adapter"
+            assert generate(name) == _greedy(OrtCausalLM(out, adapter=path), PROMPT, 8), name
+
+    before = sorted(p.name for p in (out / "adapters").iterdir())
+    rc, _, err = run(["export", "--base", base, "--adapter", parts["a1"], "--into", out], capsys)  # all-linear
+    assert rc == 2 and "Traceback" not in err, err
+    assert str(parts["a1"] / "adapter_config.json") in err and "no LoRA input" in err and "Fix:" in err, err
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == before
+    rc, _, err = run(["export", "--base", base, "--adapter", parts["a3"], "--into", out], capsys)  # q_proj, v_proj
+    assert rc == 0, err
+    assert json.loads((out / "export_manifest.json").read_text())["parity"]["sections"]["a3"] is True
 
 
 def _not_switchable(ctx):
