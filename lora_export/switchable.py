@@ -230,18 +230,23 @@ def add(req: SwitchRequest, progress=_quiet):
 
         report = validate(into, progress=progress, extra=(new, work))
         if report.passed:
+            from dataclasses import replace
+
+            from .switchable_parity import recorded_sections, write_reports
+
+            # the top-level parity.md/json: the sections recorded so far, then the ones added now
+            listed = (BASE_SECTION, *(e.get("name", "") for e in entries))
+            old = recorded_sections(into)
+            whole = replace(report, sections=tuple((n, old[n]) for n in listed if n in old) + report.sections)
             (into / ADAPTERS).mkdir(exist_ok=True)
             for n in names:
                 os.replace(work / ADAPTERS / f"{n}{SUFFIX}", into / ADAPTERS / f"{n}{SUFFIX}")
             manifest["adapters"] = entries + new
             if isinstance(manifest.get("parity"), dict) and isinstance(manifest["parity"].get("sections"), dict):
                 manifest["parity"]["sections"].update({n: r.passed for n, r in report.sections})
+                manifest["parity"].update(passed=whole.passed, failures=[str(c) for c in whole.failures])
             _write_manifest(into, manifest)
-            from . import parity
-
-            for name, section in report.sections:  # parity.md at the top is the last full `validate`'s
-                (into / "parity" / name).mkdir(parents=True, exist_ok=True)
-                parity.write_reports(section, into / "parity" / name)
+            write_reports(whole, into)
     return into, merge_base, report
 
 

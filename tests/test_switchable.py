@@ -143,6 +143,9 @@ def test_into_adds_an_adapter_and_validate_checks_every_section(export_dir, part
     into = tmp_path / "export"
     shutil.copytree(export_dir, into)
     graph_before = (into / "model.onnx.data").read_bytes()
+    log_before = (into / "export.log").read_text()
+    parity_before = json.loads((into / "parity.json").read_text())
+    assert list(parity_before["sections"]) == ["base", "first", "second"]
     rc, out, err = run(["export", "--base", parts["base"], "--adapter", parts["a3"], "--into", into], capsys)
     assert rc == 0, err
     assert (into / "adapters" / "a3.onnx_adapter").is_file()
@@ -150,6 +153,20 @@ def test_into_adds_an_adapter_and_validate_checks_every_section(export_dir, part
     manifest = json.loads((into / "export_manifest.json").read_text())
     assert [e["name"] for e in manifest["adapters"]] == ["first", "second", "a3"]
     assert manifest["parity"]["sections"]["a3"] is True
+    # export.log: the first export's log, then this run's under a header line
+    log = (into / "export.log").read_text()
+    assert log.startswith(log_before) and log.count("===== export --into") == 1
+    added = log[len(log_before):]
+    assert "===== export --into" in added and str(parts["a3"]) in added and "validating parity" in added
+    # the top-level parity.json/md cover every adapter now in the export: the earlier sections as they were
+    parity_now = json.loads((into / "parity.json").read_text())
+    assert list(parity_now["sections"]) == ["base", "first", "second", "a3"] and parity_now["passed"]
+    for name in ("base", "first", "second"):
+        assert parity_now["sections"][name] == parity_before["sections"][name]
+    assert parity_now["sections"]["a3"]["adapter_retention"] > 0.99
+    md = (into / "parity.md").read_text()
+    assert "| a3 | a3 | PASS |" in md and "# Section: a3" in md and "# Section: second" in md
+    assert not list(into.glob("*.tmp"))
 
     rc, out, err = run(["validate", into, "--report", tmp_path / "report.json"], capsys)
     assert rc == 0, err
