@@ -13,6 +13,7 @@ rank-0 tensors and the graph is that base.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ from .export.lora_inputs import (
     SUFFIX,
     LoraInput,
     adapter_arrays,
+    builder_lora_nodes,
     lora_inputs,
     make_switchable,
+    quantized_lora_nodes,
     union_adapter,
     write_adapter,
 )
@@ -47,6 +50,7 @@ from .versions import package_versions
 ADAPTERS = "adapters"
 GRAPH = "switchable"
 BASE_SECTION = "base"  # the section for no adapter active
+SCHEMES = ("none", "int4")  # weight quantization of the base graph --switchable can write
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -154,9 +158,11 @@ def export(req: SwitchRequest, progress=_quiet):
     if target.backend != "genai-builder":
         raise BadInput.one(target.source, f"--switchable needs the genai-builder backend (this target uses "
                            f"{target.backend})", "use a genai-builder target such as ort-cpu-fp32")
-    if target.quantization.scheme != "none":
-        raise BadInput.one(target.source, f"--switchable exports unquantized weights (this target quantizes to "
-                           f"{target.quantization.scheme})", "use an fp32/fp16 target without weight quantization")
+    if target.quantization.scheme not in SCHEMES:
+        raise BadInput.one(target.source, f"--switchable writes unquantized or int4 base weights (MatMulNBits, the "
+                           f"LoRA side paths float); this target quantizes to {target.quantization.scheme}",
+                           f"use a target with scheme {' or '.join(repr(s) for s in SCHEMES)}, e.g. ort-cpu-fp32 or "
+                           "ort-cpu-int4, or export each adapter merged")
     base = check_base(req.base)
     out = Path(req.out)
     check_new_output(out)
@@ -165,7 +171,16 @@ def export(req: SwitchRequest, progress=_quiet):
         adapters, merge_base, plain, source, union = run_in_child(prepare, req, base, work, progress=progress)
         progress(f"building the base graph with LoRA inputs ({target.precision}) on the {merge_base} base, for "
                  "the union of the adapters' target modules")
-        BACKENDS[target.backend].build(source, tmp, target, tmp / "build.log", adapter=union)
+        layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
+        BACKENDS[target.backend].build(source, tmp, target, tmp / "build.log", adapter=union,
+                                       keep_float=builder_lora_nodes(layers) if target.quantization.scheme != "none"
+                                       else ())
+        quantized = quantized_lora_nodes(tmp / "model.onnx")
+        if quantized:
+            raise ToolchainFailed(f"the onnxruntime-genai builder quantized {len(quantized)} LoRA side-path nodes "
+                                  f"({', '.join(quantized[:2])} ...) although they were excluded by name, so their "
+                                  "weights cannot become adapter inputs (the names it was given are "
+                                  "BUILDER_LORA_NODES in lora_export/export/lora_inputs.py)")
         inputs = make_switchable(tmp / "model.onnx")
         hashes = run_in_child(write_files, plain, adapters, names, inputs, tmp / ADAPTERS, progress=progress)
         manifest = {

@@ -98,6 +98,26 @@ def _rank_in_value_info(graph, rank_of: dict[str, str]) -> None:
             last.dim_param = rank_dim[info.name]
 
 
+# The builder's names for the side-path MatMuls it can emit (Phi-3's packed qkv_proj/gate_up_proj are unpacked
+# into these): /model/layers.N/BLOCK/MODULE/lora_A|B/MatMul
+BUILDER_LORA_NODES = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def builder_lora_nodes(num_layers: int) -> tuple[str, ...]:
+    """Every LoRA MatMul node name the builder can emit for a model of ``num_layers`` layers: with int4 weights
+    they are excluded from quantization, so the LoRA weights stay float and can become inputs."""
+    return tuple(f"/model/layers.{n}/{block}/{module}/lora_{kind}/MatMul" for n in range(num_layers)
+                 for block, modules in BUILDER_LORA_NODES.items() for module in modules for kind in "AB")
+
+
+def quantized_lora_nodes(model_path: Path) -> list[str]:
+    """Side-path nodes the builder quantized after all (their weights cannot be adapter inputs)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return [n.name for n in model.graph.node if "/lora_" in n.name and n.op_type != "MatMul"]
+
+
 def lora_inputs(model_path: Path) -> tuple[LoraInput, ...]:
     """The LoRA inputs of a switchable graph, read from its inputs (the weights are not loaded)."""
     import numpy as np
