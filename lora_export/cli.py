@@ -289,10 +289,12 @@ def _log_home(args) -> Path | None:
     return getattr(args, "out", None) or getattr(args, "into", None)
 
 
-def _settle_log(tmp_log: Path, home: Path | None, command: str, code: int) -> Path | None:
+def _settle_log(tmp_log: Path, home: Path | None, command: str, code: int, append: str | None = None) -> Path | None:
     """Move the log into the output directory when the command wrote one (validate's and bench's export
     directory always exists); keep it where it is when the toolchain failed before any output existed; drop
-    it after a bad input or an interruption (the message says everything, and nothing is left behind)."""
+    it after a bad input or an interruption (the message says everything, and nothing is left behind).
+    ``append``: a header line; the log is added under it to the one already there (export --into), written to
+    a temporary sibling and renamed into place."""
     if code in (EXIT_BAD_INPUT, 130, 143):
         tmp_log.unlink(missing_ok=True)
         return None
@@ -300,11 +302,31 @@ def _settle_log(tmp_log: Path, home: Path | None, command: str, code: int) -> Pa
     try:
         if wrote_output and home is not None and Path(home).is_dir() and os.access(home, os.W_OK):
             dest = Path(home) / f"{command}.log"
-            shutil.move(str(tmp_log), dest)
+            if append is None:
+                shutil.move(str(tmp_log), dest)
+                return dest
+            staged_log = dest.with_name(dest.name + ".tmp")
+            with open(staged_log, "wb") as f:
+                if dest.is_file():
+                    f.write(dest.read_bytes())
+                f.write(f"\n{append}\n".encode())
+                f.write(tmp_log.read_bytes())
+            os.replace(staged_log, dest)
+            tmp_log.unlink(missing_ok=True)
             return dest
     except OSError:
         pass
     return tmp_log
+
+
+def _log_header(args) -> str | None:
+    """The line an ``export --into`` run's log starts with in the export's export.log (None: a log of its own)."""
+    if args.command != "export" or getattr(args, "into", None) is None:
+        return None
+    import datetime
+
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"===== export --into {args.into}: adding {', '.join(map(str, args.adapter))} ({when}) ====="
 
 
 def _outcome(e: BaseException) -> tuple[int | None, str]:
@@ -369,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    log = _settle_log(tmp_log, _log_home(args) if rank == 0 else None, args.command, code)
+    log = _settle_log(tmp_log, _log_home(args) if rank == 0 else None, args.command, code, _log_header(args))
     if rank > 0 and code == EXIT_OK and log is not None:
         log.unlink(missing_ok=True)  # rank 0's log, with the output, is the record
         log = None

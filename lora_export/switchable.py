@@ -13,6 +13,7 @@ rank-0 tensors and the graph is that base.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, replace
@@ -26,8 +27,11 @@ from .export.lora_inputs import (
     SUFFIX,
     LoraInput,
     adapter_arrays,
+    builder_lora_nodes,
     lora_inputs,
     make_switchable,
+    quantized_lora_nodes,
+    union_adapter,
     write_adapter,
 )
 from .fingerprint import sha256_file
@@ -42,6 +46,7 @@ from .versions import package_versions
 ADAPTERS = "adapters"
 GRAPH = "switchable"
 BASE_SECTION = "base"  # the section for no adapter active
+SCHEMES = ("none", "int4")  # weight quantization of the base graph --switchable can write
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -86,7 +91,8 @@ def check_request(req: SwitchRequest, taken: tuple[str, ...] = ()) -> tuple[str,
 
 def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True, progress: Progress = quiet):
     """Check each adapter (plain LoRA/rsLoRA, one shared merge base); the full-precision base; the base the
-    graph is built on. Runs in a child process (it imports torch)."""
+    graph is built on and (``need_source``) a zero adapter on the union of the adapters' target modules for the
+    builder. Runs in a child process (it imports torch)."""
     from .pipeline import check_side_path, load_prompts, unmerged_source
 
     load_prompts(load_tokenizer(base))
@@ -109,8 +115,10 @@ def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True
                            "export adapters trained on the same 4-bit base together, or each merged on its own")
     merge_base = next(iter(bases))[0]
     plain = plain_base(base, work, progress)
-    source = unmerged_source(plain, adapters[0], merge_base, work) if need_source else plain
-    return tuple(adapters), merge_base, plain, source
+    if not need_source:
+        return tuple(adapters), merge_base, plain, plain, None
+    source = unmerged_source(plain, adapters[0], merge_base, work)
+    return tuple(adapters), merge_base, plain, source, union_adapter(plain, adapters, work / "lora-union")
 
 
 def write_files(plain: Path, adapters, names, inputs: tuple[LoraInput, ...], folder: Path,
@@ -141,17 +149,29 @@ def export(req: SwitchRequest, progress: Progress = quiet):
     if target.backend != "genai-builder":
         raise BadInput.one(target.source, f"--switchable needs the genai-builder backend (this target uses "
                            f"{target.backend})", "use a genai-builder target such as ort-cpu-fp32")
-    if target.quantization.scheme != "none":
-        raise BadInput.one(target.source, f"--switchable exports unquantized weights (this target quantizes to "
-                           f"{target.quantization.scheme})", "use an fp32/fp16 target without weight quantization")
+    if target.quantization.scheme not in SCHEMES:
+        raise BadInput.one(target.source, f"--switchable writes unquantized or int4 base weights (MatMulNBits, the "
+                           f"LoRA side paths float); this target quantizes to {target.quantization.scheme}",
+                           f"use a target with scheme {' or '.join(repr(s) for s in SCHEMES)}, e.g. ort-cpu-fp32 or "
+                           "ort-cpu-int4, or export each adapter merged")
     base = check_base(req.base)
     out = Path(req.out)
     check_new_output(out)
     check_free_disk(out, export_bytes(base, target), "the base as trained plus 2.2 x the export")
     with staged(out) as tmp, scratch(out, "work") as work:
-        adapters, merge_base, plain, source = run_in_child(prepare, req, base, work, progress=progress)
-        progress(f"building the base graph with LoRA inputs ({target.precision}) on the {merge_base} base")
-        BACKENDS[target.backend].build(source, tmp, target, tmp / "build.log", adapter=adapters[0].path)
+        adapters, merge_base, plain, source, union = run_in_child(prepare, req, base, work, progress=progress)
+        progress(f"building the base graph with LoRA inputs ({target.precision}) on the {merge_base} base, for "
+                 "the union of the adapters' target modules")
+        layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
+        BACKENDS[target.backend].build(source, tmp, target, tmp / "build.log", adapter=union,
+                                       keep_float=builder_lora_nodes(layers) if target.quantization.scheme != "none"
+                                       else ())
+        quantized = quantized_lora_nodes(tmp / "model.onnx")
+        if quantized:
+            raise ToolchainFailed(f"the onnxruntime-genai builder quantized {len(quantized)} LoRA side-path nodes "
+                                  f"({', '.join(quantized[:2])} ...) although they were excluded by name, so their "
+                                  "weights cannot become adapter inputs (the names it was given are "
+                                  "BUILDER_LORA_NODES in lora_export/export/lora_inputs.py)")
         inputs = make_switchable(tmp / "model.onnx")
         hashes = run_in_child(write_files, plain, adapters, names, inputs, tmp / ADAPTERS, progress=progress)
         manifest = ExportManifest(
@@ -196,7 +216,7 @@ def add(req: SwitchRequest, progress: Progress = quiet):
                            "pass the export's own base with --base (an adapter for another base needs its own export)")
     inputs = lora_inputs(into / "model.onnx")
     with scratch(into, "add") as work:
-        adapters, merge_base, plain, _ = run_in_child(prepare, req, base, work, False, progress=progress)
+        adapters, merge_base, plain, _, _ = run_in_child(prepare, req, base, work, False, progress=progress)
         if base_key(merge_base, adapters[0].quantization) != base_key(
                 manifest.merge_base, entries[0].resolved_quantization):
             raise BadInput.one(str(adapters[0].path), f"trained against another base than the export's (merge base "
@@ -209,19 +229,24 @@ def add(req: SwitchRequest, progress: Progress = quiet):
 
         report = validate(into, progress=progress, extra=(new, work))
         if report.passed:
+            from dataclasses import replace
+
+            from .switchable_parity import recorded_sections, write_reports
+
+            # the top-level parity.md/json: the sections recorded so far, then the ones added now
+            listed = (BASE_SECTION, *(e.name or "" for e in entries))
+            old = recorded_sections(into)
+            whole = replace(report, sections=tuple((n, old[n]) for n in listed if n in old) + report.sections)
             (into / ADAPTERS).mkdir(exist_ok=True)
             for n in names:
                 os.replace(work / ADAPTERS / f"{n}{SUFFIX}", into / ADAPTERS / f"{n}{SUFFIX}")
             parity_record = manifest.parity
             if isinstance(parity_record, dict) and isinstance(parity_record.get("sections"), dict):
                 parity_record = {**parity_record, "sections": {**parity_record["sections"],
-                                                               **{n: r.passed for n, r in report.sections}}}
+                                                               **{n: r.passed for n, r in report.sections}},
+                                 "passed": whole.passed, "failures": [str(c) for c in whole.failures]}
             write_export_manifest(into, replace(manifest, adapters=tuple(entries) + tuple(new), parity=parity_record))
-            from . import parity
-
-            for name, section in report.sections:  # parity.md at the top is the last full `validate`'s
-                (into / "parity" / name).mkdir(parents=True, exist_ok=True)
-                parity.write_reports(section, into / "parity" / name)
+            write_reports(whole, into)
     return into, merge_base, report
 
 

@@ -151,6 +151,41 @@ def report_dict(report: SwitchableReport) -> dict:
             "sections": {n: section(r) for n, r in report.sections}}
 
 
+def section_from_dict(d: dict):
+    """A section's ParityReport back from its ``report_dict`` (the top-level parity.json holds every section)."""
+    from .parity import Check, Metrics, ParityReport
+
+    def metrics(v: dict):
+        return Metrics(**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
+
+    return ParityReport(target=d["target"], reference=d["reference"], steps=d["steps"],
+                        shapes={k: metrics(v) for k, v in d["shapes"].items()},
+                        stages={k: metrics(v) for k, v in d["stages"].items()},
+                        adapter_retention=d["adapter_retention"], checks=tuple(Check(**c) for c in d["checks"]),
+                        reference_dtype=d["reference_dtype"], reference_device=d["reference_device"],
+                        tolerance_notes=tuple(d["tolerance_notes"]), ran_on=tuple(d["ran_on"]),
+                        not_checked_on=tuple(d["not_checked_on"]))
+
+
+def recorded_sections(export_dir: Path) -> dict:
+    """{name: ParityReport} of the sections the export's top-level parity.json holds ({} when it has none or
+    cannot be read: then only the sections checked now are reported)."""
+    import json
+
+    try:
+        sections = json.loads((Path(export_dir) / "parity.json").read_text())["sections"]
+        return {n: section_from_dict(d) for n, d in sections.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a temporary sibling, then rename it into place: a reader never sees half a report."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_reports(report: SwitchableReport, export_dir: Path, report_json: Path | None = None,
                   junit: Path | None = None) -> None:
     """parity.md/json at the top (every section), and each section's full reports under parity/NAME/."""
@@ -162,9 +197,9 @@ def write_reports(report: SwitchableReport, export_dir: Path, report_json: Path 
         folder = export_dir / "parity" / name
         folder.mkdir(parents=True, exist_ok=True)
         parity.write_reports(r, folder)
-    (export_dir / "parity.md").write_text(report.markdown())
+    _replace_text(export_dir / "parity.md", report.markdown())
     text = json.dumps(report_dict(report), indent=2) + "\n"
-    (export_dir / "parity.json").write_text(text)
+    _replace_text(export_dir / "parity.json", text)
     if report_json:
         Path(report_json).write_text(text)
     if junit:  # one JUnit file per section beside the requested one, and the requested one for the first failure

@@ -30,7 +30,9 @@ class BuildFailed(ToolchainFailed):
     pass
 
 
-def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path | None = None) -> None:
+def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path | None = None,
+          keep_float: tuple[str, ...] = ()) -> None:
+    """``keep_float``: node names the builder must leave unquantized (its ``nodes_to_exclude``)."""
     arch = json.loads((checkpoint / "config.json").read_text()).get("architectures", ["?"])[0]
     if arch not in ARCHITECTURES:
         from .dynamo import ARCHITECTURES as GENERIC
@@ -49,6 +51,8 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
     options = {"hf_remote": "false", **scheme.builder_options(target.quantization)}
     if adapter is not None:  # the builder's own LoRA path: MatMul A, MatMul B (scaling folded in), Add
         options["adapter_path"] = str(adapter)
+    if keep_float:
+        options["nodes_to_exclude"] = ",".join(filter(None, (options.get("nodes_to_exclude"), *keep_float)))
     cmd = [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
         "-i", str(checkpoint), "-o", str(out_dir),

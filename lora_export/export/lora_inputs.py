@@ -73,6 +73,7 @@ def make_switchable(model_path: Path) -> tuple[LoraInput, ...]:
     if not made:
         raise BadInput.one(str(model_path), "the graph has no LoRA side paths to turn into inputs",
                            "build it with the genai-builder backend and an adapter (adapter_path)")
+    _rank_in_value_info(graph, {i.name: f"lora_rank_{i.layer}_{i.module}" for i in made if i.kind == "A"})
     if model.ir_version < 4:  # initializers are overridable defaults from IR 4 on
         model.ir_version = 4
     data = model_path.parent / (model_path.name + ".data")
@@ -82,6 +83,39 @@ def make_switchable(model_path: Path) -> tuple[LoraInput, ...]:
                     location=data.name, size_threshold=1024)
     os.replace(tmp, model_path)
     return tuple(made)
+
+
+def _rank_in_value_info(graph, rank_of: dict[str, str]) -> None:
+    """The builder records each x @ lora_A's shape with the build's rank as a fixed last dimension; ONNX Runtime
+    trusts recorded shapes when it plans buffer reuse, so an adapter of another rank (or rank 0 beside a
+    non-empty module) would fail to run. Make that dimension the input's symbolic rank."""
+    rank_dim = {out: rank_of[name] for node in graph.node for name in node.input if name in rank_of
+                for out in node.output}
+    for info in graph.value_info:
+        if info.name in rank_dim:
+            last = info.type.tensor_type.shape.dim[-1]
+            last.Clear()
+            last.dim_param = rank_dim[info.name]
+
+
+# The builder's names for the side-path MatMuls it can emit (Phi-3's packed qkv_proj/gate_up_proj are unpacked
+# into these): /model/layers.N/BLOCK/MODULE/lora_A|B/MatMul
+BUILDER_LORA_NODES = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def builder_lora_nodes(num_layers: int) -> tuple[str, ...]:
+    """Every LoRA MatMul node name the builder can emit for a model of ``num_layers`` layers: with int4 weights
+    they are excluded from quantization, so the LoRA weights stay float and can become inputs."""
+    return tuple(f"/model/layers.{n}/{block}/{module}/lora_{kind}/MatMul" for n in range(num_layers)
+                 for block, modules in BUILDER_LORA_NODES.items() for module in modules for kind in "AB")
+
+
+def quantized_lora_nodes(model_path: Path) -> list[str]:
+    """Side-path nodes the builder quantized after all (their weights cannot be adapter inputs)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return [n.name for n in model.graph.node if "/lora_" in n.name and n.op_type != "MatMul"]
 
 
 def lora_inputs(model_path: Path) -> tuple[LoraInput, ...]:
@@ -104,9 +138,29 @@ def lora_inputs(model_path: Path) -> tuple[LoraInput, ...]:
     return tuple(found)
 
 
+def union_adapter(base: Path, adapters, out: Path) -> Path:
+    """A PEFT adapter (rank 1, zero update) on the union of the adapters' target modules, for the builder's
+    ``adapter_path``: the graph then has a LoRA side path (made an input by ``make_switchable``) for every module
+    any of the adapters adapts. Written with PEFT's own ``save_pretrained``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from ..base import load_fp32
+
+    modules = sorted({m for a in adapters for m in a.targeted})
+    model = get_peft_model(load_fp32(base), LoraConfig(r=1, lora_alpha=1, target_modules=modules))
+    with torch.no_grad():  # the builder folds the weights in; make_switchable then replaces them with inputs
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.zero_()
+    model.save_pretrained(str(out))
+    return out
+
+
 def adapter_arrays(base: Path, adapter, inputs: tuple[LoraInput, ...]) -> dict:
     """{input name: array} for one plain LoRA/rsLoRA adapter: A transposed, B times PEFT's scaling transposed.
-    Inputs the adapter does not target get a rank-1 zero update. Loads the base and adapter with PEFT (torch)."""
+    Inputs the adapter does not target get an empty (rank-0) tensor: that side path adds nothing, the graph
+    computes W x there. Loads the base and adapter with PEFT (torch)."""
     import numpy as np
     import torch
     from peft import PeftModel
@@ -133,12 +187,14 @@ def adapter_arrays(base: Path, adapter, inputs: tuple[LoraInput, ...]) -> dict:
                 arrays[target.name] = np.ascontiguousarray(value.numpy().astype(target.dtype))
     if outside:
         raise BadInput.one(str(adapter.path / "adapter_config.json"),
-                           f"adapts {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}, which the "
-                           "switchable graph has no LoRA input for (its target modules differ from the export's)",
-                           "export it with adapters of the same target modules, or merged on its own")
+                           f"adapts {len(outside)} module(s) the switchable graph has no LoRA input for "
+                           f"({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}): the graph was built "
+                           "on the union of its first adapters' target modules, which does not include these",
+                           "make a new export with --switchable that passes this adapter together with the others "
+                           "(the graph then covers every adapter's modules), or export it merged on its own")
     for i in inputs:
-        if i.name not in arrays:  # a module this adapter leaves alone: a zero update of rank 1
-            arrays[i.name] = np.zeros((i.fixed, 1) if i.kind == "A" else (1, i.fixed), i.dtype)
+        if i.name not in arrays:  # a module this adapter leaves alone: rank 0, the side path adds nothing
+            arrays[i.name] = np.zeros((i.fixed, 0) if i.kind == "A" else (0, i.fixed), i.dtype)
     return arrays
 
 
