@@ -7,7 +7,7 @@ Module map: data flows one way, down the stages; the records between them are ``
     merge.py      base + Adapters -> merged fp32 checkpoint (+ the base as trained), streamed shard by shard
     export/       checkpoint    -> model.onnx (a graph backend by name); quantize/: its weights (a scheme by name)
     parity.py     export dir    -> parity verdict against reference.py (the adapted model as trained), via runtime.py
-    bench.py      export dir    -> latency: merged vs base (vs unmerged)
+    latency.py    export dir    -> latency: merged vs base (vs unmerged)
     pipeline.py   this file: export() runs the stages above and writes export_manifest.json
                   (manifests.ExportManifest); validate() and bench() read it back. switchable*.py: the same
                   for one base graph with an adapter file per adapter.
@@ -46,7 +46,14 @@ from .export import BACKENDS
 from .export.io_spec import check_external_data
 from .fingerprint import sha256_file
 from .isolate import run_in_child
-from .manifests import EXPORT_MANIFEST, NOT_RECORDED, AdapterEntry, BaseEntry, ExportManifest, read_export_manifest
+from .manifests import (
+    EXPORT_MANIFEST,
+    NOT_RECORDED,
+    AdapterEntry,
+    BaseEntry,
+    ExportManifest,
+    read_export_manifest,
+)
 from .manifests import write_export_manifest as _write_manifest
 from .merge import MergeResult, merge, rewrite_checkpoint
 from .outputs import check_free_disk, check_new_output, scratch, staged, sweep_temp
@@ -58,7 +65,13 @@ from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
 from .reference import DEVICE as REFERENCE_DEVICE
 from .reference import describe as describe_reference
 from .reference import load_adapted
-from .targets import check_against_context, load_target, parse_target, tolerance_differences, tomllib
+from .targets import (
+    check_against_context,
+    load_target,
+    parse_target,
+    tolerance_differences,
+    tomllib,
+)
 from .tasks import encode_prompt
 from .versions import package_versions
 
@@ -329,12 +342,12 @@ def build_unmerged(base: Path, adapter, merge_base: str, target, out_dir: Path, 
     BACKENDS[target.backend].build(source, out_dir, target, out_dir / "build.log", adapter=adapter.path)
 
 
-def _adapters_of(entries, export_dir: Path, base: Path):
+def adapters_of(entries, export_dir: Path, base: Path):
     """The adapters an export was made from (its manifest's ``AdapterEntry``s), checked unchanged since, and
     their weights."""
     adapters, weights = [], []
     for entry in entries:
-        adapter = load_adapter(_locate(entry, export_dir, "adapter"), base,
+        adapter = load_adapter(locate(entry, export_dir, "adapter"), base,
                                allow_pickle=entry.weights_file == "adapter_model.bin")
         if entry.quantization != NOT_RECORDED:  # the 4-bit base the export resolved (older exports: the training's)
             adapter = replace(adapter, quantization=entry.resolved_quantization)
@@ -351,7 +364,7 @@ def _where(path: Path, out: Path) -> dict:
     return {"path": str(path.resolve()), "relative_path": os.path.relpath(path.resolve(), out.resolve())}
 
 
-def _locate(entry: BaseEntry | AdapterEntry, export_dir: Path, what: str) -> Path:
+def locate(entry: BaseEntry | AdapterEntry, export_dir: Path, what: str) -> Path:
     candidates = [Path(entry.path)] + ([export_dir / entry.relative_path] if entry.relative_path is not None else [])
     for candidate in candidates:
         if candidate.exists():
@@ -425,7 +438,9 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     This process stays light (no torch): the checks, the merge and each runtime's models run in child
     processes one after the other, one model in memory at a time (see ``parity.measure``).
     """
-    from . import parity  # numpy and ONNX Runtime only here: the export's process stays light until parity
+    from . import (
+        parity,  # numpy and ONNX Runtime only here: the export's process stays light until parity
+    )
     from .runtime import OrtCausalLM
 
     export_dir = Path(export_dir)
@@ -437,7 +452,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     target = parse_target(manifest.target, f"{export_dir / EXPORT_MANIFEST}:target")
     for path in (report_json, junit):
         check_report_path(path)
-    base = check_base(_locate(manifest.base, export_dir, "base model"))
+    base = check_base(locate(manifest.base, export_dir, "base model"))
     if prepared is None:  # (export hashed the base a moment ago)
         check_base_unchanged(base, manifest, export_dir)
     check_external_data(export_dir / "model.onnx")
@@ -499,7 +514,7 @@ def validation_inputs(export_dir: Path, manifest: ExportManifest, base: Path, pr
     token_ids = load_prompts(load_tokenizer(base), prompts)
     check_prompt_lengths(token_ids[0], max_positions, steps, prompts)
     if prepared is None:
-        adapters, weights = _adapters_of(manifest.adapters, export_dir, base)
+        adapters, weights = adapters_of(manifest.adapters, export_dir, base)
         plain = plain_base(base, tmp, progress)
         progress("merging again into a temporary folder (the reference's base and the merge/export breakdown)")
         merged = merge(plain, adapters, tmp / "merged", manifest.merge_base, weights,
@@ -545,9 +560,9 @@ def bench(export_dir: Path, json_path: Path | None = None, progress: Progress = 
         return bench_export(export_dir, manifest, json_path, rounds, new_tokens, providers, progress)
     target = parse_target(manifest.target, f"{export_dir / EXPORT_MANIFEST}:target")
     check_external_data(export_dir / "model.onnx")  # refuse a tampered export before building anything
-    base = check_base(_locate(manifest.base, export_dir, "base model"))
+    base = check_base(locate(manifest.base, export_dir, "base model"))
     check_base_unchanged(base, manifest, export_dir)
-    adapters, weights = _adapters_of(manifest.adapters, export_dir, base)
+    adapters, weights = adapters_of(manifest.adapters, export_dir, base)
     adapter = adapters[0]
     base_export = export_dir / "bench-base"
     unmerged = export_dir / "bench-unmerged"

@@ -159,9 +159,9 @@ def write_reports(r: SwitchBench, json_path: Path, md_path: Path) -> None:
 def _merged_checkpoint(export_dir: Path, manifest, base: Path, work: Path, progress: Progress = quiet) -> Path:
     """The first adapter merged into the export's merge base (fp32). Runs in a child process (torch)."""
     from .merge import merge
-    from .pipeline import _adapters_of
+    from .pipeline import adapters_of
 
-    adapters, _ = _adapters_of(manifest.adapters, export_dir, base)
+    adapters, _ = adapters_of(manifest.adapters, export_dir, base)
     from .quantized_base import plain_base
 
     plain = plain_base(base, work, progress)
@@ -175,14 +175,14 @@ def bench_export(export_dir: Path, manifest, json_path: Path | None, rounds: int
     from .base import check_base, load_tokenizer
     from .export import BACKENDS
     from .isolate import run_in_child
-    from .outputs import scratch, staged
     from .manifests import EXPORT_MANIFEST
-    from .pipeline import _locate, check_base_unchanged, load_prompts
+    from .outputs import scratch, staged
+    from .pipeline import check_base_unchanged, load_prompts, locate
     from .targets import parse_target
 
     say = progress or (lambda msg: None)
     target = parse_target(manifest.target, f"{export_dir / EXPORT_MANIFEST}:target")
-    base = check_base(_locate(manifest.base, export_dir, "base model"))
+    base = check_base(locate(manifest.base, export_dir, "base model"))
     check_base_unchanged(base, manifest, export_dir)
     merged = export_dir / "bench-merged"
     if not (merged / "model.onnx").is_file():

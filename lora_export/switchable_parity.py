@@ -54,7 +54,7 @@ def _validation_prep(export_dir: Path, manifest: ExportManifest, base: Path, pro
                      steps: int, extra: list, progress: Progress = quiet):
     """(adapters, plain base, graph base, prompt token ids). Runs in a child process (torch)."""
     from .pipeline import (
-        _adapters_of,
+        adapters_of,
         check_prompt_lengths,
         load_prompts,
         unmerged_source,
@@ -62,7 +62,7 @@ def _validation_prep(export_dir: Path, manifest: ExportManifest, base: Path, pro
 
     token_ids = load_prompts(load_tokenizer(base), prompts)
     check_prompt_lengths(token_ids[0], max_positions, steps, prompts)
-    adapters, _ = _adapters_of(list(manifest.adapters) + list(extra), export_dir, base)
+    adapters, _ = adapters_of(list(manifest.adapters) + list(extra), export_dir, base)
     plain = plain_base(base, tmp, progress)
     source = unmerged_source(plain, adapters[0], manifest.merge_base, tmp)
     return tuple(adapters), plain, source, token_ids
@@ -76,10 +76,10 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     from . import parity
     from .pipeline import (
         PARITY_TMP,
-        _locate,
         check_base_unchanged,
         check_report_path,
         context_of,
+        locate,
         reference_model,
         torch_model,
     )
@@ -92,7 +92,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     target = parse_target(manifest.target, f"{export_dir / EXPORT_MANIFEST}:target")
     for path in (report_json, junit):
         check_report_path(path)
-    base = check_base(_locate(manifest.base, export_dir, "base model"))
+    base = check_base(locate(manifest.base, export_dir, "base model"))
     check_base_unchanged(base, manifest, export_dir)
     check_external_data(export_dir / "model.onnx")
     new_entries, folder = extra if extra else ([], export_dir)
