@@ -180,13 +180,12 @@ def bench_export(export_dir: Path, manifest, json_path: Path | None, rounds: int
     from .pipeline import check_base_unchanged, load_prompts, locate
     from .targets import parse_target
 
-    say = progress or (lambda msg: None)
     target = parse_target(manifest.target, f"{export_dir / EXPORT_MANIFEST}:target")
     base = check_base(locate(manifest.base, export_dir, "base model"))
     check_base_unchanged(base, manifest, export_dir)
     merged = export_dir / "bench-merged"
     if not (merged / "model.onnx").is_file():
-        say(f"building the merged graph of {manifest.adapters[0].name} to compare against")
+        progress(f"building the merged graph of {manifest.adapters[0].name} to compare against")
         with staged(merged) as tmp, scratch(merged, "work") as work:
             checkpoint = run_in_child(_merged_checkpoint, export_dir, manifest, base, work,
                                       progress=progress)
