@@ -133,7 +133,7 @@ def main() -> int:
     from lora_export.base import load_fp32
     from lora_export.export import BACKENDS
     from lora_export.merge import merge
-    from lora_export.pipeline import build_unmerged
+    from lora_export.sidepath import build_unmerged
     from lora_export.runtime import OrtCausalLM, TorchCausalLM
     from lora_export.targets import load_target
 

@@ -208,7 +208,7 @@ def _tensors(weights: Path):
 
 def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: bool = True,
                  allow_pickle: bool = False, base_fingerprint: dict | None = None) -> Adapter:
-    """``base_fingerprint``: ``fingerprint(base_dir)`` when the caller has just computed it (not hashed again)."""
+    """``base_fingerprint``: hashes of base weight files the caller has just taken (not taken again)."""
     import torch
 
     path = Path(adapter_dir)
@@ -286,11 +286,11 @@ def load_adapter(adapter_dir: str | Path, base_dir: Path, check_fingerprint: boo
     manifest = read_training_manifest(path, problems)
     if manifest and check_fingerprint:
         want = manifest.base_weights_sha256
-        if want and (base_fingerprint if base_fingerprint is not None else fingerprint(base_dir)) != want:
+        if want and fingerprint(base_dir, known=base_fingerprint) != want:
             problems.append(Problem(str(base_dir), "weights differ from the base this adapter was trained on "
                                     f"({manifest.base_path})", "pass the base the adapter was trained on with --base"))
     raise_if(problems)
-    quantization = manifest.quantized if manifest else None
+    quantization = manifest.quantization if manifest else None
     return Adapter(path=path, config=config, manifest=manifest, targeted=tuple(sorted(found)),
                    weights_file=weights, saved=tuple(sorted(saved)), quantization=quantization,
                    layer_weights=tuple(layer_weights))

@@ -15,8 +15,9 @@ from .adapters import load_adapter
 from .base import load_fp32, load_tokenizer
 from .data import load_jsonl
 from .outputs import check_new_output, staged
-from .pipeline import EMBEDDED, ExportRequest, bench, export
+from .pipeline import ExportRequest, bench, export
 from .progress import Progress, quiet
+from .prompts import EMBEDDED
 from .reference import load_adapted
 from .runtime import OrtCausalLM, TorchCausalLM
 from .tasks import task_accuracy

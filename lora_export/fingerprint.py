@@ -16,10 +16,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def weight_files(model_dir: Path) -> list[Path]:
-    return sorted(p for pattern in WEIGHT_PATTERNS for p in Path(model_dir).glob(pattern))
+def weight_files(model_dir: Path, patterns: tuple[str, ...] = WEIGHT_PATTERNS) -> list[Path]:
+    return sorted(p for pattern in patterns for p in Path(model_dir).glob(pattern))
 
 
-def fingerprint(model_dir: Path) -> dict[str, str]:
-    """{file name: sha256} of every weight file in a model directory."""
-    return {p.name: sha256_file(p) for p in weight_files(model_dir)}
+def fingerprint(model_dir: Path, known: dict[str, str] | None = None,
+                patterns: tuple[str, ...] = WEIGHT_PATTERNS) -> dict[str, str]:
+    """{file name: sha256} of every weight file in a model directory (``patterns``). ``known``: hashes this
+    command already took of files in it, not taken again."""
+    known = known or {}
+    return {p.name: known[p.name] if p.name in known else sha256_file(p) for p in weight_files(model_dir, patterns)}
+
+
+def safetensors_fingerprint(model_dir: Path) -> dict[str, str]:
+    """The fingerprint of a model's safetensors files only: what an export records of its base."""
+    return fingerprint(model_dir, patterns=("*.safetensors",))

@@ -5,6 +5,11 @@
 
 Each is a frozen dataclass with ``to_dict``/``from_dict`` for its JSON on disk, and has one reader that checks
 the file (every problem at once, as ``BadInput`` naming the file, the problem and the fix) and its version.
+What the tool reads back is typed (``Quantization``, ``BaseEntry``, ``AdapterEntry``, ``ParitySummary``). Some
+blocks stay JSON objects on purpose: the export's ``target`` is the target file's TOML table verbatim
+(``targets.parse_target`` types and checks it when validate and bench apply it); the training's ``lora``,
+``data`` and ``training``, the export's ``quantization`` (the survival measurement) and both ``versions`` are
+records for people and CI scripts that nothing in the tool reads back.
 One version number, ``SCHEMA_VERSION``, for both. Training manifests written before it existed say
 ``"schema": 1`` and are read as the version 1 they are (their content is that of version 2).
 """
@@ -23,7 +28,8 @@ from .quantized_base import FOUR_BIT, Quantization
 SCHEMA_VERSION = 2  # both manifests; a reader refuses a newer one and says what to do with an older one
 TRAINING_MANIFEST = "training_manifest.json"
 EXPORT_MANIFEST = "export_manifest.json"
-GRAPHS = ("merged", "unmerged", "switchable")
+SWITCHABLE = "switchable"  # the graph of `export --switchable`: a base graph, an adapter file per adapter
+GRAPHS = ("merged", "unmerged", SWITCHABLE)
 MERGE_BASES = FOUR_BIT + ("original",)  # what a merge starts from: the 4-bit base as trained, or the original
 
 
@@ -43,30 +49,28 @@ class TrainingManifest:
     kind: str  # "qlora" (a 4-bit base) or "lora"
     base_path: str
     base_weights_sha256: dict  # fingerprint.fingerprint(base): file -> sha256
-    quantization: dict | None  # Nf4Settings + quantized_modules + prequantized, for kind "qlora"
+    quantization: Quantization | None  # kind "qlora": the 4-bit base it was trained against; else None
     lora: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
-    @property
-    def quantized(self) -> Quantization | None:
-        """The 4-bit base the adapter was trained against, or None for plain LoRA."""
-        return Quantization.from_dict(self.quantization) if self.kind == "qlora" else None
-
     def to_dict(self) -> dict:
+        q = self.quantization  # on disk without its sources: every setting was chosen by the training
+        block = {k: v for k, v in q.to_dict().items() if k != "sources"} if q is not None else None
         return {"schema_version": self.schema_version, "kind": self.kind,
                 "base": {"path": self.base_path, "weights_sha256": dict(self.base_weights_sha256)},
-                "quantization": self.quantization, "lora": self.lora, "data": self.data, "training": self.training,
+                "quantization": block, "lora": self.lora, "data": self.data, "training": self.training,
                 "versions": self.versions}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainingManifest:
         """From a dict that ``training_problems`` passed."""
         base = d.get("base", {})
+        quant = Quantization.from_dict(d["quantization"]) if d["kind"] == "qlora" else None
         return cls(kind=d["kind"], base_path=base.get("path"), base_weights_sha256=base.get("weights_sha256", {}),
-                   quantization=d.get("quantization"), lora=d.get("lora", {}), data=d.get("data", {}),
+                   quantization=quant, lora=d.get("lora", {}), data=d.get("data", {}),
                    training=d.get("training", {}), versions=d.get("versions", {}), schema_version=_training_version(d))
 
     def write(self, adapter_dir: Path) -> None:
@@ -172,28 +176,67 @@ class AdapterEntry:
     relative_path: str | None = None
     weights_file: str | None = None  # adapter_model.safetensors, or .bin when pickle was allowed
     weight: float = 1.0  # its coefficient in the linear combination
-    quantization: dict | None | str = NOT_RECORDED  # the 4-bit base the export resolved (Quantization.to_dict())
+    quantization: Quantization | None | str = NOT_RECORDED  # the 4-bit base the export resolved; None: none
     name: str | None = None
     file: str | None = None
     file_sha256: str | None = None
 
     @property
     def resolved_quantization(self) -> Quantization | None:
-        return Quantization.from_dict(self.quantization) if isinstance(self.quantization, dict) else None
+        """The 4-bit base the export resolved (None also for an export older than that record)."""
+        return self.quantization if isinstance(self.quantization, Quantization) else None
 
     def to_dict(self) -> dict:
         d = {"path": self.path, **({"relative_path": self.relative_path} if self.relative_path is not None else {})}
         d.update({k: v for k, v in (("name", self.name), ("file", self.file), ("file_sha256", self.file_sha256),
                                     ("weights_file", self.weights_file)) if v is not None})
         d.update({"adapter_model_sha256": self.adapter_model_sha256, "weight": self.weight})
-        return {**d, "quantization": self.quantization} if self.quantization != NOT_RECORDED else d
+        if self.quantization == NOT_RECORDED:
+            return d
+        return {**d, "quantization": self.quantization.to_dict() if self.quantization is not None else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> AdapterEntry:
+        quant = d.get("quantization", NOT_RECORDED)
         return cls(path=d["path"], adapter_model_sha256=d["adapter_model_sha256"], relative_path=d.get("relative_path"),
                    weights_file=d.get("weights_file"), weight=d.get("weight", 1.0),
-                   quantization=d.get("quantization", NOT_RECORDED), name=d.get("name"), file=d.get("file"),
+                   quantization=Quantization.from_dict(quant) if isinstance(quant, dict) else quant, name=d.get("name"), file=d.get("file"),
                    file_sha256=d.get("file_sha256"))
+
+
+MERGED_PARITY = ("ran_on", "not_checked_on", "max_abs_diff", "max_rel_diff", "mean_kl", "top1_agreement",
+                 "adapter_retention")  # a merged or unmerged graph's summary: the total stage's numbers
+
+
+@dataclass(frozen=True)
+class ParitySummary:
+    """The manifest's record of the parity verdict (parity.md/json hold the whole report): for a merged or
+    unmerged graph the total stage's numbers, for a switchable one each section's verdict."""
+
+    passed: bool
+    failures: tuple[str, ...] = ()
+    ran_on: tuple[str, ...] = ()
+    not_checked_on: tuple[str, ...] = ()
+    max_abs_diff: float | None = None
+    max_rel_diff: float | None = None
+    mean_kl: float | None = None
+    top1_agreement: float | None = None
+    adapter_retention: float | None = None
+    sections: dict[str, bool] | None = None  # switchable: section name -> passed
+
+    def to_dict(self) -> dict:
+        d = {"passed": self.passed, "failures": list(self.failures)}
+        if self.sections is not None:
+            return {**d, "sections": dict(self.sections)}
+        return {**d, **{k: list(v) if isinstance(v, tuple) else v for k in MERGED_PARITY
+                        for v in [getattr(self, k)]}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ParitySummary:
+        """From a dict that ``parity_problems`` passed (a key that is not recorded keeps its default)."""
+        known = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+                 if k in ("passed", "failures", "sections", *MERGED_PARITY)}
+        return cls(**known)
 
 
 @dataclass(frozen=True)
@@ -211,8 +254,8 @@ class ExportManifest:
     replaced_modules: list | None = None
     untied_embeddings: bool | None = None
     lora_inputs: int | None = None  # switchable: the graph's LoRA weight inputs
-    quantization: dict | None = None  # quantized weights: how much of the adapter's change survived
-    parity: dict | None = None  # the parity summary, once validated
+    quantization: dict | None = None  # quantized weights: how much of the adapter's change survived (for people)
+    parity: ParitySummary | None = None  # the verdict, once validated
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -225,7 +268,10 @@ class ExportManifest:
                                     ("untied_embeddings", self.untied_embeddings),
                                     ("lora_inputs", self.lora_inputs)) if v is not None})
         d["versions"] = self.versions
-        d.update({k: v for k, v in (("quantization", self.quantization), ("parity", self.parity)) if v is not None})
+        if self.quantization is not None:
+            d["quantization"] = self.quantization
+        if self.parity is not None:
+            d["parity"] = self.parity.to_dict()
         return d
 
     @classmethod
@@ -239,7 +285,9 @@ class ExportManifest:
                    versions=d.get("versions", {}), merged_modules=d.get("merged_modules"),
                    max_abs_weight_change=d.get("max_abs_weight_change"), replaced_modules=d.get("replaced_modules"),
                    untied_embeddings=d.get("untied_embeddings"), lora_inputs=d.get("lora_inputs"),
-                   quantization=d.get("quantization"), parity=d.get("parity"), schema_version=d["schema_version"])
+                   quantization=d.get("quantization"),
+                   parity=ParitySummary.from_dict(d["parity"]) if d.get("parity") is not None else None,
+                   schema_version=d["schema_version"])
 
 
 def write_export_manifest(export_dir: Path, manifest: ExportManifest) -> None:
@@ -315,4 +363,22 @@ def export_problems(manifest: dict, path: Path) -> list[Problem]:
         bad("merge_base", f"{manifest.get('merge_base')!r} is not one of {', '.join(MERGE_BASES)}")
     if manifest.get("graph", "merged") not in GRAPHS:
         bad("graph", f"{manifest.get('graph')!r} is not merged, unmerged or switchable")
+    problems += parity_problems(manifest.get("parity"), path)
     return problems
+
+
+def parity_problems(summary, path: Path) -> list[Problem]:
+    """The manifest's parity summary: null (not validated yet) or the verdict with its numbers."""
+    if summary is None:
+        return []
+    where, fix = f"{path}:parity", EXPORT_FIX
+    if not isinstance(summary, dict) or not isinstance(summary.get("passed"), bool):
+        return [Problem(where, "must be null or an object with the verdict \"passed\" (true or false)", fix)]
+    wrong = [k for k in ("failures", "ran_on", "not_checked_on")
+             if not (isinstance(summary.get(k, []), list) and all(isinstance(x, str) for x in summary.get(k, [])))]
+    wrong += [k for k in MERGED_PARITY[2:] if summary.get(k) is not None and (
+        isinstance(summary[k], bool) or not isinstance(summary[k], (int, float)))]
+    sections = summary.get("sections")
+    if sections is not None and not (isinstance(sections, dict) and all(isinstance(v, bool) for v in sections.values())):
+        wrong.append("sections")
+    return [Problem(where, f"invalid {', '.join(wrong)}", fix)] if wrong else []

@@ -8,9 +8,13 @@ Module map: data flows one way, down the stages; the records between them are ``
     export/       checkpoint    -> model.onnx (a graph backend by name); quantize/: its weights (a scheme by name)
     parity.py     export dir    -> parity verdict against reference.py (the adapted model as trained), via runtime.py
     latency.py    export dir    -> latency: merged vs base (vs unmerged)
+    exportdir.py  an export's records of its base and adapters (manifests.BaseEntry, AdapterEntry), and the
+                  checks that find them again: the base is hashed once per command and the fingerprint handed on
+    prompts.py, sidepath.py, reference.py: the parity prompts, the base a side path sits on, the model as trained
     pipeline.py   this file: export() runs the stages above and writes export_manifest.json
                   (manifests.ExportManifest); validate() and bench() read it back. switchable*.py: the same
-                  for one base graph with an adapter file per adapter.
+                  for one base graph with an adapter file per adapter; they import the modules above, never this
+                  one (validate and bench here hand a switchable export to them). cli.py and demo.py import this.
 
 export(), top to bottom: check_inputs -> prepare (child: adapters, merge, fp16 check) -> build -> _manifest
 -> quantized_weights (child: training scales, survival) -> write the manifest -> validate_new -> the manifest
@@ -30,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import tempfile
@@ -40,31 +43,42 @@ from typing import TYPE_CHECKING
 
 from .adapters import Adapter, attach, base_name_note, load_adapter
 from .base import check_base, is_prequantized, load_fp32, load_tokenizer
-from .data import load_jsonl
 from .errors import BadInput, ToolchainFailed, UnreadableModel
 from .export import BACKENDS
 from .export.io_spec import check_external_data
-from .fingerprint import sha256_file
+from .exportdir import (
+    PARITY_TMP,
+    adapter_entry,
+    adapters_of,
+    base_entry,
+    check_base_unchanged,
+    check_report_path,
+    context_of,
+    export_bytes,
+    locate,
+)
+from .fingerprint import safetensors_fingerprint
 from .isolate import run_in_child
 from .manifests import (
     EXPORT_MANIFEST,
-    NOT_RECORDED,
-    AdapterEntry,
-    BaseEntry,
+    SWITCHABLE,
     ExportManifest,
+    ParitySummary,
     read_export_manifest,
+    write_export_manifest,
 )
-from .manifests import write_export_manifest as _write_manifest
-from .merge import MergeResult, merge, rewrite_checkpoint
+from .merge import MergeResult, merge
 from .outputs import check_free_disk, check_new_output, scratch, staged, sweep_temp
 from .precision import check_fp16_range
 from .progress import Progress, quiet
-from .quantized_base import FOUR_BIT, QuantRequest, plain_base, quantization_of, resolve
+from .prompts import bench_prompt, check_prompt_lengths, load_prompts
+from .quantized_base import QuantRequest, plain_base, resolve
 from .quantized_base import check_request as check_quant_request
 from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
 from .reference import DEVICE as REFERENCE_DEVICE
 from .reference import describe as describe_reference
-from .reference import load_adapted
+from .reference import reference_model, torch_model
+from .sidepath import build_unmerged, check_side_path, unmerged_source
 from .targets import (
     check_against_context,
     load_target,
@@ -72,15 +86,10 @@ from .targets import (
     tolerance_differences,
     tomllib,
 )
-from .tasks import encode_prompt
 from .versions import package_versions
 
 if TYPE_CHECKING:  # imported where used: numpy and ONNX Runtime stay out of the export's process until parity
     from . import parity
-
-EMBEDDED = Path(__file__).resolve().parent / "embedded"
-PARITY_PROMPTS = 8
-
 
 @dataclass(frozen=True)
 class ExportRequest:
@@ -113,6 +122,7 @@ class Prepared:
     graph_source: Path  # the merged checkpoint; for --keep-adapter the base as trained (the side path's base)
     prompt_ids: tuple | None = None  # the default parity prompts, tokenized (prompts, documents)
     base: Path | None = None  # the base in full precision: itself, or a pre-quantized base dequantized
+    base_sha: dict | None = None  # the base's fingerprint, hashed once for the adapters' checks and the manifest
 
 
 def check_request(req: ExportRequest) -> None:
@@ -138,9 +148,9 @@ def export(req: ExportRequest, progress: Progress = quiet) -> ExportResult:
         build(req, target, prep, tmp, progress)
         manifest = _manifest(req, base, out, target, prep)
         manifest = replace(manifest, quantization=quantized_weights(req, target, prep, base, tmp, progress))
-        _write_manifest(tmp, manifest)  # validate reads the target and the inputs from it
+        write_export_manifest(tmp, manifest)  # validate reads the target and the inputs from it
         report = validate_new(tmp, target, prep, progress)
-        _write_manifest(tmp, replace(manifest, parity=parity_summary(report)))
+        write_export_manifest(tmp, replace(manifest, parity=parity_summary(report)))
     return ExportResult(out=out, merge_base=prep.merge_base, parity=report)
 
 
@@ -185,14 +195,13 @@ def validate_new(tmp: Path, target, prep: Prepared, progress: Progress = quiet) 
         raise ToolchainFailed(f"the {target.backend} backend wrote a model that cannot be loaded: {e}") from e
 
 
-def parity_summary(report: parity.ParityReport) -> dict:
+def parity_summary(report: parity.ParityReport) -> ParitySummary:
     """The manifest's ``parity``: the verdict and the total stage's numbers."""
     total = report.stages["total"]
-    return {"passed": report.passed, "failures": [str(c) for c in report.failures],
-            "ran_on": list(report.ran_on), "not_checked_on": list(report.not_checked_on),
-            "max_abs_diff": total.max_abs_diff, "max_rel_diff": total.max_rel_diff,
-            "mean_kl": total.mean_kl, "top1_agreement": total.top1_agreement,
-            "adapter_retention": report.adapter_retention}
+    return ParitySummary(passed=report.passed, failures=tuple(str(c) for c in report.failures),
+                         ran_on=tuple(report.ran_on), not_checked_on=tuple(report.not_checked_on),
+                         max_abs_diff=total.max_abs_diff, max_rel_diff=total.max_rel_diff, mean_kl=total.mean_kl,
+                         top1_agreement=total.top1_agreement, adapter_retention=report.adapter_retention)
 
 
 def build_graph(target, checkpoint: Path, out_dir: Path, adapter: Path | None, progress: Progress = quiet) -> None:
@@ -230,7 +239,8 @@ def prepare(req: ExportRequest, base: Path, target, work: Path, progress: Progre
     the range). For --keep-adapter, also write the base the side path sits on (the NF4 round trip for QLoRA)."""
     paths = [req.adapter] if isinstance(req.adapter, (str, Path)) else list(req.adapter)
     prompt_ids = load_prompts(load_tokenizer(base))  # a broken tokenizer is refused before the merge
-    adapters = [load_adapter(p, base, allow_pickle=req.allow_pickle) for p in paths]
+    base_sha = safetensors_fingerprint(base)
+    adapters = [load_adapter(p, base, allow_pickle=req.allow_pickle, base_fingerprint=base_sha) for p in paths]
     weights = tuple(req.adapter_weights or [1.0] * len(adapters))
     resolved = [resolve(a, base, req.merge_base, req.quant, progress) for a in adapters]
     adapters, merge_base = [a for a, _ in resolved], resolved[0][1]
@@ -254,7 +264,7 @@ def prepare(req: ExportRequest, base: Path, target, work: Path, progress: Progre
     if req.keep_adapter:
         source = unmerged_source(plain, adapters[0], merge_base, work)
     return Prepared(adapters=tuple(adapters), weights=weights, merge_base=merge_base, merged=merged,
-                    graph_source=source, prompt_ids=prompt_ids, base=plain)
+                    graph_source=source, prompt_ids=prompt_ids, base=plain, base_sha=base_sha)
 
 
 def check_same_base(adapters) -> None:
@@ -273,7 +283,7 @@ def check_same_base(adapters) -> None:
 def _manifest(req: ExportRequest, base: Path, out: Path, target, prep: Prepared) -> ExportManifest:
     result = prep.merged
     return ExportManifest(
-        base=base_entry(base, out),
+        base=base_entry(base, out, prep.base_sha),
         adapters=tuple(adapter_entry(a, out, weight=w) for a, w in zip(prep.adapters, prep.weights)),
         target=tomllib.loads(Path(target.source).read_text()),  # validate and bench apply this one
         merge_base=prep.merge_base,
@@ -284,148 +294,6 @@ def _manifest(req: ExportRequest, base: Path, out: Path, target, prep: Prepared)
         untied_embeddings=result.untied,
         versions=package_versions(),
     )
-
-
-def base_entry(base: Path, out: Path) -> BaseEntry:
-    """The manifest's record of the base: where (also relative to the export) and each weight file's sha256."""
-    return BaseEntry(**_where(base, out), files_sha256={p.name: sha256_file(p) for p in
-                                                       sorted(base.glob("*.safetensors"))},
-                     prequantized=is_prequantized(base))
-
-
-def adapter_entry(adapter, out: Path, weight: float = 1.0, **switchable) -> AdapterEntry:
-    """The manifest's record of an adapter: where, its weights' sha256, and the 4-bit base the export resolved."""
-    return AdapterEntry(**_where(adapter.path, out), weights_file=adapter.weights_file.name,
-                        adapter_model_sha256=sha256_file(adapter.weights_file), weight=weight,
-                        quantization=adapter.quantization.to_dict() if adapter.quantization else None, **switchable)
-
-
-BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1.1, "int4": 0.6, "nf4": 0.6}  # with scales
-
-
-def export_bytes(base: Path, target) -> int:
-    """Disk an export needs at its peak: the merged and as-trained fp32 checkpoints (scratch) and 2.2 x the ONNX output
-    (the graph builder's own temporaries and our re-save), from the parameter count in the shard headers."""
-    from .checkpoint import shard_files
-    from .tensorfile import read_header
-
-    params = sum(math.prod(e.shape) * (2 if e.dtype == "U8" else 1)  # a 4-bit base: two weights a byte
-                 for p in shard_files(base) for e in read_header(p)[0])
-    scheme = target.quantization.scheme
-    weights = BYTES_PER_WEIGHT[scheme if scheme != "none" else target.precision]
-    return int((12 if is_prequantized(base) else 8) * params + 2.2 * weights * params)  # + its dequantized copy
-
-
-def check_side_path(adapters) -> None:
-    """--keep-adapter: one plain LoRA or rsLoRA adapter, which the builder can emit as a side path."""
-    if len(adapters) > 1:
-        raise BadInput.one("--keep-adapter", "an unmerged graph carries one adapter", "pass a single --adapter")
-    if not adapters[0].plain_lora:
-        raise BadInput.one(str(adapters[0].path / "adapter_config.json"), "--keep-adapter supports plain LoRA and "
-                           "rsLoRA side paths only (this adapter uses DoRA or modules_to_save)",
-                           "export it merged (without --keep-adapter)")
-
-
-def unmerged_source(base: Path, adapter, merge_base: str, work: Path) -> Path:
-    """The checkpoint a side-path graph is built on: the base the adapter was trained against. ``base`` is in
-    full precision (a pre-quantized base already dequantized: nothing to round again)."""
-    if merge_base not in FOUR_BIT or adapter.quantization.prequantized:
-        return base
-    rewrite_checkpoint(base, [], (), work / "base-nf4", merge_base, nf4=quantization_of(adapter))
-    return work / "base-nf4"
-
-
-def build_unmerged(base: Path, adapter, merge_base: str, target, out_dir: Path, work: Path) -> None:
-    """The adapter as a side path on the base it was trained against (the NF4 round trip for QLoRA)."""
-    check_side_path([adapter])
-    source = unmerged_source(base, adapter, merge_base, work)
-    BACKENDS[target.backend].build(source, out_dir, target, out_dir / "build.log", adapter=adapter.path)
-
-
-def adapters_of(entries, export_dir: Path, base: Path):
-    """The adapters an export was made from (its manifest's ``AdapterEntry``s), checked unchanged since, and
-    their weights."""
-    adapters, weights = [], []
-    for entry in entries:
-        adapter = load_adapter(locate(entry, export_dir, "adapter"), base,
-                               allow_pickle=entry.weights_file == "adapter_model.bin")
-        if entry.quantization != NOT_RECORDED:  # the 4-bit base the export resolved (older exports: the training's)
-            adapter = replace(adapter, quantization=entry.resolved_quantization)
-        if sha256_file(adapter.weights_file) != entry.adapter_model_sha256:
-            raise BadInput.one(str(adapter.path), "the adapter's weights changed since this export was made",
-                               "validate against the adapter that was exported, or re-export")
-        adapters.append(adapter)
-        weights.append(entry.weight)
-    return adapters, weights
-
-
-def _where(path: Path, out: Path) -> dict:
-    """Absolute path, and the path relative to the export: the latter survives moving both together."""
-    return {"path": str(path.resolve()), "relative_path": os.path.relpath(path.resolve(), out.resolve())}
-
-
-def locate(entry: BaseEntry | AdapterEntry, export_dir: Path, what: str) -> Path:
-    candidates = [Path(entry.path)] + ([export_dir / entry.relative_path] if entry.relative_path is not None else [])
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
-    raise BadInput.one(str(export_dir / EXPORT_MANIFEST),
-                       f"the {what} this export was made from is gone ({entry.path})",
-                       f"restore the {what} at that path, or re-export")
-
-
-def check_report_path(path: Path | None) -> None:
-    """A --report/--junit path must be a file we can write, checked before parity runs."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        raise BadInput.one(str(path), "is a directory", "pass a file path (e.g. reports/parity.json)")
-    if not path.parent.is_dir():
-        raise BadInput.one(str(path), f"its folder {path.parent} does not exist", "create the folder first")
-    if not os.access(path.parent, os.W_OK):
-        raise BadInput.one(str(path), f"its folder {path.parent} is not writable", "write the report elsewhere")
-
-
-def check_base_unchanged(base: Path, manifest: ExportManifest, export_dir: Path) -> None:
-    """The base's weight files are the ones the export was made from (else a parity failure would blame the
-    export for a changed base)."""
-    recorded = manifest.base.files_sha256
-    now = {p.name: p for p in sorted(base.glob("*.safetensors"))}
-    changed = sorted(set(recorded) ^ set(now)) or [n for n in sorted(recorded) if sha256_file(now[n]) != recorded[n]]
-    if changed:
-        raise BadInput.one(str(base), f"the base's weights changed since this export was made ({', '.join(changed[:3])} "
-                           "differ from the sha256 in export_manifest.json)",
-                           "validate against the base that was exported, or re-export")
-
-
-def load_prompts(tok, path: Path | None = None) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of the parity prompts, and of whole records (prompt + completion) for long contexts.
-
-    From a user's JSONL (prompt/completion or text records) or the embedded eval set.
-    """
-    examples = load_jsonl(path or EMBEDDED / "demo" / "eval.jsonl").examples
-    if len(examples) < 4:
-        raise BadInput.one(str(path), f"only {len(examples)} prompts; parity needs at least 4",
-                           "add prompts to the file (8 are used)")
-    prompts = [encode_prompt(tok, ex.prompt or ex.completion) for ex in examples[:PARITY_PROMPTS]]
-    documents = [encode_prompt(tok, ex.prompt + ex.completion) for ex in examples[: 4 * PARITY_PROMPTS]]
-    return prompts, documents
-
-
-def context_of(base: Path) -> tuple[int, int]:
-    """(context length, vocabulary size) of the base model, read from its config.json (no torch needed).
-
-    Architectures name the context differently (GPT-2 ``n_positions``, Llama ``max_position_embeddings``)."""
-    config = json.loads((base / "config.json").read_text())
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    positions = next((text[k] for k in CONTEXT_KEYS if isinstance(text.get(k), int) and text[k] > 0), 2048)
-    vocab = text.get("vocab_size")
-    return positions, vocab if isinstance(vocab, int) and vocab > 0 else 50_000
-
-
-PARITY_TMP = "lora-export-parity-"  # + pid: validate's temporary folder, swept once its process is gone
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
 
 def validate(export_dir: Path, report_json: Path | None = None, junit: Path | None = None,
@@ -445,7 +313,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
 
     export_dir = Path(export_dir)
     manifest = read_export_manifest(export_dir)
-    if manifest.graph == "switchable":  # --switchable: a section per adapter (lora_export/switchable.py)
+    if manifest.graph == SWITCHABLE:  # --switchable: a section per adapter (lora_export/switchable.py)
         from .switchable_parity import validate as validate_switchable
 
         return validate_switchable(export_dir, report_json, junit, prompts, progress=progress)
@@ -453,8 +321,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     for path in (report_json, junit):
         check_report_path(path)
     base = check_base(locate(manifest.base, export_dir, "base model"))
-    if prepared is None:  # (export hashed the base a moment ago)
-        check_base_unchanged(base, manifest, export_dir)
+    base_sha = None if prepared is not None else check_base_unchanged(base, manifest)  # (export hashed it just now)
     check_external_data(export_dir / "model.onnx")
     max_positions, vocab_size = context_of(base)
     check_against_context(target, max_positions, str(base / "config.json"))
@@ -472,7 +339,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
             token_ids = prepared.prompt_ids
         else:
             prepared, token_ids = run_in_child(validation_inputs, export_dir, manifest, base, prompts, Path(tmp),
-                                               prepared, max_positions, steps, progress=progress)
+                                               prepared, max_positions, steps, base_sha, progress=progress)
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         adapters, merged = list(prepared.adapters), prepared.merged
         models = parity.Models(
@@ -497,24 +364,15 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     return report
 
 
-def check_prompt_lengths(prompt_ids: list[list[int]], max_positions: int, steps: int, source: Path | None) -> None:
-    """Each parity prompt plus its continuation must fit the model's positions (else ONNX Runtime fails deep
-    inside attention, after the reference has run)."""
-    longest = max((len(p) for p in prompt_ids[:PARITY_PROMPTS]), default=0)
-    if longest + steps > max_positions:
-        raise BadInput.one(str(source or "the parity prompts"), f"a prompt of {longest} tokens plus the {steps}-token "
-                           f"continuation exceeds the model's {max_positions} positions",
-                           f"use prompts of at most {max(max_positions - steps, 1)} tokens")
-
-
 def validation_inputs(export_dir: Path, manifest: ExportManifest, base: Path, prompts: Path | None, tmp: Path,
-                      prepared: Prepared | None, max_positions: int, steps: int, progress: Progress = quiet):
-    """(Prepared, parity prompt token ids): the adapters checked unchanged and merged again unless given.
-    Runs in a child process (it imports torch)."""
+                      prepared: Prepared | None, max_positions: int, steps: int, base_sha: dict | None = None,
+                      progress: Progress = quiet):
+    """(Prepared, parity prompt token ids): the adapters checked unchanged and merged again unless given
+    (``base_sha``: the base's fingerprint, already checked). Runs in a child process (it imports torch)."""
     token_ids = load_prompts(load_tokenizer(base), prompts)
     check_prompt_lengths(token_ids[0], max_positions, steps, prompts)
     if prepared is None:
-        adapters, weights = adapters_of(manifest.adapters, export_dir, base)
+        adapters, weights = adapters_of(manifest.adapters, export_dir, base, base_sha)
         plain = plain_base(base, tmp, progress)
         progress("merging again into a temporary folder (the reference's base and the merge/export breakdown)")
         merged = merge(plain, adapters, tmp / "merged", manifest.merge_base, weights,
@@ -522,18 +380,6 @@ def validation_inputs(export_dir: Path, manifest: ExportManifest, base: Path, pr
         prepared = Prepared(adapters=tuple(adapters), weights=tuple(weights), merge_base=manifest.merge_base,
                             merged=merged, graph_source=merged.checkpoint, base=plain)
     return prepared, token_ids
-
-
-def reference_model(base: Path, adapters, weights, as_trained: Path | None):
-    from .runtime import TorchCausalLM
-
-    return TorchCausalLM(load_adapted(base, list(adapters), weights, as_trained=as_trained))
-
-
-def torch_model(checkpoint: Path):
-    from .runtime import TorchCausalLM
-
-    return TorchCausalLM(load_fp32(checkpoint))
 
 
 def bench(export_dir: Path, json_path: Path | None = None, progress: Progress = quiet, rounds: int = 100,
@@ -553,7 +399,7 @@ def bench(export_dir: Path, json_path: Path | None = None, progress: Progress = 
     for path in (json_path, plot_path):
         check_report_path(path)
     manifest = read_export_manifest(export_dir)
-    if manifest.graph == "switchable":  # each adapter active vs none vs merged: lora_export/switchable_bench.py
+    if manifest.graph == SWITCHABLE:  # each adapter active vs none vs merged: lora_export/switchable_bench.py
         from .switchable_bench import bench_export
 
         check_external_data(export_dir / "model.onnx")
@@ -561,8 +407,8 @@ def bench(export_dir: Path, json_path: Path | None = None, progress: Progress = 
     target = parse_target(manifest.target, f"{export_dir / EXPORT_MANIFEST}:target")
     check_external_data(export_dir / "model.onnx")  # refuse a tampered export before building anything
     base = check_base(locate(manifest.base, export_dir, "base model"))
-    check_base_unchanged(base, manifest, export_dir)
-    adapters, weights = adapters_of(manifest.adapters, export_dir, base)
+    base_sha = check_base_unchanged(base, manifest)
+    adapters, weights = adapters_of(manifest.adapters, export_dir, base, base_sha)
     adapter = adapters[0]
     base_export = export_dir / "bench-base"
     unmerged = export_dir / "bench-unmerged"
@@ -583,8 +429,7 @@ def bench(export_dir: Path, json_path: Path | None = None, progress: Progress = 
         extra = {}
         if eager:  # what users run without an export: the fp32 base with the adapter(s) unmerged, in PyTorch
             extra["peft-unmerged"] = TorchCausalLM(attach(load_fp32(plain), adapters, weights)[0].eval())
-    tok = load_tokenizer(base)
-    prompt = [t for p in load_prompts(tok)[1] for t in p][:32]
+    prompt = bench_prompt(load_tokenizer(base))
     progress(f"timing {'merged, base and unmerged' if side_path else 'this export and base'}, "
              f"{rounds} interleaved rounds")
     result = latency.bench(export_dir, base_export, prompt, target.latency.max_ratio,

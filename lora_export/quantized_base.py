@@ -75,7 +75,7 @@ class Quantization:
         """From a training manifest's quantization block or an export manifest's record of one."""
         d = dict(d)
         modules = tuple(d.pop("quantized_modules"))
-        sources = d.pop("sources", None) or {k: TRAINED_HERE for k in Nf4Settings.__dataclass_fields__}
+        sources = d.pop("sources", None) or trained_here()  # a training manifest records none
         prequantized = bool(d.pop("prequantized", False))
         return cls(settings=Nf4Settings(**d), modules=modules, sources=sources, prequantized=prequantized)
 
@@ -93,6 +93,11 @@ class Quantization:
                  f"double quant {'on' if s.double_quant else 'off'} [{src.get('double_quant', '?')}]",
                  f"quantized from {s.load_dtype} [{src.get('load_dtype', '?')}]"]
         return ", ".join(parts)
+
+
+def trained_here() -> dict:
+    """The sources of a quantization the training chose itself (a training manifest's block records no sources)."""
+    return {k: TRAINED_HERE for k in Nf4Settings.__dataclass_fields__}
 
 
 def quantization_of(adapter) -> tuple[list[str], Nf4Settings]:

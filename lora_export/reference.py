@@ -70,3 +70,17 @@ def describe(adapters: Sequence[Adapter]) -> str:
         base = "fp32 base"
     count = "adapter" if len(adapters) == 1 else f"{len(adapters)} adapters"
     return f"{base} + {count} unmerged, computed in {COMPUTE_DTYPE} on {DEVICE} (PyTorch)"
+
+
+def reference_model(base: Path, adapters, weights, as_trained: Path | None):
+    """The reference as a ``runtime.TorchCausalLM`` (what parity measures the export against)."""
+    from .runtime import TorchCausalLM
+
+    return TorchCausalLM(load_adapted(base, list(adapters), weights, as_trained=as_trained))
+
+
+def torch_model(checkpoint: Path):
+    """A plain fp32 checkpoint (the merge, or the base) as a ``runtime.TorchCausalLM``: parity's comparison models."""
+    from .runtime import TorchCausalLM
+
+    return TorchCausalLM(load_fp32(checkpoint))

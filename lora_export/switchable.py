@@ -34,18 +34,26 @@ from .export.lora_inputs import (
     union_adapter,
     write_adapter,
 )
-from .fingerprint import sha256_file
+from .exportdir import adapter_entry, base_entry, export_bytes, locate
+from .fingerprint import safetensors_fingerprint, sha256_file
 from .isolate import run_in_child
-from .manifests import ExportManifest, read_export_manifest, write_export_manifest
+from .manifests import (
+    SWITCHABLE,
+    ExportManifest,
+    ParitySummary,
+    read_export_manifest,
+    write_export_manifest,
+)
 from .outputs import check_free_disk, check_new_output, scratch, staged
 from .progress import Progress, quiet
+from .prompts import load_prompts
 from .quantized_base import QuantRequest, plain_base, resolve
+from .sidepath import check_side_path, unmerged_source
+from .switchable_parity import BASE_SECTION, recorded_sections, validate, write_reports
 from .targets import load_target, tomllib
 from .versions import package_versions
 
 ADAPTERS = "adapters"
-GRAPH = "switchable"
-BASE_SECTION = "base"  # the section for no adapter active
 SCHEMES = ("none", "int4")  # weight quantization of the base graph --switchable can write
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -89,17 +97,16 @@ def check_request(req: SwitchRequest, taken: tuple[str, ...] = ()) -> tuple[str,
     return names
 
 
-def prepare(req: SwitchRequest, base: Path, work: Path, need_source: bool = True, progress: Progress = quiet):
+def prepare(req: SwitchRequest, base: Path, work: Path, base_sha: dict, need_source: bool = True,
+            progress: Progress = quiet):
     """Check each adapter (plain LoRA/rsLoRA, one shared merge base); the full-precision base; the base the
     graph is built on and (``need_source``) a zero adapter on the union of the adapters' target modules for the
-    builder. Runs in a child process (it imports torch)."""
-    from .pipeline import check_side_path, load_prompts, unmerged_source
-
+    builder. ``base_sha``: the base's fingerprint. Runs in a child process (it imports torch)."""
     load_prompts(load_tokenizer(base))
     adapters, bases = [], set()
     for p in req.adapters:
-        a, merge_base = resolve(load_adapter(p, base, allow_pickle=req.allow_pickle), base, req.merge_base, req.quant,
-                                progress)
+        adapter = load_adapter(p, base, allow_pickle=req.allow_pickle, base_fingerprint=base_sha)
+        a, merge_base = resolve(adapter, base, req.merge_base, req.quant, progress)
         if not a.plain_lora:
             raise BadInput.one(str(a.path / "adapter_config.json"), "--switchable supports plain LoRA and rsLoRA "
                                "adapters only (this one uses DoRA or modules_to_save)",
@@ -135,15 +142,11 @@ def write_files(plain: Path, adapters, names, inputs: tuple[LoraInput, ...], fol
 
 
 def _entry(adapter, name: str, sha: str, out: Path):
-    from .pipeline import adapter_entry
-
     return adapter_entry(adapter, out, name=name, file=f"{ADAPTERS}/{name}{SUFFIX}", file_sha256=sha)
 
 
 def export(req: SwitchRequest, progress: Progress = quiet):
     """A new switchable export: base graph + one adapter file per adapter, then parity of each."""
-    from .pipeline import base_entry, export_bytes
-
     names = check_request(req)
     target = load_target(req.target)
     if target.backend != "genai-builder":
@@ -159,7 +162,9 @@ def export(req: SwitchRequest, progress: Progress = quiet):
     check_new_output(out)
     check_free_disk(out, export_bytes(base, target), "the base as trained plus 2.2 x the export")
     with staged(out) as tmp, scratch(out, "work") as work:
-        adapters, merge_base, plain, source, union = run_in_child(prepare, req, base, work, progress=progress)
+        base_sha = safetensors_fingerprint(base)
+        adapters, merge_base, plain, source, union = run_in_child(prepare, req, base, work, base_sha,
+                                                                  progress=progress)
         progress(f"building the base graph with LoRA inputs ({target.precision}) on the {merge_base} base, for "
                  "the union of the adapters' target modules")
         layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
@@ -175,25 +180,23 @@ def export(req: SwitchRequest, progress: Progress = quiet):
         inputs = make_switchable(tmp / "model.onnx")
         hashes = run_in_child(write_files, plain, adapters, names, inputs, tmp / ADAPTERS, progress=progress)
         manifest = ExportManifest(
-            base=base_entry(base, out),
+            base=base_entry(base, out, base_sha),
             adapters=tuple(_entry(a, n, hashes[n], out) for a, n in zip(adapters, names)),
             target=tomllib.loads(Path(target.source).read_text()),
             merge_base=merge_base,
-            graph=GRAPH,
+            graph=SWITCHABLE,
             lora_inputs=len(inputs),
             versions=package_versions(),
         )
         write_export_manifest(tmp, manifest)
         progress("validating parity: the base, then each adapter against its own reference")
-        from .switchable_parity import validate
-
         try:
-            report = validate(tmp, progress=progress)
+            report = validate(tmp, progress=progress, base_sha=base_sha)
         except UnreadableModel as e:
             raise ToolchainFailed(f"the genai builder wrote a model that cannot be loaded: {e}") from e
-        write_export_manifest(tmp, replace(manifest, parity={
-            "passed": report.passed, "failures": [str(c) for c in report.failures],
-            "sections": {n: r.passed for n, r in report.sections}}))
+        write_export_manifest(tmp, replace(manifest, parity=ParitySummary(
+            passed=report.passed, failures=tuple(str(c) for c in report.failures),
+            sections={n: r.passed for n, r in report.sections})))
     return out, merge_base, report
 
 
@@ -202,21 +205,20 @@ def add(req: SwitchRequest, progress: Progress = quiet):
     base, and that each passes parity; the graph is not rebuilt."""
     into = Path(req.into)
     manifest = read_export_manifest(into)
-    if manifest.graph != GRAPH:
+    if manifest.graph != SWITCHABLE:
         raise BadInput.one(str(into), f"not a switchable export (its graph is {manifest.graph})",
                            "pass a directory written by `lora-export export --switchable`, or export anew")
     entries = manifest.adapters
     names = check_request(req, taken=tuple(e.name or "" for e in entries))
     base = check_base(req.base)
-    recorded = manifest.base.files_sha256
-    now = {p.name: sha256_file(p) for p in sorted(base.glob("*.safetensors"))}
-    if now != recorded:  # the base fingerprint: the same weight files, byte for byte
+    base_sha = safetensors_fingerprint(base)
+    if base_sha != manifest.base.files_sha256:  # the same weight files, byte for byte
         raise BadInput.one(str(base), f"its weights are not those of the base {into} was exported from "
                            f"({manifest.base.path}: the sha256 of its weight files differ)",
                            "pass the export's own base with --base (an adapter for another base needs its own export)")
     inputs = lora_inputs(into / "model.onnx")
     with scratch(into, "add") as work:
-        adapters, merge_base, plain, _, _ = run_in_child(prepare, req, base, work, False, progress=progress)
+        adapters, merge_base, plain, _, _ = run_in_child(prepare, req, base, work, base_sha, False, progress=progress)
         if base_key(merge_base, adapters[0].quantization) != base_key(
                 manifest.merge_base, entries[0].resolved_quantization):
             raise BadInput.one(str(adapters[0].path), f"trained against another base than the export's (merge base "
@@ -225,14 +227,10 @@ def add(req: SwitchRequest, progress: Progress = quiet):
         hashes = run_in_child(write_files, plain, adapters, names, inputs, work / ADAPTERS, progress=progress)
         new = [_entry(a, n, hashes[n], into) for a, n in zip(adapters, names)]
         progress("validating parity of the added adapter(s)")
-        from .switchable_parity import validate
-
-        report = validate(into, progress=progress, extra=(new, work))
+        # validate loads the base at the path the export recorded: these hashes are of that base only if it is --base
+        same = locate(manifest.base, into, "base model").resolve() == base.resolve()
+        report = validate(into, progress=progress, extra=(new, work), base_sha=base_sha if same else None)
         if report.passed:
-            from dataclasses import replace
-
-            from .switchable_parity import recorded_sections, write_reports
-
             # the top-level parity.md/json: the sections recorded so far, then the ones added now
             listed = (BASE_SECTION, *(e.name or "" for e in entries))
             old = recorded_sections(into)
@@ -240,12 +238,10 @@ def add(req: SwitchRequest, progress: Progress = quiet):
             (into / ADAPTERS).mkdir(exist_ok=True)
             for n in names:
                 os.replace(work / ADAPTERS / f"{n}{SUFFIX}", into / ADAPTERS / f"{n}{SUFFIX}")
-            parity_record = manifest.parity
-            if isinstance(parity_record, dict) and isinstance(parity_record.get("sections"), dict):
-                parity_record = {**parity_record, "sections": {**parity_record["sections"],
-                                                               **{n: r.passed for n, r in report.sections}},
-                                 "passed": whole.passed, "failures": [str(c) for c in whole.failures]}
-            write_export_manifest(into, replace(manifest, adapters=tuple(entries) + tuple(new), parity=parity_record))
+            recorded = manifest.parity.sections if manifest.parity and manifest.parity.sections else {}
+            summary = ParitySummary(passed=whole.passed, failures=tuple(str(c) for c in whole.failures),
+                                    sections={**recorded, **{n: r.passed for n, r in report.sections}})
+            write_export_manifest(into, replace(manifest, adapters=tuple(entries) + tuple(new), parity=summary))
             write_reports(whole, into)
     return into, merge_base, report
 

@@ -16,8 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
+from . import latency
+from .base import check_base, load_tokenizer
 from .errors import BadInput
+from .export import BACKENDS
+from .exportdir import adapters_of, check_base_unchanged, locate
+from .isolate import run_in_child
+from .manifests import EXPORT_MANIFEST, SWITCHABLE, read_export_manifest
+from .merge import merge
+from .outputs import scratch, staged
 from .progress import Progress, quiet
+from .prompts import bench_prompt
+from .quantized_base import plain_base
+from .targets import parse_target
 
 NO_ADAPTER = "no adapter"
 
@@ -56,14 +67,11 @@ def _median_ms(fn, repeats: int) -> float:
 def bench(export_dir: Path, prompt: list[int], merged_dir: Path | None = None, rounds: int = 20,
           new_tokens: int = 32, max_ratio: float = 1.10, providers=("CPUExecutionProvider",),
           progress: Progress = quiet):
-    from . import latency
-    from .manifests import read_export_manifest
     from .runtime import OrtCausalLM, import_onnxruntime, run_options_for
-    from .switchable import GRAPH
 
     export_dir = Path(export_dir)
     manifest = read_export_manifest(export_dir)
-    if manifest.graph != GRAPH:
+    if manifest.graph != SWITCHABLE:
         raise BadInput.one(str(export_dir), "not a switchable export", "pass a directory written by --switchable")
     files = {e.name: export_dir / e.file for e in manifest.adapters}
     models = {NO_ADAPTER: OrtCausalLM(export_dir, providers)}
@@ -156,14 +164,10 @@ def write_reports(r: SwitchBench, json_path: Path, md_path: Path) -> None:
     md_path.write_text(markdown(r))
 
 
-def _merged_checkpoint(export_dir: Path, manifest, base: Path, work: Path, progress: Progress = quiet) -> Path:
+def _merged_checkpoint(export_dir: Path, manifest, base: Path, work: Path, base_sha: dict,
+                       progress: Progress = quiet) -> Path:
     """The first adapter merged into the export's merge base (fp32). Runs in a child process (torch)."""
-    from .merge import merge
-    from .pipeline import adapters_of
-
-    adapters, _ = adapters_of(manifest.adapters, export_dir, base)
-    from .quantized_base import plain_base
-
+    adapters, _ = adapters_of(manifest.adapters, export_dir, base, base_sha)
     plain = plain_base(base, work, progress)
     return merge(plain, adapters[:1], work / "checkpoint", manifest.merge_base, (1.0,)).checkpoint
 
@@ -172,25 +176,17 @@ def bench_export(export_dir: Path, manifest, json_path: Path | None, rounds: int
                  providers, progress: Progress = quiet) -> SwitchBench:
     """`lora-export bench` on a switchable export: builds (once) the first adapter's merged graph into
     EXPORT_DIR/bench-merged, then times every variant; writes bench.json and bench.md."""
-    from .base import check_base, load_tokenizer
-    from .export import BACKENDS
-    from .isolate import run_in_child
-    from .manifests import EXPORT_MANIFEST
-    from .outputs import scratch, staged
-    from .pipeline import check_base_unchanged, load_prompts, locate
-    from .targets import parse_target
-
     target = parse_target(manifest.target, f"{export_dir / EXPORT_MANIFEST}:target")
     base = check_base(locate(manifest.base, export_dir, "base model"))
-    check_base_unchanged(base, manifest, export_dir)
+    base_sha = check_base_unchanged(base, manifest)
     merged = export_dir / "bench-merged"
     if not (merged / "model.onnx").is_file():
         progress(f"building the merged graph of {manifest.adapters[0].name} to compare against")
         with staged(merged) as tmp, scratch(merged, "work") as work:
-            checkpoint = run_in_child(_merged_checkpoint, export_dir, manifest, base, work,
+            checkpoint = run_in_child(_merged_checkpoint, export_dir, manifest, base, work, base_sha,
                                       progress=progress)
             BACKENDS[target.backend].build(checkpoint, tmp, target, tmp / "build.log")
-    prompt = [t for p in load_prompts(load_tokenizer(base))[1] for t in p][:32]
+    prompt = bench_prompt(load_tokenizer(base))
     r = bench(export_dir, prompt, merged_dir=merged, rounds=rounds, new_tokens=new_tokens,
               max_ratio=target.latency.max_ratio if target.latency.max_ratio else 1.10,
               providers=tuple(providers) if providers else target.execution_providers, progress=progress)

@@ -12,14 +12,25 @@ from pathlib import Path
 from .base import check_base, load_tokenizer
 from .errors import Problem, raise_if
 from .export.io_spec import check_external_data
+from .exportdir import (
+    PARITY_TMP,
+    adapters_of,
+    check_base_unchanged,
+    check_report_path,
+    context_of,
+    locate,
+)
 from .fingerprint import sha256_file
 from .isolate import run_in_child
-from .manifests import EXPORT_MANIFEST, ExportManifest, read_export_manifest
+from .manifests import EXPORT_MANIFEST, SWITCHABLE, ExportManifest, read_export_manifest
 from .outputs import sweep_temp
 from .progress import Progress, quiet
+from .prompts import check_prompt_lengths, load_prompts
 from .quantized_base import plain_base
-from .switchable import BASE_SECTION, GRAPH
+from .sidepath import unmerged_source
 from .targets import check_against_context, parse_target
+
+BASE_SECTION = "base"  # the section for no adapter active
 
 
 @dataclass(frozen=True)
@@ -51,39 +62,24 @@ class SwitchableReport:
 
 
 def _validation_prep(export_dir: Path, manifest: ExportManifest, base: Path, prompts, tmp: Path, max_positions: int,
-                     steps: int, extra: list, progress: Progress = quiet):
+                     steps: int, extra: list, base_sha: dict, progress: Progress = quiet):
     """(adapters, plain base, graph base, prompt token ids). Runs in a child process (torch)."""
-    from .pipeline import (
-        adapters_of,
-        check_prompt_lengths,
-        load_prompts,
-        unmerged_source,
-    )
-
     token_ids = load_prompts(load_tokenizer(base), prompts)
     check_prompt_lengths(token_ids[0], max_positions, steps, prompts)
-    adapters, _ = adapters_of(list(manifest.adapters) + list(extra), export_dir, base)
+    adapters, _ = adapters_of(list(manifest.adapters) + list(extra), export_dir, base, base_sha)
     plain = plain_base(base, tmp, progress)
     source = unmerged_source(plain, adapters[0], manifest.merge_base, tmp)
     return tuple(adapters), plain, source, token_ids
 
 
 def validate(export_dir: Path, report_json: Path | None = None, junit: Path | None = None, prompts: Path | None = None,
-             progress: Progress = quiet, extra: tuple | None = None) -> SwitchableReport:
+             progress: Progress = quiet, extra: tuple | None = None, base_sha: dict | None = None) -> SwitchableReport:
     """Parity of the base section and of every adapter, each against its own reference, with the target's
     tolerances (the base section without the adapter-retention check: there is no adapter). ``extra``:
-    (entries, folder) of adapters being added by --into: only they are checked, from their files in folder."""
+    (entries, folder) of adapters being added by --into: only they are checked, from their files in folder.
+    ``base_sha``: the base's fingerprint when the caller has just checked it against the manifest."""
     from . import parity
-    from .pipeline import (
-        PARITY_TMP,
-        check_base_unchanged,
-        check_report_path,
-        context_of,
-        locate,
-        reference_model,
-        torch_model,
-    )
-    from .reference import COMPUTE_DTYPE, DEVICE, describe
+    from .reference import COMPUTE_DTYPE, DEVICE, describe, reference_model, torch_model
     from .runtime import OrtCausalLM, check_providers, parity_providers
     from .targets import tolerance_differences
 
@@ -93,7 +89,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     for path in (report_json, junit):
         check_report_path(path)
     base = check_base(locate(manifest.base, export_dir, "base model"))
-    check_base_unchanged(base, manifest, export_dir)
+    base_sha = base_sha if base_sha is not None else check_base_unchanged(base, manifest)
     check_external_data(export_dir / "model.onnx")
     new_entries, folder = extra if extra else ([], export_dir)
     entries = new_entries or manifest.adapters
@@ -115,7 +111,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     sections = []
     with tempfile.TemporaryDirectory(prefix=f"{PARITY_TMP}{os.getpid()}-") as tmp:
         adapters, plain, source, token_ids = run_in_child(_validation_prep, export_dir, manifest, base, prompts,
-                                                          Path(tmp), max_positions, steps, new_entries,
+                                                          Path(tmp), max_positions, steps, new_entries, base_sha,
                                                           progress=progress)
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         runs = [] if new_entries else [(BASE_SECTION, None, None)]
@@ -147,7 +143,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
 def report_dict(report: SwitchableReport) -> dict:
     from .parity import report_dict as section
 
-    return {"passed": report.passed, "target": report.target, "graph": GRAPH,
+    return {"passed": report.passed, "target": report.target, "graph": SWITCHABLE,
             "sections": {n: section(r) for n, r in report.sections}}
 
 

@@ -28,7 +28,7 @@ from .fingerprint import fingerprint
 from .manifests import TrainingManifest
 from .outputs import output_problem, staged
 from .progress import Progress, quiet
-from .quantized_base import prequantized_quantization
+from .quantized_base import Quantization, prequantized_quantization, trained_here
 from .versions import package_versions
 
 # The transformers Trainer's ``optim`` names offered: PyTorch's AdamW, and bitsandbytes' paged AdamW with 8-bit
@@ -403,8 +403,8 @@ def _training_manifest(cfg: TrainConfig, base_dir: Path, nf4: Nf4Settings, quant
     return TrainingManifest(
         kind="qlora" if cfg.quantize else "lora",
         base_path=str(base_dir.resolve()), base_weights_sha256=fingerprint(base_dir),
-        quantization={**nf4.to_dict(), "quantized_modules": quantized, "prequantized": prequantized}
-        if cfg.quantize else None,
+        quantization=Quantization(settings=nf4, modules=tuple(quantized), sources=trained_here(),
+                                  prequantized=prequantized) if cfg.quantize else None,
         lora={"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
               "use_dora": cfg.use_dora, "target_modules": cfg.target_modules,
               "modules_to_save": list(cfg.modules_to_save)},

@@ -82,7 +82,7 @@ def test_int4_export_quantizes_the_body_keeps_lm_head_int8_and_keeps_the_adapter
     from lora_export import parity
     from lora_export.adapters import load_adapter
     from lora_export.base import load_tokenizer
-    from lora_export.pipeline import load_prompts
+    from lora_export.prompts import load_prompts
     from lora_export.reference import load_adapted
 
     r = export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-int4", out=tmp_path / "int4"))

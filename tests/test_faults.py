@@ -15,18 +15,18 @@ from lora_export.pipeline import ExportRequest, export
 def test_full_disk_during_the_write_leaves_nothing(tiny_base, tiny_adapter, tmp_path, monkeypatch):
     import lora_export.pipeline as pipeline
 
-    real = pipeline._write_manifest
+    real = pipeline.write_export_manifest
 
     def disk_full(export_dir, manifest):
         (export_dir / "export_manifest.json").write_text('{"half": ')
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pipeline, "_write_manifest", disk_full)
+    monkeypatch.setattr(pipeline, "write_export_manifest", disk_full)
     out = tmp_path / "exports" / "model"
     with pytest.raises(OSError, match="No space left"):
         export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-fp32", out=out))
     assert list(out.parent.iterdir()) == []
-    monkeypatch.setattr(pipeline, "_write_manifest", real)
+    monkeypatch.setattr(pipeline, "write_export_manifest", real)
     assert export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-fp32", out=out)).parity.passed
 
 

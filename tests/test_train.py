@@ -165,7 +165,7 @@ def test_variants_merge_back_to_the_trained_model(variant, tiny_base, tmp_path):
     r = train(TrainConfig(base=tiny_base, data=DATA, out=tmp_path / "a", steps=4, lr=1e-2,
                           nf4=Nf4Settings(blocksize=blocksize, compute_dtype="auto"), **variant))
     adapter = load_adapter(r.adapter_dir, tiny_base)
-    assert adapter.manifest.quantization["blocksize"] == blocksize
+    assert adapter.manifest.quantization.settings.blocksize == blocksize
     trained = _logits(load_adapted(tiny_base, adapter))
     assert (trained - _logits(load_fp32(tiny_base))).abs().max() > 1e-3  # the adapter does something
     merged = load_fp32(merge(tiny_base, adapter, tmp_path / "m", "nf4").checkpoint)
