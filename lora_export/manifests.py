@@ -200,7 +200,8 @@ class AdapterEntry:
         quant = d.get("quantization", NOT_RECORDED)
         return cls(path=d["path"], adapter_model_sha256=d["adapter_model_sha256"], relative_path=d.get("relative_path"),
                    weights_file=d.get("weights_file"), weight=d.get("weight", 1.0),
-                   quantization=Quantization.from_dict(quant) if isinstance(quant, dict) else quant, name=d.get("name"), file=d.get("file"),
+                   quantization=Quantization.from_dict(quant) if isinstance(quant, dict) else quant,
+                   name=d.get("name"), file=d.get("file"),
                    file_sha256=d.get("file_sha256"))
 
 
@@ -228,8 +229,8 @@ class ParitySummary:
         d = {"passed": self.passed, "failures": list(self.failures)}
         if self.sections is not None:
             return {**d, "sections": dict(self.sections)}
-        return {**d, **{k: list(v) if isinstance(v, tuple) else v for k in MERGED_PARITY
-                        for v in [getattr(self, k)]}}
+        values = {k: getattr(self, k) for k in MERGED_PARITY}
+        return {**d, **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> ParitySummary:

@@ -306,9 +306,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     This process stays light (no torch): the checks, the merge and each runtime's models run in child
     processes one after the other, one model in memory at a time (see ``parity.measure``).
     """
-    from . import (
-        parity,  # numpy and ONNX Runtime only here: the export's process stays light until parity
-    )
+    from . import parity  # numpy and ONNX Runtime only here: the export's process stays light until parity
     from .runtime import OrtCausalLM
 
     export_dir = Path(export_dir)
