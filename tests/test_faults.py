@@ -99,7 +99,9 @@ def test_a_signal_mid_export_cleans_up_before_exiting(sig, code, stage, tiny_bas
     out = tmp_path / "exports" / "model"
     argv = [sys.executable, "-m", "lora_export.cli", "export", "--base", str(tiny_base), "--adapter",
             str(tiny_adapter), "--target", "ort-cpu-fp32", "--out", str(out)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A background job (`pytest &`) inherits SIGINT ignored; give the child the default handling a terminal gives it.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if stage == "build":
         _wait_for(lambda: any(p.stat().st_size > 0 for p in out.parent.glob(f".{out.name}.partial-*/build.log")),
                   proc, "the graph build")
