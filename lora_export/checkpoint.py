@@ -21,6 +21,15 @@ def shard_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
+def parameter_count(model_dir: Path) -> int:
+    """Elements of every tensor in the checkpoint's shards, read from their headers (no weights loaded)."""
+    import math
+
+    from .tensorfile import read_header
+
+    return sum(math.prod(e.shape) for shard in shard_files(model_dir) for e in read_header(shard)[0])
+
+
 def shard_names(count: int) -> list[str]:
     """transformers' names for a checkpoint written as ``count`` shards."""
     return ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 from .adapters import Adapter, attach, base_name_note, load_adapter
 from .base import check_base, is_prequantized, load_fp32, load_tokenizer
+from .checkpoint import parameter_count
 from .errors import BadInput, ToolchainFailed, UnreadableModel
 from .export import BACKENDS
 from .export.io_spec import check_external_data
@@ -340,6 +341,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
                                                prepared, max_positions, steps, base_sha, progress=progress)
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         adapters, merged = list(prepared.adapters), prepared.merged
+        tolerances, size_note = target.tolerances.for_model(parameter_count(prepared.base or base))
         models = parity.Models(
             reference=functools.partial(reference_model, prepared.base or base, prepared.adapters, prepared.weights,
                                         merged.as_trained),
@@ -350,8 +352,8 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
         )
         per_shape, stages, retention = parity.measure(models, shapes, steps, Path(tmp), progress=progress,
                                                       vocab_size=vocab_size)
-    report = parity.judge(per_shape, stages, retention, target.tolerances, target.name, describe_reference(adapters),
-                          steps, notes=tuple(tolerance_differences(target)),
+    report = parity.judge(per_shape, stages, retention, tolerances, target.name, describe_reference(adapters),
+                          steps, notes=(*tolerance_differences(target), *([size_note] if size_note else [])),
                           reference_compute=(REFERENCE_DTYPE, REFERENCE_DEVICE), ran_on=run_with,
                           not_checked_on=not_here)
     parity.write_reports(report, export_dir)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .base import check_base, load_tokenizer
+from .checkpoint import parameter_count
 from .errors import Problem, raise_if
 from .export.io_spec import check_external_data
 from .exportdir import (
@@ -127,11 +128,12 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
                 base=None if adapter is None else functools.partial(torch_model, source), isolate=True)
             per_shape, stages, retention = parity.measure(models, shapes, steps, Path(tmp), progress=progress,
                                                           vocab_size=vocab_size)
-            tol = target.tolerances if adapter else replace(target.tolerances, min_adapter_retention=None)
+            tol, size_note = target.tolerances.for_model(parameter_count(plain))
+            tol = tol if adapter else replace(tol, min_adapter_retention=None)
             ref = (f"the {manifest.merge_base} base the graph is built on, no adapter" if adapter is None
                    else describe([adapter]))
             report = parity.judge(per_shape, stages, retention, tol, target.name, ref, steps,
-                                  notes=tuple(tolerance_differences(target)),
+                                  notes=(*tolerance_differences(target), *([size_note] if size_note else [])),
                                   reference_compute=(COMPUTE_DTYPE, DEVICE), ran_on=run_with, not_checked_on=not_here)
             sections.append((name, report))
     result = SwitchableReport(target=target.name, sections=tuple(sections), ran_on=run_with, not_checked_on=not_here)

@@ -5,6 +5,7 @@ for each decode step that reads the cache.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -99,6 +100,19 @@ def test_int4_export_quantizes_the_body_keeps_lm_head_int8_and_keeps_the_adapter
     _, stages, retention = parity.measure(models, [shape], 8, tmp_path)
     assert r.parity.adapter_retention > 0.75, r.parity.adapter_retention
     assert r.parity.stages["total"].mean_kl < 0.25 * stages["total"].mean_kl
+
+
+def test_an_int4_lm_head_on_tied_embeddings_builds_a_valid_graph(tiny_base, tiny_adapter, tmp_path):
+    """lm_head = "int4" with tied embeddings: the builder's shared int4 matrix is an invalid graph in 0.18 (the
+    embedding's Gather reads packed uint8), so the two are stored apart; the lm_head is then 4-bit, the run valid."""
+    target = tmp_path / "lm4.toml"
+    text = (Path(__file__).resolve().parents[1] / "lora_export" / "targets_data" / "ort-cpu-int4.toml").read_text()
+    target.write_text(text.replace('lm_head = "int8"', 'lm_head = "int4"').replace('"ort-cpu-int4"', '"lm4"'))
+    r = export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target=str(target), out=tmp_path / "lm4"))
+    graph = onnx.load(str(r.out / "model.onnx"), load_external_data=False).graph
+    heads = [{a.name: a.i for a in n.attribute}["bits"] for n in graph.node
+             if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")]
+    assert heads == [4] and r.parity.stages["total"].mean_kl < 1  # it ran: a verdict with finite numbers
 
 
 def test_keep_adapter_exports_the_side_path_graph(tiny_base, tiny_adapter, fp32_export, tmp_path):

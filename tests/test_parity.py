@@ -33,8 +33,10 @@ def test_good_export_passes(fp32_export, tmp_path, capsys):
     rc = main(["validate", str(fp32_export.out), "--junit", str(tmp_path / "p.xml"), "--report", str(tmp_path / "p.json")])
     assert rc == 0, capsys.readouterr()
     suite = ET.parse(tmp_path / "p.xml").getroot()
-    # one test case per metric and shape: 3 shapes x (max_rel_diff, mean_kl, greedy_identical_tokens)
-    assert suite.get("failures") == "0" and int(suite.get("tests")) == 9
+    # one test case per metric and shape: 3 shapes x (max_rel_diff, mean_kl, greedy_identical_tokens), and the
+    # merge stage's KL
+    assert suite.get("failures") == "0" and int(suite.get("tests")) == 10
+    assert {c.get("classname") for c in suite} >= {"parity.ort-cpu-fp32.merge"}
 
 
 def test_perturbed_export_fails_naming_the_metric(fp32_export, tmp_path, capsys):
@@ -108,7 +110,7 @@ def test_thresholds_edited_in_the_manifest_show_in_the_report(fp32_export, tmp_p
     out = capsys.readouterr().out
     report = json.loads((edited / "parity.json").read_text())
     assert rc == 0 and report["tolerance_notes"] and "max_rel_diff" in report["tolerance_notes"][0]
-    assert "Thresholds differ from the target file" in out and "max_rel_diff" in out
+    assert "About the thresholds" in out and "max_rel_diff" in out and "target file" in out
     clean = json.loads((fp32_export.out / "parity.json").read_text())
     assert clean["tolerance_notes"] == [] and clean["reference_dtype"] == "float32"
     assert "dequantized once" in clean["reference"]
@@ -155,3 +157,21 @@ def test_metrics_along_the_continuation_locate_the_drift():
     assert m.along_max_abs_diff[:3] == (0.0, 0.0, 0.0) and m.along_max_abs_diff[3] == pytest.approx(0.5)
     assert m.along_max_abs_diff[-1] == pytest.approx(0.5 * (generated - 3))
     assert m.along_mean_kl[:3] == (0.0, 0.0, 0.0) and 0 < m.along_mean_kl[3] < m.along_mean_kl[-1]
+
+
+def test_the_merge_stage_is_judged_and_its_failure_says_why():
+    """The merge stage (merged fp32 vs as trained) is a check of its own: whatever the export's own loss, a merge
+    into the wrong base fails, and the message points at --merge-base. (Real weights: tests/test_real_model.py.)"""
+    from lora_export.parity import Metrics, judge
+    from lora_export.targets import DEFAULT_TOLERANCES
+
+    def metrics(kl):
+        return Metrics(sequences=1, positions=1, max_abs_diff=0, mean_abs_diff=0, rel_l2=0, cosine=1, mean_kl=kl,
+                       max_kl=kl, top1_agreement=1)
+
+    tol = DEFAULT_TOLERANCES["int4"]
+    good = judge({"s": metrics(0.01)}, {"merge": metrics(1e-11), "total": metrics(0.01)}, 0.95, tol, "t", "r", 17)
+    bad = judge({"s": metrics(0.01)}, {"merge": metrics(0.02), "total": metrics(0.01)}, 0.95, tol, "t", "r", 17)
+    assert good.passed and not bad.passed
+    (failure,) = bad.failures
+    assert failure.shape == "merge" and "--merge-base" in str(failure)

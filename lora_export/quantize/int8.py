@@ -9,5 +9,5 @@ INT8 = Scheme(
     builder_precision=lambda q, precision: "int8",
     builder_options=options,
     check=lambda q: block_problems(q) + accuracy_problems(q),
-    honours=("block_size", "symmetric", "accuracy_level"),  # every MatMul is int8: no lm_head/sensitive choice
+    honours=("block_size", "symmetric", "accuracy_level", "algo"),  # every MatMul is int8: no lm_head/sensitive choice
 )
