@@ -179,12 +179,10 @@ def run_case(target: str, case: str, base: Path, adapter: Path, task: Path, work
     if case in ("scale",) and not quantized or case == "lm_head4" and "int4" not in target:
         return None
     t0 = time.time()
-    exported = None
     if case in ("right", "original"):
         extra = ["--merge-base", "original"] if case == "original" else []
         proc = cli("export", "--base", str(base), "--adapter", str(adapter), "--target", target, "--out", str(out),
                    *extra)
-        exported = proc.returncode
     else:
         if case == "dropped":
             graph = work / target / "dropped-graph"
@@ -208,7 +206,6 @@ def run_case(target: str, case: str, base: Path, adapter: Path, task: Path, work
     if case == "right":
         row["task_accuracy"] = task_accuracy_of(out, base, task)
     row["seconds"] = round(time.time() - t0, 1)
-    del exported
     return row
 
 
