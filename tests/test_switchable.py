@@ -261,6 +261,7 @@ def test_int4_base_graph_with_float_lora_inputs_is_as_faithful_as_the_merged_int
     4-layer base int4 alone misses the target's top-1 (both exports do): the verdict is compared, not required."""
     import onnx
 
+    from lora_export.checkpoint import parameter_count
     from lora_export.export.lora_inputs import lora_inputs
     from lora_export.targets import load_target
 
@@ -282,7 +283,8 @@ def test_int4_base_graph_with_float_lora_inputs_is_as_faithful_as_the_merged_int
 
     report = json.loads((out / "parity.json").read_text())
     assert list(report["sections"]) == ["base", "x", "y"] and (rc == 0) == report["passed"]
-    tol = load_target("ort-cpu-int4").tolerances
+    tol, note = load_target("ort-cpu-int4").tolerances.for_model(parameter_count(base))
+    assert note is not None  # the embedded base is below 1B parameters: the small-model thresholds apply
     for section in report["sections"].values():
         limits = {c["metric"]: c["threshold"] for c in section["checks"]}
         assert limits["mean_kl"] == tol.mean_kl and limits["top1_agreement"] == tol.top1_agreement
