@@ -62,6 +62,15 @@ def fp32_export(tiny_base, tiny_adapter, tmp_path_factory):
     return export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-fp32", out=out))
 
 
+def tiered(cases: list, ids: list[str], slow: set[str]) -> list:
+    """The rows of a parametrized table, the ones named in ``slow`` marked so that README's command leaves them
+    to `.ci/run` (one row of each kind of case stays in README's tier)."""
+    unknown = slow - set(ids)
+    assert not unknown, f"no such row: {sorted(unknown)}"  # a renamed row must not silently move tiers
+    return [pytest.param(*(case if isinstance(case, tuple) else (case,)), id=i,
+                         marks=[pytest.mark.slow] if i in slow else []) for case, i in zip(cases, ids)]
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -20,7 +20,7 @@ from lora_export.export.dynamo import build
 from lora_export.runtime import OrtCausalLM, TorchCausalLM, generate, greedy
 from lora_export.targets import load_target
 
-from .conftest import EMBEDDED
+from .conftest import EMBEDDED, tiered
 
 PROMPTS = [[0, 11, 52, 301, 7, 99, 1500, 42], [5, 6, 7, 8, 9]]
 
@@ -68,7 +68,8 @@ def tiny_model(arch: str, path):
 CASES = [(name, arch) for name, backend in BACKENDS.items() for arch in backend.architectures]
 
 
-@pytest.mark.parametrize("backend, arch", CASES)
+@pytest.mark.parametrize("backend, arch", tiered(CASES, [f"{b}-{a}" for b, a in CASES], slow={
+    f"{b}-{a}" for b, a in CASES if a != "LlamaForCausalLM"}))  # README's tier: each backend on Llama
 def test_export_matches_pytorch_with_the_cache(backend, arch, tmp_path):
     base = tiny_model(arch, tmp_path / "base")
     out = tmp_path / "onnx"
@@ -96,6 +97,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
         build(base, tmp_path, load_target("ort-cpu-fp32"), tmp_path / "log")
 
 
+@pytest.mark.slow
 def test_onnxruntime_genai_loads_an_export_and_generates_the_same_tokens(fp32_export):
     import onnxruntime_genai as og
 

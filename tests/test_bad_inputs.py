@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_export.cli import main
 
-from .conftest import make_base
+from .conftest import make_base, tiered
 
 
 def _adapter(ctx):
@@ -284,7 +284,22 @@ EXPORT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case, setup, fragment", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
+# Rows that read the adapter's or the base's weights take seconds each: README's tier keeps one of each kind
+# (weights, adapter config, training record, base config, tokenizer); the rows refused before any of that stay too.
+EXPORT_SLOW = {
+    "--bnb-quant-type against --merge-base", "--training-config recording nothing",
+    "garbage axolotl YAML beside the adapter", "adapter for another base", "target modules match nothing",
+    "header lies about offsets", "malformed adapter_config.json", "adapter_config.json without target_modules",
+    "unknown PEFT type", "pickle-only adapter", "Inf in adapter weights", "rank disagrees with the tensors",
+    "rank far beyond the layer", "negative lora_alpha", "infinite lora_alpha", "lora_dropout of the wrong type",
+    "lora_dropout out of range", "target_modules naming nothing", "target_modules naming a norm",
+    "DoRA without magnitudes", "use_rslora of the wrong type", "pathological nesting", "manifest of the wrong JSON type",
+    "QLoRA manifest without quantization", "QLoRA manifest with a bad block size", "int64 adapter tensor",
+    "int8 adapter tensor", "auto_map to remote code",
+}
+
+
+@pytest.mark.parametrize("case, setup, fragment", tiered(EXPORT_CASES, [c[0] for c in EXPORT_CASES], slow=EXPORT_SLOW))
 def test_export_bad_input(case, setup, fragment, tiny_base, tiny_adapter, tmp_path, capsys):
     ctx = {"tmp": tmp_path, "base": tiny_base, "adapter": tiny_adapter, "out": tmp_path / "out",
            "target": "ort-cpu-fp32"}
@@ -303,6 +318,7 @@ def test_export_bad_input(case, setup, fragment, tiny_base, tiny_adapter, tmp_pa
         assert (ctx["out"] / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_pickle_adapter_is_accepted_when_allowed(tiny_base, tiny_adapter, tmp_path, capsys):
     ctx = {"tmp": tmp_path, "adapter": tiny_adapter}
     pickle_only(ctx)
@@ -313,7 +329,7 @@ def test_pickle_adapter_is_accepted_when_allowed(tiny_base, tiny_adapter, tmp_pa
     assert m["adapter"]["weights_file"] == "adapter_model.bin"
 
 
-@pytest.mark.parametrize("command", ["validate", "bench"])
+@pytest.mark.parametrize("command", tiered(["validate", "bench"], ["validate", "bench"], slow={"validate"}))
 def test_external_data_outside_the_model_directory_is_refused(command, fp32_export, tmp_path, capsys):
     export = tmp_path / "export"
     shutil.copytree(fp32_export.out, export, ignore=shutil.ignore_patterns("bench-base"))
@@ -331,6 +347,7 @@ def test_external_data_outside_the_model_directory_is_refused(command, fp32_expo
     assert sorted(p.name for p in export.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_fp16_overflow_is_caught_before_export(tmp_path, capsys):
     """A base whose activations overflow fp16 gets a hint (use bf16 or fp32) instead of NaN logits."""
     from lora_export.train import TrainConfig, train
@@ -420,7 +437,8 @@ EXPORT_DIR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case, command, setup, fragment", EXPORT_DIR_CASES, ids=[c[0] for c in EXPORT_DIR_CASES])
+@pytest.mark.parametrize("case, command, setup, fragment", tiered(
+    EXPORT_DIR_CASES, [c[0] for c in EXPORT_DIR_CASES], slow={"prompts longer than the context"}))
 def test_export_dir_bad_input(case, command, setup, fragment, fp32_export, tiny_base, tmp_path, capsys):
     ctx = {"tmp": tmp_path, "export": fp32_export.out, "base": tiny_base}
     setup(ctx)

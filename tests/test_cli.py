@@ -171,6 +171,7 @@ def test_an_internal_error_exits_3_with_the_log_path(tiny_base, tiny_adapter, tm
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_a_toolchain_failure_exits_3(tiny_base, tiny_adapter, tmp_path, capsys, monkeypatch):
     """The graph builder failing is the toolchain's failure, not bad input: exit 3, naming the builder's log."""
     import lora_export.export.genai_builder as builder
@@ -183,6 +184,7 @@ def test_a_toolchain_failure_exits_3(tiny_base, tiny_adapter, tmp_path, capsys, 
     assert "The full log is" in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_quiet_by_default_and_the_log_keeps_the_rest(fp32_export, capsys):
     """validate prints stage lines and the report; library output goes to validate.log in the export."""
     rc, out, err = run(["validate", str(fp32_export.out)], capsys)

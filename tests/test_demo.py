@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lora_export.demo import default_out, demo
 
 from .conftest import EMBEDDED
@@ -32,6 +34,7 @@ def test_default_out_never_overwrites(tmp_path):
     assert default_out(tmp_path).name == "lora-export-demo-2"
 
 
+@pytest.mark.slow
 def test_lora_export_demo_end_to_end(tmp_path):
     """`lora-export demo` with no arguments, as a newcomer runs it: the adapter must visibly learn the task."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

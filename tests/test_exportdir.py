@@ -66,6 +66,7 @@ def hashed(tmp_path, monkeypatch):
     return taken
 
 
+@pytest.mark.slow
 def test_each_command_hashes_the_base_once(tiny_base, tiny_adapter, tmp_path, hashed):
     from lora_export.pipeline import ExportRequest, bench, export, validate
     from lora_export.switchable import SwitchRequest, add

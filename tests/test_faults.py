@@ -11,7 +11,10 @@ import pytest
 from lora_export.outputs import sweep_stale
 from lora_export.pipeline import ExportRequest, export
 
+from .conftest import tiered
 
+
+@pytest.mark.slow
 def test_full_disk_during_the_write_leaves_nothing(tiny_base, tiny_adapter, tmp_path, monkeypatch):
     import lora_export.pipeline as pipeline
 
@@ -30,6 +33,7 @@ def test_full_disk_during_the_write_leaves_nothing(tiny_base, tiny_adapter, tmp_
     assert export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-fp32", out=out)).parity.passed
 
 
+@pytest.mark.slow
 def test_sigkill_mid_export_leaves_no_output_and_the_rerun_succeeds(tiny_base, tiny_adapter, tmp_path):
     out = tmp_path / "exports" / "model"
     argv = [sys.executable, "-m", "lora_export.cli", "export", "--base", str(tiny_base), "--adapter",
@@ -92,7 +96,8 @@ def _wait_for(predicate, proc, what: str, timeout: float = 120):
     pytest.fail(f"never reached {what}")
 
 
-@pytest.mark.parametrize("sig, code, stage", [(signal.SIGTERM, 143, "build"), (signal.SIGINT, 130, "merge")])
+@pytest.mark.parametrize("sig, code, stage", tiered([(signal.SIGTERM, 143, "build"), (signal.SIGINT, 130, "merge")],
+                                                     ["SIGTERM-build", "SIGINT-merge"], slow={"SIGTERM-build"}))
 def test_a_signal_mid_export_cleans_up_before_exiting(sig, code, stage, tiny_base, tiny_adapter, tmp_path):
     """SIGTERM (a CI job cancelled, a pod evicted) and SIGINT remove the staging and scratch folders, the lock
     and the child processes' work before the command exits; nothing is left beside --out."""
@@ -114,6 +119,7 @@ def test_a_signal_mid_export_cleans_up_before_exiting(sig, code, stage, tiny_bas
     assert list(out.parent.iterdir()) == []  # no output, no hidden staging or scratch folder, no lock
 
 
+@pytest.mark.slow
 def test_sigterm_mid_validate_removes_its_temporary_merge(fp32_export, tmp_path):
     """validate merges again into a temporary folder (a 7B model: 28 GB); SIGTERM removes it, and one left by a
     SIGKILL is swept by the next validate."""

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the rest of the suite: .ci/run runs it (README, "Run the tests")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -8,6 +8,7 @@ adapter on GPT-2 (Conv1D) through the whole export, parity gate included.
 from __future__ import annotations
 
 import onnx
+import pytest
 
 from lora_export.latency import graph_structure
 from lora_export.export import BACKENDS
@@ -39,6 +40,7 @@ def test_builder_graph_of_the_merged_model_is_the_base_graph(fp32_export, tiny_b
     _assert_identical(fp32_export.out, base_out)
 
 
+@pytest.mark.slow
 def test_generic_backend_exports_a_gpt2_lora_passes_parity_and_keeps_the_base_graph(tmp_path):
     base = tiny_model("GPT2LMHeadModel", tmp_path / "gpt2")
     adapter = _make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],

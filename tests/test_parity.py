@@ -29,6 +29,7 @@ def _perturb(src, dst, scale=0.05):
                     all_tensors_to_one_file=True)
 
 
+@pytest.mark.slow
 def test_good_export_passes(fp32_export, tmp_path, capsys):
     rc = main(["validate", str(fp32_export.out), "--junit", str(tmp_path / "p.xml"), "--report", str(tmp_path / "p.json")])
     assert rc == 0, capsys.readouterr()
@@ -72,6 +73,7 @@ def test_report_schema_and_stages(fp32_export):
     assert report["adapter_retention"] > 0.999
 
 
+@pytest.mark.slow
 def test_a_targets_tolerances_are_the_ones_applied(tiny_base, tiny_adapter, tmp_path, capsys):
     strict = tmp_path / "strict.toml"
     strict.write_text('name = "strict"\nruntime = "onnxruntime"\nexecution_providers = ["CPUExecutionProvider"]\n'
@@ -97,6 +99,7 @@ def test_metrics_on_synthetic_logits():
     assert shifted.greedy_min_identical == 1  # softmax ignores the shift; the second greedy token differs
 
 
+@pytest.mark.slow
 def test_thresholds_edited_in_the_manifest_show_in_the_report(fp32_export, tmp_path, capsys):
     """Loosening a threshold in export_manifest.json cannot pass silently: the report names the edit."""
     import json

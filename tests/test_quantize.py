@@ -11,15 +11,17 @@ import pytest
 
 from lora_export.pipeline import ExportRequest, export
 
+from .conftest import tiered
+
 NF4_CPU = ('name = "nf4-cpu"\nruntime = "onnxruntime"\nexecution_providers = ["CPUExecutionProvider"]\n'
            'precision = "fp32"\nbackend = "genai-builder"\n[quantization]\nscheme = "nf4"\nblock_size = 64\n'
            'lm_head = "unquantized"\n')
 
 
-@pytest.mark.parametrize("target, op, lm_head_quantized, kl_must_pass", [
+@pytest.mark.parametrize("target, op, lm_head_quantized, kl_must_pass", tiered([
     ("ort-cpu-int8", "MatMulNBits", True, True),  # lm_head at int8 is allowed ("int8 or higher")
     ("nf4-cpu", "MatMulBnb4", False, False),
-])
+], ["int8", "nf4"], slow={"nf4"}))
 def test_scheme(target, op, lm_head_quantized, kl_must_pass, tiny_base, tiny_adapter, tmp_path):
     if target == "nf4-cpu":
         (tmp_path / "nf4-cpu.toml").write_text(NF4_CPU)
@@ -37,6 +39,7 @@ def test_scheme(target, op, lm_head_quantized, kl_must_pass, tiny_base, tiny_ada
     assert (r.out / "model.onnx.data").is_file() and not list(r.out.glob("tmp*"))
 
 
+@pytest.mark.slow
 def test_survival_is_reported_per_tensor_and_reads_back_the_graph(tiny_base, tiny_adapter, tmp_path):
     """The int8 export's manifest lists every adapted quantized tensor; re-quantizing the merged weight with
     ONNX Runtime's quantizer reproduces the graph's weights exactly, so Q(W) is computed the builder's way."""
@@ -109,6 +112,7 @@ def test_nearest_level_coding_reproduces_bitsandbytes(blocksize):
     assert torch.equal(quantize_with_absmax(w, state.absmax, blocksize), q.reshape(-1))
 
 
+@pytest.mark.slow
 def test_nf4_with_the_training_scales(tiny_base, tiny_adapter, tmp_path):
     """scales = "original": every quantized weight keeps its training block's absmax, so a weight the adapter
     moved less than half a level keeps its trained 4-bit code; parity and survival are reported as usual."""

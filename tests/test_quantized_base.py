@@ -261,6 +261,7 @@ def _cli(*args):
                           timeout=900)
 
 
+@pytest.mark.slow
 def test_cli_export_and_validate_of_a_peft_qlora_adapter(qbase, tmp_path):
     """As a user types it: --merge-base nf4 alone; the manifest says where each setting came from, parity passes,
     and `validate` later rebuilds the same reference from the manifest."""
@@ -278,6 +279,7 @@ def test_cli_export_and_validate_of_a_peft_qlora_adapter(qbase, tmp_path):
     assert _cli("validate", out).returncode == 0
 
 
+@pytest.mark.slow
 def test_cli_export_of_an_adapter_on_a_prequantized_base(prequantized, tmp_path):
     base, adapter = prequantized
     out = tmp_path / "export"
@@ -397,6 +399,7 @@ def test_adapters_trained_on_different_bases_are_not_combined(qbase, tmp_path):
         check_same_base(resolved)
 
 
+@pytest.mark.slow
 def test_train_on_a_prequantized_base_and_export_it(prequantized, tmp_path):
     """`train` takes a "-bnb-4bit" base as it is (no second quantization); its manifest records the base's own
     4-bit settings, and the export merges into those codes with parity PASS."""

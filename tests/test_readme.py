@@ -11,6 +11,8 @@ import pytest
 
 from lora_export.cli import build_parser
 
+from .conftest import tiered
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 CODE = re.findall(r"`([^`\n]+)`", README) + [line for block in re.findall(r"```[a-z]*\n(.*?)```", README, re.S)
@@ -44,7 +46,10 @@ def test_every_benchmark_command_names_a_script(command):
     assert (ROOT / script).is_file(), f"README runs `{command}`; {script} does not exist"
 
 
-@pytest.mark.parametrize("command", [c for c in _pytest_commands() if c != "python -m pytest"])
+_CITED = [c for c in _pytest_commands() if c != "python -m pytest"]
+
+
+@pytest.mark.parametrize("command", tiered(_CITED, _CITED, slow=set(_CITED[1:])))  # each starts a pytest: seconds
 def test_every_pytest_command_selects_tests(command):
     words = shlex.split(command)
     words = words[3:] if words[:3] == ["python", "-m", "pytest"] else words[1:]  # keep a `-m MARKER` of its own

@@ -5,7 +5,8 @@ Random weights prove plumbing; this tier proves the pipeline on weights people u
 registry the tier is skipped with the reason, never passed. The fine-tune is a real one: prompts whose answer
 is a hashtag per topic (" #music", " #food", ...), a reply format the base does not produce before training.
 
-Run: `python -m pytest -m real_model` (about 25 minutes here after the first run's 1-minute download/convert).
+Run: `python -m pytest -m real_model` (about 25 minutes here after the first run's 1-minute download/convert;
+.ci/run runs it on 2 workers).
 With LORA_EXPORT_REQUIRE_REAL_MODEL=1 (as .ci/run sets it) a missing model fails the tier instead of skipping it.
 """
 
@@ -149,6 +150,9 @@ def test_fp32_gate_fails_the_merge_into_the_original_weights(real_base, real_ada
 # benchmarks/results/gate_calibration.md); the graph edits are its functions, so test and benchmark are one.
 
 QUANTIZED = ("ort-cpu-int8", "ort-cpu-int4", "ort-cuda-int4", "ort-cuda-fp16")
+# the tests that read the right exports: on 2 workers (.ci/run's `-n 2 --dist loadgroup`) they share one worker,
+# so each export is made once; the others run on the second
+SHARED = pytest.mark.xdist_group("right_exports")
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +187,7 @@ def _validate(export_dir: Path) -> tuple[bool, list[str], dict]:
 
 
 @real
+@SHARED
 @pytest.mark.parametrize("target", QUANTIZED)
 def test_the_right_export_passes_and_keeps_the_task(target, right_exports, real_base, code_task):
     from lora_export.base import load_tokenizer
@@ -199,6 +204,7 @@ def test_the_right_export_passes_and_keeps_the_task(target, right_exports, real_
 
 
 @real
+@SHARED
 @pytest.mark.parametrize("target, case", [
     ("ort-cpu-int4", "layer"), ("ort-cpu-int4", "scale"), ("ort-cpu-int8", "layer"), ("ort-cuda-fp16", "layer"),
 ])
@@ -212,6 +218,7 @@ def test_an_edited_graph_fails(target, case, right_exports, tmp_path):
 
 
 @real
+@SHARED
 def test_int4_gate_fails_the_adapter_dropped(right_exports, real_base, real_adapter, tmp_path):
     """The graph of an export of the same adapter with lora_B x 1e-6 (the base, at int4) in the right export's
     folder: FAIL against the model as trained, on adapter retention among others."""

@@ -13,7 +13,7 @@ import pytest
 
 from lora_export.cli import main
 
-from .conftest import EMBEDDED, make_base
+from .conftest import EMBEDDED, make_base, tiered
 from .test_merge_semantics import _make_adapter
 
 TARGET = "ort-cpu-fp32"
@@ -139,6 +139,7 @@ def test_onnxruntime_genai_switches_adapters_like_our_runner(export_dir):
     assert len({tuple(t) for t in seen.values()}) == 3  # the three differ: the switch is real
 
 
+@pytest.mark.slow
 def test_into_adds_an_adapter_and_validate_checks_every_section(export_dir, parts, tmp_path, capsys):
     into = tmp_path / "export"
     shutil.copytree(export_dir, into)
@@ -177,6 +178,7 @@ def test_into_adds_an_adapter_and_validate_checks_every_section(export_dir, part
         assert "# Section: " + name in out
 
 
+@pytest.mark.slow
 def test_qlora_adapters_get_their_nf4_base(parts, tmp_path, capsys):
     """Two QLoRA adapters on the same NF4 base: the base graph is dequant(NF4(W)), so each adapter (and no adapter)
     matches its as-trained reference at fp32 tolerances; a plain LoRA adapter beside them is refused."""
@@ -208,6 +210,7 @@ def _peft_logits(base, adapter, ids):
         return model(input_ids=torch.tensor(ids)).logits.float().numpy()
 
 
+@pytest.mark.slow
 def test_graph_covers_the_union_of_the_adapters_target_modules(parts, tmp_path, capsys):
     """Adapters on disjoint modules: the graph has LoRA inputs for all four modules; each adapter's file leaves the
     modules it does not adapt empty (rank 0), and each matches PEFT's unmerged forward. --into takes an adapter on a
@@ -254,6 +257,7 @@ def test_graph_covers_the_union_of_the_adapters_target_modules(parts, tmp_path, 
     assert json.loads((out / "export_manifest.json").read_text())["parity"]["sections"]["a3"] is True
 
 
+@pytest.mark.slow
 def test_int4_base_graph_with_float_lora_inputs_is_as_faithful_as_the_merged_int4_export(tmp_path, capsys):
     """ort-cpu-int4: the base weights are MatMulNBits, the LoRA side paths float MatMuls whose weights are inputs;
     each section is judged with the int4 target's own tolerances, and an adapter's section measures what the
@@ -339,7 +343,7 @@ BAD = {  # case: (argv after `export`, fragment of the message)
 }
 
 
-@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("case", tiered(list(BAD), list(BAD), slow={"adapter-of-another-base", "dora"}))
 def test_bad_input_exits_2(case, export_dir, parts, tmp_path, capsys):
     argv, fragment = BAD[case]
     ctx = {**parts, "export": export_dir, "tmp": tmp_path}

@@ -20,6 +20,8 @@ from lora_export.targets import DEFAULT_TOLERANCES
 
 from .conftest import EMBEDDED, make_base
 
+pytestmark = pytest.mark.slow  # the rest of the suite: .ci/run runs it (README, "Run the tests")
+
 LOGIT_SCALE = 30.0
 
 

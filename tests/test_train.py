@@ -47,6 +47,7 @@ def test_bad_inputs_write_nothing(tiny_base, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_under_a_seed(tiny_base, tmp_path):
     from safetensors.torch import load_file
 
@@ -84,6 +85,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_base, tmp_path):
     from safetensors.torch import load_file
     from transformers import TrainerCallback
@@ -201,6 +203,7 @@ def test_bad_chat_record_names_its_line(tmp_path):
     assert e.value.problems[0].where == f"{f}:2" and "assistant" in e.value.problems[0].what
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_is_on_by_default_and_changes_no_number(tiny_base, tmp_path):
     """Checkpointing recomputes each layer's forward in the backward pass: same weights as without it (dropout
     included: non-reentrant checkpointing restores the RNG state), recorded in the manifest."""
@@ -224,6 +227,7 @@ def test_plain_lora_trains_with_gradient_checkpointing(tiny_base, tmp_path):
     assert r.model.get_base_model().is_activation_checkpointing and r.final_loss < r.first_loss
 
 
+@pytest.mark.slow
 def test_paged_optimizer_runs_on_the_cpu_unpaged(tmp_path):
     """bitsandbytes 0.50 runs its paged optimizers on the CPU without paging (it warns and falls back): accepted,
     said in the log, recorded in the manifest. The stepping is bitsandbytes' own, with 8-bit state (a base 512 wide:

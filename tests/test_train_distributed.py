@@ -22,6 +22,8 @@ import pytest
 
 from .conftest import EMBEDDED
 
+pytestmark = pytest.mark.slow  # the rest of the suite: .ci/run runs it (README, "Run the tests")
+
 DATA = EMBEDDED / "demo" / "train.jsonl"
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "training_manifest.json", "tokenizer.json",
                  "tokenizer_config.json", "README.md", "train.log"}
