@@ -72,6 +72,18 @@ def test_console_script_exit_code_and_stderr(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and "Fix:" in p.stderr
 
 
+def test_train_through_the_cli_writes_a_peft_adapter(tiny_base, tmp_path, capsys):
+    """`lora-export train` as typed (4 steps on the tiny base): exit 0, a PEFT adapter and its training manifest."""
+    out = tmp_path / "adapter"
+    rc, _, err = run(["train", "--base", str(tiny_base), "--data", str(EMBEDDED / "demo" / "train.jsonl"), "--out",
+                      str(out), "--steps", "4", "--batch-size", "4"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (out / "adapter_model.safetensors").is_file()
+    manifest = json.loads((out / "training_manifest.json").read_text())
+    assert manifest["training"]["steps"] == 4 and manifest["kind"] == "qlora" and manifest["quantization"]["quant_type"] == "nf4"
+
+
 def test_validate_and_bench_on_an_export(fp32_export, tmp_path, capsys):
     rc, out, _ = run(["validate", str(fp32_export.out)], capsys)
     assert rc == 0 and "PASS" in out

@@ -12,12 +12,26 @@ from lora_export.demo import default_out, demo
 from .conftest import EMBEDDED
 
 
-def test_demo_path_on_a_tiny_model(tiny_base, tmp_path):
+def test_demo_path_on_a_tiny_model(tiny_base, tmp_path, monkeypatch):
+    """`lora-export demo` through the CLI, on a tiny model (the embedded default is the slow tier's)."""
+    import lora_export.demo
+
+    from lora_export.cli import main
+
+    results = []
+
+    def tiny(out, **kwargs):  # the CLI's own call, with the tiny base and a short training in place of the defaults
+        results.append(demo(out, base_dir=tiny_base, data_dir=EMBEDDED / "demo", bench_rounds=6,
+                            training=dict(rank=8, alpha=16, steps=30, lr=3e-3, batch_size=8, seed=0), **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(lora_export.demo, "demo", tiny)
     out = tmp_path / "demo"
-    r = demo(out, progress=lambda m: None, base_dir=tiny_base, data_dir=EMBEDDED / "demo", bench_rounds=6,
-             training=dict(rank=8, alpha=16, steps=30, lr=3e-3, batch_size=8, seed=0))
+    rc = main(["demo", "--out", str(out)])
+    (r,) = results
+    assert rc == (0 if r.passed else 1)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["adapter", "export-ort-cpu-fp32", "export-ort-cpu-int4", "summary.json", "summary.md"]
+    assert names == ["adapter", "demo.log", "export-ort-cpu-fp32", "export-ort-cpu-int4", "summary.json", "summary.md"]
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # nothing staged is left beside it
     rows = {row.model.split(" (")[0]: row for row in r.rows}
     assert set(rows) == {"base", "adapted", "export ort-cpu-fp32", "export ort-cpu-int4"}
