@@ -64,11 +64,13 @@ def fp32_export(tiny_base, tiny_adapter, tmp_path_factory):
 
 def tiered(cases: list, ids: list[str], slow: set[str]) -> list:
     """The rows of a parametrized table, the ones named in ``slow`` marked so that README's command leaves them
-    to `.ci/run` (one row of each kind of case stays in README's tier)."""
+    to `.ci/run` (one row of each kind of case stays in README's tier). A tuple row is its arguments, anything else
+    a single argument."""
     unknown = slow - set(ids)
     assert not unknown, f"no such row: {sorted(unknown)}"  # a renamed row must not silently move tiers
+    assert len(ids) == len(set(ids)) == len(cases), "one distinct id per row"  # an added row must not be dropped
     return [pytest.param(*(case if isinstance(case, tuple) else (case,)), id=i,
-                         marks=[pytest.mark.slow] if i in slow else []) for case, i in zip(cases, ids)]
+                         marks=[pytest.mark.slow] if i in slow else []) for case, i in zip(cases, ids, strict=True)]
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -285,7 +285,8 @@ EXPORT_CASES = [
 
 
 # Rows that read the adapter's or the base's weights take seconds each: README's tier keeps one of each kind
-# (weights, adapter config, training record, base config, tokenizer); the rows refused before any of that stay too.
+# (weights, their dtype, adapter config, training record, base config, remote code, tokenizer); the rows refused
+# before any of that stay too.
 EXPORT_SLOW = {
     "--bnb-quant-type against --merge-base", "--training-config recording nothing",
     "garbage axolotl YAML beside the adapter", "adapter for another base", "target modules match nothing",
@@ -295,7 +296,6 @@ EXPORT_SLOW = {
     "lora_dropout out of range", "target_modules naming nothing", "target_modules naming a norm",
     "DoRA without magnitudes", "use_rslora of the wrong type", "pathological nesting", "manifest of the wrong JSON type",
     "QLoRA manifest without quantization", "QLoRA manifest with a bad block size", "int64 adapter tensor",
-    "int8 adapter tensor", "auto_map to remote code",
 }
 
 
