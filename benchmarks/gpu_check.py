@@ -145,6 +145,10 @@ def run_target(base: Path, adapter: Path, target: str, work: Path, rounds: int, 
         rc = subprocess.run([*lora_export_cmd(), "export", "--base", str(base), "--adapter", str(adapter),
                              "--target", target, "--out", str(out)], stdout=f, stderr=subprocess.STDOUT).returncode
     row = {"target": target, "export_exit": rc, "export_s": round(time.perf_counter() - start, 1)}
+    if (out / "export_manifest.json").is_file():
+        # "unmerged" (ort-cuda-nf4: the trained NF4 codes + the adapter as a side path): bench's "merged" entry is
+        # then the export itself, timed against its base; the merged fp16 and int4 rows are the other choices
+        row["graph"] = json.loads((out / "export_manifest.json").read_text()).get("graph", "merged")
     if rc not in (0, 1):
         row["error"] = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
         return row
@@ -225,8 +229,9 @@ def markdown(result: dict) -> str:
             for name, v in b["variants"].items():
                 by = v["prompt_ms_by_length"]
                 prompts = "/".join(f"{by[k]:.2f}" if k in by else "-" for k in ("16", "64", "256")) if by else ""
+                label = "this export (unmerged)" if name == "merged" and row.get("graph") == "unmerged" else name
                 lines.append(
-                    f"| {row['target']} | {row['export_exit']} | {verdict} | {name} | {v['decode_ms']:.3f} | "
+                    f"| {row['target']} | {row['export_exit']} | {verdict} | {label} | {v['decode_ms']:.3f} | "
                     f"{v['tokens_per_s']:.1f} | {prompts} | {_fmt(v['floor_ms'], '.3f')} | {_fmt(v['x_floor'], '.2f')} | "
                     + (f"{ratio['median']:.3f} ({ratio['ci_low']:.3f}-{ratio['ci_high']:.3f}) {ratio['verdict']}"
                        if name == "merged" else "") + f" | {_fmt(b['peak_gpu_memory_mb'], 'd')} |")

@@ -143,6 +143,10 @@ def check_request(req: ExportRequest) -> None:
 def export(req: ExportRequest, progress: Progress = quiet) -> ExportResult:
     """Base + adapter(s) -> a checked ONNX export at ``req.out``, step by step (each step a function below)."""
     base, target, out = check_inputs(req)
+    if target.graph == "unmerged" and not req.keep_adapter:
+        progress(f"target {target.name} keeps the adapter unmerged: a float side path beside each MatMul of the base "
+                 "as trained (its graph = \"unmerged\")")
+        req = replace(req, keep_adapter=True)
     with staged(out) as tmp, scratch(out, "merged") as work:
         # a child process: torch, PEFT and the merge's memory are gone before the graph builder starts
         prep: Prepared = run_in_child(prepare, req, base, target, work, progress=progress)
@@ -181,9 +185,12 @@ def build(req: ExportRequest, target, prep: Prepared, tmp: Path, progress: Progr
 def quantized_weights(req: ExportRequest, target, prep: Prepared, base: Path, tmp: Path,
                       progress: Progress = quiet) -> dict | None:
     """For quantized weights: the training's scales if asked, and what survives of the adapter (the manifest's
-    ``quantization``); None for unquantized weights and unmerged graphs."""
-    if target.quantization.scheme == "none" or req.keep_adapter:
+    ``quantization``); for an unmerged NF4 graph the base's trained codes. None for unquantized weights and the
+    other unmerged graphs (their side paths are float, their base quantized as the target says)."""
+    if target.quantization.scheme == "none" or (req.keep_adapter and target.quantization.scheme != "nf4"):
         return None
+    if req.keep_adapter:
+        return run_in_child(trained_codes, tmp, prep, target, progress=progress)
     return run_in_child(requantized, tmp, prep, base, target, progress=progress)
 
 
@@ -235,6 +242,25 @@ def requantized(export_dir: Path, prep: Prepared, base: Path, target, progress: 
     return survival.to_dict()
 
 
+def trained_codes(export_dir: Path, prep: Prepared, target, progress: Progress = quiet) -> dict:
+    """An unmerged NF4 graph of a QLoRA adapter: every base block re-coded with the absmax it was trained with, so
+    each base weight holds the 4-bit code the adapter was trained beside (the fine-tune is the float side path).
+    Other adapters keep the fresh scales of the post-process. Runs in a child process."""
+    from .quantize.nf4 import reuse_training_scales
+    from .quantized_base import quantization_of
+
+    adapter, q = prep.adapters[0], target.quantization
+    nf4 = quantization_of(adapter)[1] if adapter.trained_on_4bit and prep.merge_base == "nf4" else None
+    if nf4 is None or nf4.quant_type != "nf4" or nf4.blocksize != q.block_size:
+        why = (f"the adapter was trained with {nf4.quant_type} blocks of {nf4.blocksize}" if nf4 is not None else
+               f"the adapter was not trained on an NF4 base (merge base {prep.merge_base})")
+        progress(f"base weights: NF4 with fresh block scales ({why})")
+        return {"scheme": "nf4", "graph": "unmerged", "base_codes": "fresh scales", "why": why}
+    n = reuse_training_scales(export_dir, prep.graph_source, prep.base, adapter, q)
+    progress(f"re-coded {n} NF4 base weights with the block scales they were trained with: the trained 4-bit codes")
+    return {"scheme": "nf4", "graph": "unmerged", "base_codes": "as trained", "recoded_matmuls": n}
+
+
 def prepare(req: ExportRequest, base: Path, target, work: Path, progress: Progress = quiet) -> Prepared:
     """Check every adapter against the base, merge them in fp32 shard by shard (and for fp16 targets check
     the range). For --keep-adapter, also write the base the side path sits on (the NF4 round trip for QLoRA)."""
@@ -253,7 +279,7 @@ def prepare(req: ExportRequest, base: Path, target, work: Path, progress: Progre
         if a.quantization:
             progress(f"  4-bit base of {a.path.name}: {a.quantization.describe()}")
     if req.keep_adapter:
-        check_side_path(adapters)
+        check_side_path(adapters, target if target.graph == "unmerged" else None)
     plain = plain_base(base, work, progress)
     progress(f"merging {len(adapters)} adapter(s) in fp32 into the {merge_base} base, shard by shard")
     merged = merge(plain, adapters, work / "checkpoint", merge_base, weights, progress=progress,

@@ -16,14 +16,20 @@ from .merge import rewrite_checkpoint
 from .quantized_base import FOUR_BIT, quantization_of
 
 
-def check_side_path(adapters) -> None:
-    """--keep-adapter: one plain LoRA or rsLoRA adapter, which the builder can emit as a side path."""
+def check_side_path(adapters, target=None) -> None:
+    """--keep-adapter, or a target whose graph = "unmerged": one plain LoRA or rsLoRA adapter, which the builder can
+    emit as a side path. ``target``: the Target that asks for it (None: the command line does)."""
+    asked = f'the target {target.name} (graph = "unmerged", {target.source})' if target is not None else "--keep-adapter"
+    merged = ('export it with a target whose graph = "merged", e.g. ort-cuda-fp16 or ort-cuda-int4'
+              if target is not None else "export it merged (without --keep-adapter)")
     if len(adapters) > 1:
-        raise BadInput.one("--keep-adapter", "an unmerged graph carries one adapter", "pass a single --adapter")
+        raise BadInput.one(target.source if target is not None else "--keep-adapter",
+                           f"an unmerged graph carries one adapter, and {asked} keeps the adapter unmerged",
+                           f"pass a single --adapter, or {merged}")
     if not adapters[0].plain_lora:
-        raise BadInput.one(str(adapters[0].path / "adapter_config.json"), "--keep-adapter supports plain LoRA and "
-                           "rsLoRA side paths only (this adapter uses DoRA or modules_to_save)",
-                           "export it merged (without --keep-adapter)")
+        raise BadInput.one(str(adapters[0].path / "adapter_config.json"), f"{asked} keeps the adapter as a side path, "
+                           "which supports plain LoRA and rsLoRA only (this adapter uses DoRA or modules_to_save)",
+                           merged)
 
 
 def unmerged_source(base: Path, adapter, merge_base: str, work: Path) -> Path:

@@ -13,7 +13,6 @@ rank-0 tensors and the graph is that base.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, replace
@@ -27,10 +26,8 @@ from .export.lora_inputs import (
     SUFFIX,
     LoraInput,
     adapter_arrays,
-    builder_lora_nodes,
     lora_inputs,
     make_switchable,
-    quantized_lora_nodes,
     union_adapter,
     write_adapter,
 )
@@ -167,16 +164,8 @@ def export(req: SwitchRequest, progress: Progress = quiet):
                                                                   progress=progress)
         progress(f"building the base graph with LoRA inputs ({target.precision}) on the {merge_base} base, for "
                  "the union of the adapters' target modules")
-        layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
-        BACKENDS[target.backend].build(source, tmp, target, tmp / "build.log", adapter=union,
-                                       keep_float=builder_lora_nodes(layers) if target.quantization.scheme != "none"
-                                       else ())
-        quantized = quantized_lora_nodes(tmp / "model.onnx")
-        if quantized:
-            raise ToolchainFailed(f"the onnxruntime-genai builder quantized {len(quantized)} LoRA side-path nodes "
-                                  f"({', '.join(quantized[:2])} ...) although they were excluded by name, so their "
-                                  "weights cannot become adapter inputs (the names it was given are "
-                                  "BUILDER_LORA_NODES in lora_export/export/lora_inputs.py)")
+        # the LoRA side paths stay float with quantized base weights (the backend excludes and checks them)
+        BACKENDS[target.backend].build(source, tmp, target, tmp / "build.log", adapter=union)
         inputs = make_switchable(tmp / "model.onnx")
         hashes = run_in_child(write_files, plain, adapters, names, inputs, tmp / ADAPTERS, progress=progress)
         manifest = ExportManifest(

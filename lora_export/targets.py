@@ -113,6 +113,9 @@ class Target:
     tolerances: Tolerances
     latency: LatencyBudget
     source: str = field(default="", compare=False)
+    #: "merged": the adapter merged into the weights; "unmerged": the base weights as trained with the adapter as a
+    #: float side path beside each MatMul (what --keep-adapter asks for; ort-cuda-nf4 keeps the trained NF4 codes so)
+    graph: str = "merged"
 
     @property
     def precision_class(self) -> str:
@@ -121,7 +124,7 @@ class Target:
 
 _SCHEMA = {
     "": {"name": str, "description": str, "runtime": str, "execution_providers": list, "precision": str,
-         "backend": str, "opset": int},
+         "backend": str, "opset": int, "graph": str},
     "quantization": {"scheme": str, "block_size": int, "symmetric": bool, "lm_head": str, "sensitive_layers": str,
                      "accuracy_level": int, "scales": str, "algo": str},
     "tolerances": {"max_abs_diff": float, "max_rel_diff": float, "mean_kl": float, "top1_agreement": float,
@@ -130,6 +133,7 @@ _SCHEMA = {
                    "small_min_adapter_retention": float},
     "latency": {"max_ratio": float},
 }
+GRAPHS = ("merged", "unmerged")
 _REQUIRED = ("name", "runtime", "execution_providers", "precision", "backend")
 
 
@@ -258,6 +262,7 @@ def parse_target(data: dict, where: str) -> Target:
     one_of("precision", PRECISIONS)
     one_of("backend", tuple(BACKENDS))
     one_of("scheme", tuple(SCHEMES), "quantization")
+    one_of("graph", GRAPHS)
     providers = top.get("execution_providers")
     if providers is not None:
         unknown = [p for p in providers if p not in PROVIDERS]
@@ -279,6 +284,9 @@ def parse_target(data: dict, where: str) -> Target:
         can = f"opset {low}" if low == high else f"opsets {low} to {high}"
         problems.append(Problem(where, f"opset = {top['opset']}: the {backend.name} backend writes {can} only",
                                 f"set opset = {backend.default_opset}, or leave it out"))
+    if top.get("graph") == "unmerged" and backend is not None and not backend.side_paths:
+        problems.append(Problem(where, f'graph = "unmerged": the {backend.name} backend exports merged graphs only',
+                                'use backend = "genai-builder", or graph = "merged"'))
     if quant.scheme in SCHEMES:
         given = data.get("quantization") if isinstance(data.get("quantization"), dict) else {}
         ignored = sorted(k for k in given if k != "scheme" and k in _SCHEMA["quantization"]
@@ -304,7 +312,7 @@ def parse_target(data: dict, where: str) -> Target:
         name=top["name"], description=top.get("description", ""), runtime=top["runtime"],
         execution_providers=tuple(providers), precision=top["precision"], backend=top["backend"],
         opset=top.get("opset", BACKENDS[top["backend"]].default_opset), quantization=quant, tolerances=Tolerances(), latency=LatencyBudget(**good["latency"]),
-        source=where,
+        source=where, graph=top.get("graph", "merged"),
     )
     return replace(target, tolerances=replace(DEFAULT_TOLERANCES[target.precision_class], **good["tolerances"]))
 

@@ -98,6 +98,60 @@ def test_survival_flags_a_change_the_quantization_erases(scale, erased):
     assert (t.survival < ERASED) == erased
 
 
+def test_an_unmerged_nf4_graph_holds_the_trained_codes_and_a_float_adapter(tiny_base, tiny_adapter, tmp_path, capsys):
+    """graph = "unmerged" with NF4 (as ort-cuda-nf4 ships): the export is the model as QLoRA trained it. Every base
+    MatMul is MatMulBnb4 holding bitsandbytes' own 4-bit codes of the base weight (compared byte for byte), the
+    adapter is a float side path (plain MatMul A and B per module), and parity against the model as trained is
+    that of an fp32 graph. Tolerance: max |logit diff| <= 1e-4 in fp32, the fp32 merged export's own bound
+    (measured 2.2e-6: the 4-bit codes and scales are the trained ones, exactly)."""
+    import json
+
+    import bitsandbytes.functional as bnbf
+    import numpy as np
+    import torch
+    from onnx import numpy_helper
+    from safetensors import safe_open
+
+    from lora_export.adapters import load_adapter
+    from lora_export.cli import main
+    from lora_export.quantized_base import quantization_of
+
+    toml = tmp_path / "nf4-unmerged.toml"
+    toml.write_text(NF4_CPU.replace('name = "nf4-cpu"', 'name = "nf4-unmerged"\ngraph = "unmerged"'))
+    out = tmp_path / "out"
+    rc = main(["export", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--target", str(toml),
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "keeps the adapter unmerged" in err and "the trained 4-bit codes" in err
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    assert manifest["graph"] == "unmerged" and manifest["quantization"]["base_codes"] == "as trained"
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    lora = [n for n in model.graph.node if "/lora_" in n.name]
+    assert len(lora) == 2 * 14 and {n.op_type for n in lora} == {"MatMul"}  # A and B of 14 modules, float
+    _, nf4 = quantization_of(load_adapter(tiny_adapter, tiny_base))
+    checked = 0
+    with safe_open(str(tiny_base / "model.safetensors"), framework="pt") as f:
+        for node in model.graph.node:
+            if node.op_type != "MatMulBnb4" or not any(m in node.name for m in ("o_proj", "down_proj")):
+                continue  # the fused qkv and gate/up nodes hold the same codes, concatenated
+            layer, module = node.name.split("/")[2], node.name.split("/")[4]
+            block = "self_attn" if module == "o_proj" else "mlp"
+            w = f.get_tensor(f"model.{layer}.{block}.{module}.weight").to(torch.float32)
+            codes, _ = bnbf.quantize_4bit(w, blocksize=nf4.blocksize, compress_statistics=nf4.double_quant,
+                                          quant_type="nf4")
+            stored = numpy_helper.to_array(inits[node.input[1]])
+            assert np.array_equal(stored.reshape(-1), codes.reshape(-1).numpy()), node.name
+            checked += 1
+    assert checked == 4  # o_proj and down_proj of both layers
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] is True
+    total = report["stages"]["total"]
+    print(f"unmerged nf4: max abs diff {total['max_abs_diff']:.2e}, mean KL {total['mean_kl']:.2e}")
+    assert total["max_abs_diff"] <= 1e-4, total
+
+
 @pytest.mark.parametrize("blocksize", [64, 128])
 def test_nearest_level_coding_reproduces_bitsandbytes(blocksize):
     """With a block's own absmax, our NF4 coding gives bitsandbytes' bytes exactly (what MatMulBnb4 reads)."""

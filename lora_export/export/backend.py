@@ -23,3 +23,5 @@ class Backend:
     default_opset: int = 21
     #: the quantization schemes it can produce (a target asking for another is refused)
     schemes: tuple[str, ...] = ("none", "int4", "int8", "nf4")
+    #: whether ``build`` can keep an adapter unmerged as side paths (a target's graph = "unmerged")
+    side_paths: bool = True

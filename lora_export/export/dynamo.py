@@ -153,4 +153,4 @@ def _copy_tokenizer(checkpoint: Path, out_dir: Path) -> None:
 # torch.onnx's dynamo exporter writes opset 18 and later; 21 is the one tested here for every architecture.
 # int4/int8 are the builder's own MatMulNBits pass; this backend quantizes only by nf4's post-process.
 TORCH_DYNAMO = Backend(name="torch-dynamo", architectures=ARCHITECTURES, build=build, opsets=(18, 21), default_opset=21,
-                       schemes=("none", "nf4"))
+                       schemes=("none", "nf4"), side_paths=False)

@@ -18,6 +18,7 @@ from ..errors import BadInput, ToolchainFailed
 from ..isolate import die_with_parent, lean_env
 from ..quantize import SCHEMES
 from .backend import Backend
+from .lora_inputs import builder_lora_nodes, quantized_lora_nodes
 
 ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -30,10 +31,11 @@ class BuildFailed(ToolchainFailed):
     pass
 
 
-def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path | None = None,
-          keep_float: tuple[str, ...] = ()) -> None:
-    """``keep_float``: node names the builder must leave unquantized (its ``nodes_to_exclude``)."""
-    arch = json.loads((checkpoint / "config.json").read_text()).get("architectures", ["?"])[0]
+def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path | None = None) -> None:
+    """With an adapter, its side paths stay float whatever the base weights are quantized to: the builder's LoRA
+    MatMuls are excluded from its quantizer (and from the post-process's), and checked after."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    arch = config.get("architectures", ["?"])[0]
     if arch not in ARCHITECTURES:
         from .dynamo import ARCHITECTURES as GENERIC
 
@@ -51,7 +53,8 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
     options = {"hf_remote": "false", **scheme.builder_options(target.quantization)}
     if adapter is not None:  # the builder's own LoRA path: MatMul A, MatMul B (scaling folded in), Add
         options["adapter_path"] = str(adapter)
-    if keep_float:
+    if adapter is not None and target.quantization.scheme != "none":
+        keep_float = builder_lora_nodes(config["num_hidden_layers"])
         options["nodes_to_exclude"] = ",".join(filter(None, (options.get("nodes_to_exclude"), *keep_float)))
     cmd = [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
@@ -75,6 +78,12 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
         raise BuildFailed(f"the onnxruntime-genai builder wrote opset {written}, the target asks for {target.opset} "
                           f"(BUILDER_OPSET in {__name__} says what this version writes)")
     scheme.post_process(out_dir, target.quantization)
+    quantized = quantized_lora_nodes(out_dir / "model.onnx") if adapter is not None else []
+    if quantized:
+        raise BuildFailed(f"the {target.quantization.scheme} quantization took {len(quantized)} LoRA side-path nodes "
+                          f"({', '.join(quantized[:2])} ...) although they were excluded by name, so the adapter "
+                          "would not stay float (the names it was given are BUILDER_LORA_NODES in "
+                          "lora_export/export/lora_inputs.py)")
 
 
 def _opset(model_path: Path) -> int:

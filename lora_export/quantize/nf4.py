@@ -2,7 +2,8 @@
 
 The builder emits the graph in the target's precision; ONNX Runtime's own ``MatMulBnb4Quantizer`` then
 re-quantizes every MatMul weight to NF4 with fresh per-block absmax scales (no double quantization). The
-output projection stays unquantized.
+output projection and an unmerged graph's LoRA side paths stay unquantized; on an unmerged graph of a QLoRA
+adapter the base's blocks are then re-coded with the scales it was trained with, so they hold its trained codes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ def _post_process(model_dir: Path, q) -> None:
     from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
 
     model = onnx.load(str(model_dir / "model.onnx"))
-    quantizer = MatMulBnb4Quantizer(model, quant_type=NF4, block_size=q.block_size, nodes_to_exclude=["/lm_head/MatMul"])
+    # an unmerged graph's LoRA side paths stay in the graph's float precision (the builder names them .../lora_A|B/)
+    side_paths = [n.name for n in model.graph.node if n.op_type == "MatMul" and "/lora_" in n.name]
+    quantizer = MatMulBnb4Quantizer(model, quant_type=NF4, block_size=q.block_size,
+                                    nodes_to_exclude=["/lm_head/MatMul", *side_paths])
     quantizer.process()
     _replace_model(quantizer.model.model, model_dir)
 
