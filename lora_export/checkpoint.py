@@ -21,13 +21,15 @@ def shard_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def parameter_count(model_dir: Path) -> int:
-    """Elements of every tensor in the checkpoint's shards, read from their headers (no weights loaded)."""
+def parameter_count(model_dir: Path, unpack_4bit: bool = False) -> int:
+    """Elements of every tensor in the checkpoint's shards, read from their headers (no weights loaded).
+    ``unpack_4bit``: a pre-quantized base's packed uint8 tensors count two weights a byte (the weights it holds)."""
     import math
 
     from .tensorfile import read_header
 
-    return sum(math.prod(e.shape) for shard in shard_files(model_dir) for e in read_header(shard)[0])
+    return sum(math.prod(e.shape) * (2 if unpack_4bit and e.dtype == "U8" else 1)
+               for shard in shard_files(model_dir) for e in read_header(shard)[0])
 
 
 def shard_names(count: int) -> list[str]:

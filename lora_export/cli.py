@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer (the Trainer's names); the paged ones are bitsandbytes', paged on a CUDA GPU")
 
     e = command("export", "merge an adapter and export ONNX for a target, then validate parity")
+    e.epilog = ("Before any work, export (and validate, bench) checks the free disk and estimates the command's peak "
+                "memory for this base and target (from peaks measured on this project's machines); when the estimate "
+                "exceeds the memory available to this process (MemAvailable, or a cgroup memory limit less its "
+                "usage) it exits 2. LORA_EXPORT_MEMORY_LIMIT=SIZE (bytes, or like 20G or 64GiB) states the memory to "
+                "plan against instead; LORA_EXPORT_MEMORY_LIMIT=off (or 0) skips the memory check.")
     e.add_argument("--base", type=Path, required=True, help="base model directory the adapter was trained on")
     e.add_argument("--adapter", type=Path, required=True, action="append",
                    help="a PEFT adapter directory; repeat it to merge several, combined linearly")

@@ -13,7 +13,6 @@ manifest's fingerprint and hashes only what it lacks (``.bin`` files beside the 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from .manifests import (
     BaseEntry,
     ExportManifest,
 )
+from .memory import check_memory
 
 PARITY_TMP = "lora-export-parity-"  # + pid: validate's temporary folder, swept once its process is gone
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
@@ -78,6 +78,17 @@ def check_base_unchanged(base: Path, manifest: ExportManifest) -> dict[str, str]
     return now
 
 
+def check_memory_of(export_dir: Path, manifest: ExportManifest, command: str) -> None:
+    """``validate`` or ``bench`` of an export refused up front when its estimated peak exceeds the memory here
+    (``memory.check_memory``), after its target and base are found and checked, before the base is hashed."""
+    from .base import check_base
+    from .targets import parse_target
+
+    target = parse_target(manifest.target, f"{export_dir / EXPORT_MANIFEST}:target")
+    base = check_base(locate(manifest.base, export_dir, "base model"))
+    check_memory(command, base, target, str(export_dir))
+
+
 def adapters_of(entries, export_dir: Path, base: Path, base_sha: dict[str, str] | None = None):
     """The adapters an export was made from (its manifest's ``AdapterEntry``s), checked unchanged since, and
     their weights. ``base_sha``: the base's hashes from ``check_base_unchanged`` (else each adapter hashes it)."""
@@ -122,11 +133,9 @@ def context_of(base: Path) -> tuple[int, int]:
 def export_bytes(base: Path, target) -> int:
     """Disk an export needs at its peak: the merged and as-trained fp32 checkpoints (scratch) and 2.2 x the ONNX output
     (the graph builder's own temporaries and our re-save), from the parameter count in the shard headers."""
-    from .checkpoint import shard_files
-    from .tensorfile import read_header
+    from .checkpoint import parameter_count
 
-    params = sum(math.prod(e.shape) * (2 if e.dtype == "U8" else 1)  # a 4-bit base: two weights a byte
-                 for p in shard_files(base) for e in read_header(p)[0])
+    params = parameter_count(base, unpack_4bit=True)
     scheme = target.quantization.scheme
     weights = BYTES_PER_WEIGHT[scheme if scheme != "none" else target.precision]
     return int((12 if is_prequantized(base) else 8) * params + 2.2 * weights * params)  # + its dequantized copy

@@ -53,6 +53,7 @@ from .exportdir import (
     adapters_of,
     base_entry,
     check_base_unchanged,
+    check_memory_of,
     check_report_path,
     context_of,
     export_bytes,
@@ -68,6 +69,7 @@ from .manifests import (
     read_export_manifest,
     write_export_manifest,
 )
+from .memory import check_memory
 from .merge import MergeResult, merge
 from .outputs import check_free_disk, check_new_output, scratch, staged, sweep_temp
 from .precision import check_fp16_range
@@ -168,6 +170,7 @@ def check_inputs(req: ExportRequest) -> tuple[Path, object, Path]:
     out = Path(req.out)
     check_new_output(out)
     check_free_disk(out, export_bytes(base, target), "the merged and the as-trained fp32 checkpoints plus 2.2 x the export")
+    check_memory("export", base, target, str(base / "config.json"))
     return base, target, out
 
 
@@ -338,6 +341,8 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
 
     export_dir = Path(export_dir)
     manifest = read_export_manifest(export_dir)
+    if prepared is None:  # the command itself (an export's own parity run is in the estimate check_inputs made)
+        check_memory_of(export_dir, manifest, "validate")
     if manifest.graph == SWITCHABLE:  # --switchable: a section per adapter (lora_export/switchable.py)
         from .switchable_parity import validate as validate_switchable
 
@@ -425,6 +430,7 @@ def bench(export_dir: Path, json_path: Path | None = None, progress: Progress = 
     for path in (json_path, plot_path):
         check_report_path(path)
     manifest = read_export_manifest(export_dir)
+    check_memory_of(export_dir, manifest, "bench")
     if manifest.graph == SWITCHABLE:  # each adapter active vs none vs merged: lora_export/switchable_bench.py
         from .switchable_bench import bench_export
 

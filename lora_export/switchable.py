@@ -35,19 +35,21 @@ from .exportdir import adapter_entry, base_entry, export_bytes, locate
 from .fingerprint import safetensors_fingerprint, sha256_file
 from .isolate import run_in_child
 from .manifests import (
+    EXPORT_MANIFEST,
     SWITCHABLE,
     ExportManifest,
     ParitySummary,
     read_export_manifest,
     write_export_manifest,
 )
+from .memory import check_memory
 from .outputs import check_free_disk, check_new_output, scratch, staged
 from .progress import Progress, quiet
 from .prompts import load_prompts
 from .quantized_base import QuantRequest, plain_base, resolve
 from .sidepath import check_side_path, unmerged_source
 from .switchable_parity import BASE_SECTION, recorded_sections, validate, write_reports
-from .targets import load_target, tomllib
+from .targets import load_target, parse_target, tomllib
 from .versions import package_versions
 
 ADAPTERS = "adapters"
@@ -158,6 +160,7 @@ def export(req: SwitchRequest, progress: Progress = quiet):
     out = Path(req.out)
     check_new_output(out)
     check_free_disk(out, export_bytes(base, target), "the base as trained plus 2.2 x the export")
+    check_memory("export", base, target, str(base / "config.json"))
     with staged(out) as tmp, scratch(out, "work") as work:
         base_sha = safetensors_fingerprint(base)
         adapters, merge_base, plain, source, union = run_in_child(prepare, req, base, work, base_sha,
@@ -200,6 +203,7 @@ def add(req: SwitchRequest, progress: Progress = quiet):
     entries = manifest.adapters
     names = check_request(req, taken=tuple(e.name or "" for e in entries))
     base = check_base(req.base)
+    check_memory("validate", base, parse_target(manifest.target, f"{into / EXPORT_MANIFEST}:target"), str(into))
     base_sha = safetensors_fingerprint(base)
     if base_sha != manifest.base.files_sha256:  # the same weight files, byte for byte
         raise BadInput.one(str(base), f"its weights are not those of the base {into} was exported from "

@@ -203,6 +203,14 @@ def locked_out(ctx):
     ctx["cleanup"] = holder.kill
 
 
+def memory_limit(value):
+    """LORA_EXPORT_MEMORY_LIMIT set to ``value`` for this one run (tests/test_memory.py has the rest)."""
+    def setup(ctx):
+        os.environ["LORA_EXPORT_MEMORY_LIMIT"] = value
+        ctx["cleanup"] = lambda: os.environ.pop("LORA_EXPORT_MEMORY_LIMIT", None)
+    return setup
+
+
 # (case, setup, message fragment, extra arguments)
 EXPORT_CASES = [
     ("adapter for another base", other_base, "the adapter was trained for a different base"),
@@ -262,6 +270,9 @@ EXPORT_CASES = [
     ("--out name past the file system's limit", out_at(lambda tmp: tmp / ("y" * 300)), "300 bytes"),
     ("--out under a file", out_at(under_a_file), "is not a directory"),
     ("another export writing --out", locked_out, "another lora-export (pid"),
+    # memory, estimated up front (lora_export/memory.py)
+    ("estimated peak memory over the memory here", memory_limit("1M"), "GB is available (LORA_EXPORT_MEMORY_LIMIT=1M)"),
+    ("LORA_EXPORT_MEMORY_LIMIT not a size", memory_limit("plenty"), "LORA_EXPORT_MEMORY_LIMIT: 'plenty' is not a memory size"),
     # messages that blamed the wrong thing
     ("--adapter-weight nan", lambda ctx: ctx.update(extra=["--adapter-weight", "nan"]), "--adapter-weight: nan is not a finite"),
     ("--adapter-weight count", lambda ctx: ctx.update(extra=["--adapter-weight", "1", "--adapter-weight", "2"]),

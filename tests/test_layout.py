@@ -69,11 +69,11 @@ def test_only_the_entry_points_import_the_recipe():
 RECIPES = {f"lora_export.{m}" for m in ("pipeline", "switchable", "switchable_parity", "switchable_bench", "cli",
                                         "demo")}
 STAGES = RECIPES | {f"lora_export.{m}" for m in ("train", "adapters", "merge", "parity", "latency", "runtime",
-                                                 "reference", "exportdir", "prompts", "sidepath")} | {
+                                                 "reference", "exportdir", "memory", "prompts", "sidepath")} | {
     m for m in MODULES if m.split(".")[:2] in (["lora_export", "export"], ["lora_export", "quantize"])}
 CORE = ("manifests", "progress", "checkpoint", "nf4math", "fingerprint", "errors", "jsonfile", "tensorfile",
         "outputs", "isolate", "base", "quantized_base", "data", "precision", "versions")
-SHARED = ("exportdir", "prompts", "sidepath", "reference")  # between the stages and the recipes
+SHARED = ("exportdir", "memory", "prompts", "sidepath", "reference")  # between the stages and the recipes
 
 
 def test_the_core_imports_no_stage():
