@@ -8,6 +8,7 @@ KV cache on every decode step.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,12 @@ def import_onnxruntime():
         raise ToolchainFailed('ONNX Runtime is not installed. Fix: pip install "lora-export[cpu]" (or '
                               '"lora-export[gpu]" for CUDA), not both') from e
     return onnxruntime
+
+
+def omp_threads() -> int:
+    """OMP_NUM_THREADS as a positive int, else 0 (ONNX Runtime's default: one thread per physical core)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 0
 
 
 def check_providers(providers, path: Path) -> None:
@@ -106,6 +113,9 @@ class OrtCausalLM:
         del graph
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # OMP_NUM_THREADS, which PyTorch already obeys, caps ONNX Runtime's pool too: one knob for a shared runner
+        # (two ORT pools spinning on the same cores run slower than one after the other: measured in .ci/run)
+        threads = threads or omp_threads()
         if threads:
             opts.intra_op_num_threads = threads
         providers = [providers] if isinstance(providers, str) else list(providers)

@@ -78,3 +78,12 @@ def test_parity_providers_stand_the_cpu_in_for_a_missing_gpu_only(available, tar
     if "FooExecutionProvider" in target:
         with pytest.raises(BadInput, match="FooExecutionProvider not available"):
             check_providers(run_with, "model.onnx")
+
+
+@pytest.mark.parametrize("value, threads", [("1", 1), ("2", 2), ("", 0), ("many", 0), ("0", 0)])
+def test_omp_num_threads_caps_the_onnx_runtime_pool(value, threads, fp32_export, monkeypatch):
+    """OMP_NUM_THREADS (PyTorch obeys it) sizes ONNX Runtime's intra-op pool too; unset or not a positive count:
+    ONNX Runtime's own default (0, a thread per physical core)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    session = OrtCausalLM(fp32_export.out).session
+    assert session.get_session_options().intra_op_num_threads == threads
