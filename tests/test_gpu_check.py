@@ -36,6 +36,8 @@ def test_gpu_check_dry_run(tmp_path):
             assert v["decode_ms"] > 0 and v["floor_ms"] > 0 and v["x_floor"] > 0
             assert set(v["prompt_ms_by_length"]) == {"16", "64", "256"}
         assert row["bench"]["merged_over_base"]["ci_low"] <= row["bench"]["merged_over_base"]["median"]
+        # onnxruntime-genai's own generator timed the export too (CPU here; plain and CUDA graph on a GPU)
+        assert set(row["genai"]) == {"plain"} and row["genai"]["plain"]["decode_ms"] > 0, row["genai"]
 
 
 def test_gpu_check_budget_skips_targets_and_keeps_what_ran(tmp_path):
