@@ -200,7 +200,9 @@ def real_inputs(wheel: Path, adapter: Path, tensors_sha256: str | None, work: Pa
         with safe_open(str(base / "model.safetensors"), "pt") as f:
             for k in sorted(f.keys()):
                 t = f.get_tensor(k)
-                h.update(k.encode()), h.update(str(tuple(t.shape)).encode()), h.update(t.contiguous().numpy().tobytes())
+                h.update(k.encode())
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.contiguous().numpy().tobytes())
         if h.hexdigest() != tensors_sha256:
             raise SystemExit(f"gpu_check: the converted real model's tensors differ from the ones the adapter was "
                              f"trained on ({h.hexdigest()} != {tensors_sha256})")
@@ -356,6 +358,11 @@ def main() -> int:
     ap.add_argument("--install", type=Path, metavar="WHEELS_DIR",
                     help="first make a venv with \".[gpu]\" from these wheels, then rerun this script in it")
     args = ap.parse_args()
+    if (args.real_wheel is None) != (args.real_adapter is None):
+        ap.error("--real-wheel and --real-adapter go together: the real model and its fine-tune's adapter folder")
+    for path in (args.real_wheel, args.real_adapter):
+        if path is not None and not path.exists():
+            ap.error(f"{path}: not found")
     if args.install:
         venv = args.work / "venv"
         shutil.rmtree(venv, ignore_errors=True)
