@@ -349,8 +349,13 @@ def measure(models: Models, shapes: list[Shape], steps: int, work_dir: Path, pro
 
 def judge(per_shape: dict, stages: dict, retention: float | None, tol: Tolerances, target: str, reference: str,
           steps: int, notes: tuple[str, ...] = (), reference_compute: tuple[str, str] = ("float32", "cpu"),
-          ran_on: tuple[str, ...] = (), not_checked_on: tuple[str, ...] = ()) -> ParityReport:
-    checks = []
+          ran_on: tuple[str, ...] = (), not_checked_on: tuple[str, ...] = (),
+          layout: tuple = ()) -> ParityReport:
+    """``layout``: (metric, op, expected, observed) of how the graph stores its weights (the scheme's ``layout``),
+    judged as checks of the shape "graph" beside the numbers."""
+    checks = [Check("graph", metric, op, expected, observed,
+                    observed == expected if op == "==" else observed <= expected if op == "<=" else observed >= expected)
+              for metric, op, expected, observed in layout]
     for name, m in per_shape.items():
         if tol.max_abs_diff is not None:
             checks.append(Check(name, "max_abs_diff", "<=", tol.max_abs_diff, m.max_abs_diff,

@@ -75,6 +75,7 @@ from .outputs import check_free_disk, check_new_output, scratch, staged, sweep_t
 from .precision import check_fp16_range
 from .progress import Progress, quiet
 from .prompts import bench_prompt, check_prompt_lengths, load_prompts
+from .quantize import graph_layout
 from .quantized_base import QuantRequest, plain_base, resolve
 from .quantized_base import check_request as check_quant_request
 from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
@@ -386,7 +387,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     report = parity.judge(per_shape, stages, retention, tolerances, target.name, describe_reference(adapters),
                           steps, notes=(*tolerance_differences(target), *([size_note] if size_note else [])),
                           reference_compute=(REFERENCE_DTYPE, REFERENCE_DEVICE), ran_on=run_with,
-                          not_checked_on=not_here)
+                          not_checked_on=not_here, layout=graph_layout(export_dir, target))
     parity.write_reports(report, export_dir)
     if report_json:
         parity.write_json(report, Path(report_json))

@@ -27,6 +27,7 @@ from .manifests import EXPORT_MANIFEST, SWITCHABLE, ExportManifest, read_export_
 from .outputs import sweep_temp
 from .progress import Progress, quiet
 from .prompts import check_prompt_lengths, load_prompts
+from .quantize import graph_layout
 from .quantized_base import plain_base
 from .sidepath import unmerged_source
 from .targets import check_against_context, parse_target
@@ -110,6 +111,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     check_providers(run_with, export_dir / "model.onnx")
     sweep_temp(PARITY_TMP)
     sections = []
+    layout = graph_layout(export_dir, target)
     with tempfile.TemporaryDirectory(prefix=f"{PARITY_TMP}{os.getpid()}-") as tmp:
         adapters, plain, source, token_ids = run_in_child(_validation_prep, export_dir, manifest, base, prompts,
                                                           Path(tmp), max_positions, steps, new_entries, base_sha,
@@ -134,7 +136,8 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
                    else describe([adapter]))
             report = parity.judge(per_shape, stages, retention, tol, target.name, ref, steps,
                                   notes=(*tolerance_differences(target), *([size_note] if size_note else [])),
-                                  reference_compute=(COMPUTE_DTYPE, DEVICE), ran_on=run_with, not_checked_on=not_here)
+                                  reference_compute=(COMPUTE_DTYPE, DEVICE), ran_on=run_with, not_checked_on=not_here,
+                                  layout=layout)
             sections.append((name, report))
     result = SwitchableReport(target=target.name, sections=tuple(sections), ran_on=run_with, not_checked_on=not_here)
     if not new_entries:

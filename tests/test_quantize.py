@@ -37,6 +37,34 @@ def test_scheme(target, op, lm_head_quantized, kl_must_pass, tiny_base, tiny_ada
     if kl_must_pass:
         assert all(c.passed for c in kl_checks), [str(c) for c in kl_checks]
     assert (r.out / "model.onnx.data").is_file() and not list(r.out.glob("tmp*"))
+    layout = {c.metric: c for c in r.parity.checks if c.shape == "graph"}
+    if op == "MatMulNBits":  # the graph stores its weights as the target says (bits, block size), and says so
+        assert set(layout) == {"lm_head_bits", "body_matmuls_at_other_bits", "matmuls_at_other_block_size"}
+        assert all(c.passed for c in layout.values()) and layout["lm_head_bits"].observed == 8
+        _a_layout_other_than_the_targets_fails(r.out, r.parity)
+
+
+def _a_layout_other_than_the_targets_fails(export_dir, right):
+    """The int8 graph held against targets it does not match: int4 with lm_head int4 (every MatMul and the
+    lm_head at the wrong bits), and int8 at block 32 (every block size wrong). Each is a FAIL naming the check."""
+    from dataclasses import replace
+
+    from lora_export import parity
+    from lora_export.quantize import graph_layout
+    from lora_export.quantize.int4 import INT4
+    from lora_export.targets import load_target
+
+    int8 = load_target("ort-cpu-int8")
+    int4 = replace(int8.quantization, scheme="int4", lm_head="int4", sensitive_layers="int4")
+    checks = {m: (expected, observed) for m, _, expected, observed in INT4.layout(export_dir / "model.onnx", int4)}
+    assert checks["lm_head_bits"] == (4, 8) and checks["body_matmuls_at_other_bits"] == (0, 10)
+    other = 16 if int8.quantization.block_size != 16 else 32
+    wrong = graph_layout(export_dir, replace(int8, quantization=replace(int8.quantization, block_size=other)))
+    report = parity.judge(right.shapes, right.stages, right.adapter_retention, int8.tolerances, "ort-cpu-int8",
+                          right.reference, right.steps, layout=wrong)
+    assert not report.passed and len(report.checks) == len(right.checks)  # the same checks, the layout's now wrong
+    assert [str(c) for c in report.failures if c.shape == "graph"] == [
+        "graph/matmuls_at_other_block_size = 11 (needs <= 0)"]
 
 
 @pytest.mark.slow

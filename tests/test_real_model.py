@@ -245,6 +245,22 @@ def test_int4_gate_fails_the_adapter_dropped(right_exports, real_base, real_adap
 
 
 @real
+@SHARED
+def test_int4_gate_fails_the_lm_head_at_int4(right_exports, real_base, real_adapter, tmp_path):
+    """The graph of an export with lm_head = "int4" in the right ort-cpu-int4 export's folder (whose target says
+    int8). Its numbers sit inside the small-model thresholds (benchmarks/results/gate_calibration.md: mean KL
+    0.41, top-1 81%), so the layout check is what fails it: graph/lm_head_bits = 4, needs 8."""
+    from benchmarks.gate_calibration import swap_graph, target_with
+
+    graph = tmp_path / "lm_head4-graph"
+    proc = cli("export", "--base", str(real_base), "--adapter", str(real_adapter), "--target",
+               str(target_with("ort-cpu-int4", {"lm_head": "int4"}, tmp_path / "lm_head4.toml")), "--out", str(graph))
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    passed, failures, _ = _validate(swap_graph(right_exports("ort-cpu-int4"), graph, tmp_path / "lm_head4"))
+    assert not passed and "graph/lm_head_bits = 4 (needs == 8)" in failures, failures
+
+
+@real
 def test_nf4_exports_the_model_as_trained_and_the_merged_requantization_fails(real_base, real_adapter, code_task,
                                                                               tmp_path):
     """ort-cuda-nf4 (CPU-side parity) exports the NF4 base with its trained codes and the adapter as an fp16 side

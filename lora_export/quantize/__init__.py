@@ -8,4 +8,12 @@ from .scheme import Scheme
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (NONE, INT8, INT4, NF4_SCHEME)}
 
-__all__ = ["SCHEMES", "Scheme"]
+
+def graph_layout(export_dir, target) -> tuple:
+    """The scheme's layout checks of the export's model.onnx against the target (see ``Scheme.layout``)."""
+    from pathlib import Path
+
+    return tuple(SCHEMES[target.quantization.scheme].layout(Path(export_dir) / "model.onnx", target.quantization))
+
+
+__all__ = ["SCHEMES", "Scheme", "graph_layout"]

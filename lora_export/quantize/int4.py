@@ -7,7 +7,8 @@ at int8 by default: an int4 lm_head is a known cause of repetition (FACTS.md, fa
 strategy: the first and last eighth of the layers and every third layer's qkv and down projections).
 """
 
-from .nbits import accuracy_problems, block_problems
+from .nbits import BITS, accuracy_problems, block_problems
+from .nbits import layout as nbits_layout
 from .nbits import options as nbits_options
 from .scheme import Scheme
 
@@ -43,5 +44,11 @@ def _check(q) -> list[str]:
     return problems
 
 
+def _layout(model_path, q) -> list:
+    body = (4, 8) if q.sensitive_layers == "int8" else (4,)
+    return nbits_layout(model_path, q, body, BITS.get(q.lm_head, -1))
+
+
 INT4 = Scheme(name="int4", builder_precision=lambda q, precision: "int4", builder_options=_options, check=_check,
-              honours=("block_size", "symmetric", "lm_head", "sensitive_layers", "accuracy_level", "algo"))
+              honours=("block_size", "symmetric", "lm_head", "sensitive_layers", "accuracy_level", "algo"),
+              layout=_layout)

@@ -11,6 +11,10 @@ def _nothing(model_dir: Path, quantization) -> None:
     return None
 
 
+def _no_layout(model_path: Path, quantization) -> list:
+    return []
+
+
 @dataclass(frozen=True)
 class Scheme:
     name: str
@@ -24,3 +28,6 @@ class Scheme:
     post_process: Callable[[Path, object], None] = _nothing
     #: the [quantization] fields this scheme reads; a target that sets another is refused (it would be ignored)
     honours: tuple[str, ...] = ()
+    #: (model.onnx, Quantization) -> [(metric, op, expected, observed)]: the graph's weights stored as the target
+    #: says (bits of lm_head and of the body, block size), checked by validate beside the numbers
+    layout: Callable[[Path, object], list] = _no_layout
