@@ -15,6 +15,9 @@ by the export's own verdict) against the model as trained:
 - lm_head4:  the lm_head quantized to int4 where the target says int8 (the graph of an export with
              lm_head = "int4", validated as the right export's target).
 
+`ort-cpu-int4 --switchable` is the same target exported with `--switchable` (the adapter a float side path fed from
+its own file): its row is the adapter's section of the report (no merge stage: merge-stage KL blank).
+
     python benchmarks/gate_calibration.py [--targets NAME ...] [--cases NAME ...]
 
 writes benchmarks/results/gate_calibration.{md,json} (rows of earlier runs not rerun are kept).
@@ -38,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.realmodel import Unavailable, real_adapter, real_base, write_code_task  # noqa: E402
 
-TARGETS = ("ort-cpu-int8", "ort-cpu-int4", "ort-cuda-int4", "ort-cuda-fp16", "ort-cuda-nf4")
+SWITCHABLE = " --switchable"  # a target name with this suffix: the same target, exported with --switchable
+TARGETS = ("ort-cpu-int8", "ort-cpu-int4", "ort-cuda-int4", "ort-cuda-fp16", "ort-cuda-nf4", "ort-cpu-int4" + SWITCHABLE)
 CASES = ("right", "original", "dropped", "layer", "scale", "lm_head4")
 LAYER = 15
 NOISE = 0.25
@@ -154,11 +158,14 @@ def wrong_scales(model, factor: float = SCALE_BUG) -> int:
 
 def read_parity(export_dir: Path) -> dict:
     p = json.loads((export_dir / "parity.json").read_text())
+    passed = p["passed"]
+    if "sections" in p:  # a switchable export: the adapter's section (the verdict stays the whole export's)
+        p = p["sections"]["code"]
     shapes = p["shapes"].values()
-    return {"passed": p["passed"], "mean_kl": max(s["mean_kl"] for s in shapes),
+    return {"passed": passed, "mean_kl": max(s["mean_kl"] for s in shapes),
             "top1": min(s["top1_agreement"] for s in shapes), "retention": p["adapter_retention"],
-            "merge_kl": p["stages"]["merge"]["mean_kl"], "export_kl": p["stages"]["export"]["mean_kl"],
-            "failures": p["failures"]}
+            "merge_kl": p["stages"].get("merge", {}).get("mean_kl"),
+            "export_kl": p["stages"].get("export", {}).get("mean_kl"), "failures": p["failures"]}
 
 
 def task_accuracy_of(export_dir: Path, base: Path, task: Path) -> float:
@@ -168,7 +175,9 @@ def task_accuracy_of(export_dir: Path, base: Path, task: Path) -> float:
     from lora_export.tasks import task_accuracy
 
     held_out = load_jsonl(task / "eval.jsonl").examples[:TASK_EVAL]
-    return task_accuracy(OrtCausalLM(export_dir), load_tokenizer(base), held_out).value
+    adapter = export_dir / "adapters" / "code.onnx_adapter"
+    runner = OrtCausalLM(export_dir, adapter=adapter) if adapter.is_file() else OrtCausalLM(export_dir)
+    return task_accuracy(runner, load_tokenizer(base), held_out).value
 
 
 def run_case(target: str, case: str, base: Path, adapter: Path, task: Path, work: Path) -> dict | None:
@@ -176,11 +185,15 @@ def run_case(target: str, case: str, base: Path, adapter: Path, task: Path, work
     right = work / target / "right"
     out = work / target / case
     quantized = target not in ("ort-cuda-fp16",)
-    if case in ("scale",) and not quantized or case == "lm_head4" and "int4" not in target:
+    switchable = target.endswith(SWITCHABLE)
+    if (case in ("scale",) and not quantized or case == "lm_head4" and "int4" not in target
+            or switchable and case in ("dropped", "lm_head4")):  # one graph for every adapter: no such graph to swap
         return None
+    target = target.removesuffix(SWITCHABLE)
     t0 = time.time()
     if case in ("right", "original"):
         extra = ["--merge-base", "original"] if case == "original" else []
+        extra += ["--adapter-name", "code", "--switchable"] if switchable else []
         proc = cli("export", "--base", str(base), "--adapter", str(adapter), "--target", target, "--out", str(out),
                    *extra)
     else:
@@ -202,7 +215,8 @@ def run_case(target: str, case: str, base: Path, adapter: Path, task: Path, work
     if proc.returncode not in (0, 1):
         print(proc.stderr[-3000:], file=sys.stderr)
         return {"target": target, "case": case, "error": proc.stderr[-1500:]}
-    row = {"target": target, "case": case, "exit": proc.returncode, **read_parity(out)}
+    row = {"target": target + (SWITCHABLE if switchable else ""), "case": case, "exit": proc.returncode,
+           **read_parity(out)}
     if case == "right":
         row["task_accuracy"] = task_accuracy_of(out, base, task)
     row["seconds"] = round(time.time() - t0, 1)
@@ -218,8 +232,9 @@ def markdown(rows: list[dict]) -> str:
             continue
         ret = "" if r["retention"] is None else f"{r['retention']:.1%}"
         task = f"{r['task_accuracy']:.0%}" if "task_accuracy" in r else ""
+        merge = "" if r["merge_kl"] is None else f"{r['merge_kl']:.2g}"
         out.append(f"| {r['target']} | {r['case']} | {'PASS' if r['passed'] else 'FAIL'} | {r['mean_kl']:.4g} | "
-                   f"{r['top1']:.1%} | {ret} | {r['merge_kl']:.2g} | {task} |")
+                   f"{r['top1']:.1%} | {ret} | {merge} | {task} |")
     return "\n".join(out) + "\n"
 
 

@@ -7,6 +7,10 @@ parity report against the model as trained (mean KL, top-1, adapter retention) a
 held-out examples in ONNX Runtime. The model's weights came stored on a 4-bit grid (Q4_1, block 32, with a
 minimum): requantizing them to int4 may look easier than on a bf16 original.
 
+The side-path rows export with `--switchable` instead (the base graph with the adapter as a float side path, an
+adapter file): the base weights there are dequant(NF4(W)) quantized on their own, not a merge. Their figures are the
+adapter's section of the switchable export's parity report; `side_path_block_size` is the field the row varies.
+
     python benchmarks/int4_recipes.py [--adapter DIR] [--only NAME ...]
 
 writes benchmarks/results/int4_recipes.{md,json}.
@@ -46,6 +50,13 @@ RECIPES = {
     "asym, block 64, acc 1": {"accuracy_level": 1, "symmetric": False, "block_size": 64},
     "asym, block 64, acc 0 (shipped now)": {"symmetric": False, "block_size": 64},
 }
+# the same, as --switchable exports of ort-cpu-int4 as shipped now (asymmetric, block 64 for merged graphs)
+SIDE_PATH = {
+    "side path: asym, block 64 (the merged graphs' block)": {"side_path_block_size": 64},
+    "side path: asym, block 32 (shipped now)": {"side_path_block_size": 32},
+    "side path: sym, block 16": {"symmetric": True, "side_path_block_size": 16},
+}
+SHIPPED = {"symmetric": False, "block_size": 64}
 TASK_EVAL = 48
 
 
@@ -67,7 +78,8 @@ def target_file(overrides: dict, path: Path) -> Path:
     return path
 
 
-def measure(base: Path, adapter: Path, task: Path, name: str, overrides: dict, work: Path) -> dict:
+def measure(base: Path, adapter: Path, task: Path, name: str, overrides: dict, work: Path,
+            switchable: bool = False) -> dict:
     from lora_export.base import load_tokenizer
     from lora_export.data import load_jsonl
     from lora_export.runtime import OrtCausalLM
@@ -78,13 +90,21 @@ def measure(base: Path, adapter: Path, task: Path, name: str, overrides: dict, w
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "lora_export.cli", "export", "--base", str(base), "--adapter",
                            str(adapter), "--target", str(target_file(overrides, work / f"{slug}.toml")),
-                           "--out", str(out)], capture_output=True, text=True)
+                           "--out", str(out), *(["--adapter-name", "code", "--switchable"] if switchable else [])],
+                          capture_output=True, text=True)
     if proc.returncode not in (0, 1):
         print(proc.stderr[-3000:], file=sys.stderr)
         return {"recipe": name, "overrides": overrides, "error": proc.stderr[-1500:]}
-    parity = json.loads((out / "export_manifest.json").read_text())["parity"]
+    if switchable:  # the adapter's section: its pooled stage figures, as the manifest's parity gives for a merge
+        section = json.loads((out / "parity.json").read_text())["sections"]["code"]
+        total = section["stages"]["total"]
+        parity = {"passed": section["passed"], "mean_kl": total["mean_kl"], "top1_agreement": total["top1_agreement"],
+                  "adapter_retention": section["adapter_retention"]}
+    else:
+        parity = json.loads((out / "export_manifest.json").read_text())["parity"]
     held_out = load_jsonl(task / "eval.jsonl").examples[:TASK_EVAL]
-    acc = task_accuracy(OrtCausalLM(out), load_tokenizer(base), held_out).value
+    runner = OrtCausalLM(out, adapter=out / "adapters" / "code.onnx_adapter") if switchable else OrtCausalLM(out)
+    acc = task_accuracy(runner, load_tokenizer(base), held_out).value
     size = sum(p.stat().st_size for p in out.glob("model.onnx*"))
     return {"recipe": name, "overrides": overrides, "passed": parity["passed"], "mean_kl": parity["mean_kl"],
             "top1": parity["top1_agreement"], "retention": parity["adapter_retention"], "task_accuracy": acc,
@@ -136,12 +156,14 @@ def main() -> int:
         trained = task_accuracy(TorchCausalLM(load_adapted(base, load_adapter(adapter, base))),
                                 load_tokenizer(base), held_out).value
         rows = []
-        for name, overrides in RECIPES.items():
+        recipes = [(n, o, False) for n, o in RECIPES.items()] + [(n, {**SHIPPED, **o}, True)
+                                                                  for n, o in SIDE_PATH.items()]
+        for name, overrides, switchable in recipes:
             if args.only and name not in args.only:  # --only: the other rows stay as the last run measured them
                 if name in earlier:
                     rows.append(earlier[name])
                 continue
-            rows.append(measure(base, adapter, task, name, overrides, work))
+            rows.append(measure(base, adapter, task, name, overrides, work, switchable))
             print(json.dumps(rows[-1]), flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "int4_recipes.json").write_text(json.dumps({"trained_task_accuracy": trained, "rows": rows},
@@ -150,7 +172,9 @@ def main() -> int:
         "# int4 recipes on SmolLM2-135M-Instruct + a QLoRA code-task adapter\n\n"
         "`python benchmarks/int4_recipes.py`; each row is one `lora-export export` of ort-cpu-int4 as first shipped "
         "(symmetric, block 32, accuracy level 0, RTN; lm_head and sensitive layers int8) with the knobs named "
-        "changed, parity against the model as trained (the thresholds of the target as it was then). The base's "
+        "changed, parity against the model as trained (the thresholds of the target as it was then); the side-path "
+        "rows are `--switchable` exports of ort-cpu-int4 as shipped now, with the adapter's section of their "
+        "parity report (every float LoRA side path's base weights quantized on their own). The base's "
         "weights came stored on a 4-bit grid (Q4_1).\n\n"
         + markdown(rows, trained))
     return 0

@@ -387,7 +387,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     report = parity.judge(per_shape, stages, retention, tolerances, target.name, describe_reference(adapters),
                           steps, notes=(*tolerance_differences(target), *([size_note] if size_note else [])),
                           reference_compute=(REFERENCE_DTYPE, REFERENCE_DEVICE), ran_on=run_with,
-                          not_checked_on=not_here, layout=graph_layout(export_dir, target))
+                          not_checked_on=not_here, layout=graph_layout(export_dir, target, manifest.graph != "merged"))
     parity.write_reports(report, export_dir)
     if report_json:
         parity.write_json(report, Path(report_json))

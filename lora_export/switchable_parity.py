@@ -111,7 +111,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     check_providers(run_with, export_dir / "model.onnx")
     sweep_temp(PARITY_TMP)
     sections = []
-    layout = graph_layout(export_dir, target)
+    layout = graph_layout(export_dir, target, side_paths=True)
     with tempfile.TemporaryDirectory(prefix=f"{PARITY_TMP}{os.getpid()}-") as tmp:
         adapters, plain, source, token_ids = run_in_child(_validation_prep, export_dir, manifest, base, prompts,
                                                           Path(tmp), max_positions, steps, new_entries, base_sha,

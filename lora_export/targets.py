@@ -38,6 +38,14 @@ class Quantization:
     accuracy_level: int = 0  # MatMulNBits compute type: 1 fp32, 2 fp16, 3 bf16, 4 int8 activations; 0 the default
     scales: str = "fresh"  # nf4 only: "original" keeps the absmax of the NF4 blocks the adapter trained against
     algo: str = "rtn"  # int4/int8: ONNX Runtime's weight quantizer, "rtn" (round to nearest) or "k_quant"
+    # int4: the block size of the base weights in a graph with float LoRA side paths (--switchable, --keep-adapter);
+    # 0: block_size. Such a graph quantizes dequant(NF4(W)) itself, not a merge, and a block that coincides with the
+    # NF4 block lays the same uniform grid over the same 16 NF4 levels in every block (targets/ort-cpu-int4.toml)
+    side_path_block_size: int = 0
+
+    def for_graph(self, side_paths: bool) -> "Quantization":
+        """The settings a graph is built and checked with: with LoRA side paths, side_path_block_size if set."""
+        return replace(self, block_size=self.side_path_block_size) if side_paths and self.side_path_block_size else self
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,7 @@ _SCHEMA = {
     "": {"name": str, "description": str, "runtime": str, "execution_providers": list, "precision": str,
          "backend": str, "opset": int, "graph": str},
     "quantization": {"scheme": str, "block_size": int, "symmetric": bool, "lm_head": str, "sensitive_layers": str,
-                     "accuracy_level": int, "scales": str, "algo": str},
+                     "accuracy_level": int, "scales": str, "algo": str, "side_path_block_size": int},
     "tolerances": {"max_abs_diff": float, "max_rel_diff": float, "mean_kl": float, "top1_agreement": float,
                    "greedy_tokens": int, "min_adapter_retention": float, "max_merge_kl": float,
                    "small_model_params": float, "small_mean_kl": float, "small_top1_agreement": float,
@@ -168,6 +176,8 @@ _RANGES: dict[str, dict[str, _Range]] = {
     "quantization": {
         "block_size": _Range(16, 4096, power_of_two=True, example="32",
                              why=" (what ONNX Runtime's block quantizers take)"),
+        "side_path_block_size": _Range(16, 4096, power_of_two=True, example="32",
+                                       why=" (what ONNX Runtime's block quantizers take)"),
         "accuracy_level": _Range(0, 4, example="0",
                                  why=" (MatMulNBits: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations)"),
     },

@@ -134,6 +134,23 @@ def test_keep_adapter_exports_the_side_path_graph(tiny_base, tiny_adapter, fp32_
     assert json.loads((r.out / "export_manifest.json").read_text())["graph"] == "unmerged"
 
 
+def test_a_side_path_graph_takes_the_targets_side_path_block_size(tiny_base, tiny_adapter, tmp_path):
+    """--keep-adapter with ort-cpu-int4: the base weights beside float side paths are MatMulNBits at the target's
+    side_path_block_size (32), not its block_size (64, for merged graphs), and validate's layout checks hold the
+    graph to that size (a QLoRA base at the NF4 block size lost the fine-tune's top-1: README, "Switchable adapters")."""
+    from lora_export.targets import load_target
+
+    q = load_target("ort-cpu-int4").quantization
+    assert (q.block_size, q.side_path_block_size) == (64, 32)
+    r = export(ExportRequest(base=tiny_base, adapter=tiny_adapter, target="ort-cpu-int4", out=tmp_path / "unmerged",
+                             keep_adapter=True))
+    nodes = onnx.load(str(r.out / "model.onnx"), load_external_data=False).graph.node
+    blocks = {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {32} and any("lora_A" in n.name and n.op_type == "MatMul" for n in nodes)
+    graph = {c.metric: c for c in r.parity.checks if c.shape == "graph"}
+    assert graph["matmuls_at_other_block_size"].passed and graph["matmuls_at_other_block_size"].observed == 0
+
+
 GPU_TARGETS = [("ort-cuda-fp16", ("CUDAExecutionProvider",)), ("ort-cuda-int4", ("CUDAExecutionProvider",)),
                ("ort-cuda-nf4", ("CUDAExecutionProvider",)),
                ("ort-tensorrt-fp16", ("TensorrtExecutionProvider", "CUDAExecutionProvider"))]

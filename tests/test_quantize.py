@@ -59,7 +59,7 @@ def _a_layout_other_than_the_targets_fails(export_dir, right):
     checks = {m: (expected, observed) for m, _, expected, observed in INT4.layout(export_dir / "model.onnx", int4)}
     assert checks["lm_head_bits"] == (4, 8) and checks["body_matmuls_at_other_bits"] == (0, 10)
     other = 16 if int8.quantization.block_size != 16 else 32
-    wrong = graph_layout(export_dir, replace(int8, quantization=replace(int8.quantization, block_size=other)))
+    wrong = graph_layout(export_dir, replace(int8, quantization=replace(int8.quantization, block_size=other)), False)
     report = parity.judge(right.shapes, right.stages, right.adapter_retention, int8.tolerances, "ort-cpu-int8",
                           right.reference, right.steps, layout=wrong)
     assert not report.passed and len(report.checks) == len(right.checks)  # the same checks, the layout's now wrong

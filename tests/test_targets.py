@@ -123,6 +123,7 @@ BAD_VALUES = [  # section, line, what the message must name
     ("quantization", "block_size = 48", "quantization.block_size 48 must be a power of two"),
     ("quantization", "block_size = 8192", "quantization.block_size 8192 must be a power of two"),
     ("quantization", "block_size = 0", "quantization.block_size 0 must be a power of two"),
+    ("quantization", "side_path_block_size = 48", "quantization.side_path_block_size 48 must be a power of two"),
     ("quantization", "accuracy_level = 9", "quantization.accuracy_level 9 must be a whole number in 0..4"),
     ("quantization", "accuracy_level = -1", "quantization.accuracy_level -1 must be a whole number in 0..4"),
     ("latency", "max_ratio = inf", "latency.max_ratio = inf is not a finite number"),
@@ -321,6 +322,7 @@ def test_without_an_opset_a_target_gets_its_backends(tmp_path):
 @pytest.mark.parametrize("scheme, line, ignored", [
     ("none", "block_size = 32", "quantization.block_size has no effect with scheme none"),
     ("int8", 'lm_head = "int4"', "quantization.lm_head has no effect with scheme int8"),
+    ("int8", "side_path_block_size = 32", "quantization.side_path_block_size has no effect with scheme int8"),
     ("nf4", "symmetric = false\nlm_head = \"unquantized\"", "quantization.symmetric has no effect with scheme nf4"),
 ])
 def test_a_quantization_field_the_scheme_would_ignore_is_refused(tmp_path, scheme, line, ignored):
@@ -364,4 +366,18 @@ def test_an_unknown_int4_algo_is_refused(tmp_path):
     f = tmp_path / "mine.toml"
     f.write_text(MINIMAL + '[quantization]\nscheme = "int4"\nalgo = "gptq"\n')
     with pytest.raises(BadInput, match="algo = 'gptq' is not one of"):
+        load_target(f)
+
+
+def test_side_path_block_size_applies_to_graphs_with_side_paths_only(tmp_path):
+    """int4: a graph with float LoRA side paths (--switchable, --keep-adapter) is built and checked at
+    side_path_block_size; a merged graph at block_size; unset, both at block_size. A size MatMulNBits lacks is refused."""
+    f = tmp_path / "mine.toml"
+    f.write_text(_with("quantization", "block_size = 64\nside_path_block_size = 32", scheme="int4"))
+    q = load_target(f).quantization
+    assert (q.for_graph(side_paths=False).block_size, q.for_graph(side_paths=True).block_size) == (64, 32)
+    f.write_text(_with("quantization", "block_size = 64", scheme="int4"))
+    assert load_target(f).quantization.for_graph(side_paths=True).block_size == 64
+    f.write_text(_with("quantization", "side_path_block_size = 1024", scheme="int4"))
+    with pytest.raises(BadInput, match="side_path_block_size 1024 is not supported for MatMulNBits"):
         load_target(f)

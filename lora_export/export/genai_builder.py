@@ -49,17 +49,18 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise ToolchainFailed('onnxruntime-genai (the graph builder) is not installed. Fix: pip install '
                               '"lora-export[cpu]" (or "lora-export[gpu]" for CUDA)')
-    scheme = SCHEMES[target.quantization.scheme]
-    options = {"hf_remote": "false", **scheme.builder_options(target.quantization)}
+    quant = target.quantization.for_graph(side_paths=adapter is not None)
+    scheme = SCHEMES[quant.scheme]
+    options = {"hf_remote": "false", **scheme.builder_options(quant)}
     if adapter is not None:  # the builder's own LoRA path: MatMul A, MatMul B (scaling folded in), Add
         options["adapter_path"] = str(adapter)
-    if adapter is not None and target.quantization.scheme != "none":
+    if adapter is not None and quant.scheme != "none":
         keep_float = builder_lora_nodes(config["num_hidden_layers"])
         options["nodes_to_exclude"] = ",".join(filter(None, (options.get("nodes_to_exclude"), *keep_float)))
     cmd = [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
         "-i", str(checkpoint), "-o", str(out_dir),
-        "-p", scheme.builder_precision(target.quantization, target.precision),
+        "-p", scheme.builder_precision(quant, target.precision),
         "-e", _builder_ep(target),
         "-c", str(out_dir.parent / (out_dir.name + ".cache")),
         "--extra_options", *[f"{k}={v}" for k, v in options.items()],
@@ -77,10 +78,10 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
     if written != target.opset:  # another onnxruntime-genai version: say so instead of shipping another opset
         raise BuildFailed(f"the onnxruntime-genai builder wrote opset {written}, the target asks for {target.opset} "
                           f"(BUILDER_OPSET in {__name__} says what this version writes)")
-    scheme.post_process(out_dir, target.quantization)
+    scheme.post_process(out_dir, quant)
     quantized = quantized_lora_nodes(out_dir / "model.onnx") if adapter is not None else []
     if quantized:
-        raise BuildFailed(f"the {target.quantization.scheme} quantization took {len(quantized)} LoRA side-path nodes "
+        raise BuildFailed(f"the {quant.scheme} quantization took {len(quantized)} LoRA side-path nodes "
                           f"({', '.join(quantized[:2])} ...) although they were excluded by name, so the adapter "
                           "would not stay float (the names it was given are BUILDER_LORA_NODES in "
                           "lora_export/export/lora_inputs.py)")

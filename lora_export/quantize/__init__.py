@@ -9,11 +9,13 @@ from .scheme import Scheme
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (NONE, INT8, INT4, NF4_SCHEME)}
 
 
-def graph_layout(export_dir, target) -> tuple:
-    """The scheme's layout checks of the export's model.onnx against the target (see ``Scheme.layout``)."""
+def graph_layout(export_dir, target, side_paths: bool) -> tuple:
+    """The scheme's layout checks of the export's model.onnx against the target (see ``Scheme.layout``); a graph
+    with LoRA side paths against the settings such a graph is built with (``Quantization.for_graph``)."""
     from pathlib import Path
 
-    return tuple(SCHEMES[target.quantization.scheme].layout(Path(export_dir) / "model.onnx", target.quantization))
+    q = target.quantization.for_graph(side_paths)
+    return tuple(SCHEMES[q.scheme].layout(Path(export_dir) / "model.onnx", q))
 
 
 __all__ = ["SCHEMES", "Scheme", "graph_layout"]

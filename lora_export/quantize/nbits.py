@@ -20,9 +20,9 @@ def options(q) -> dict:
 
 
 def block_problems(q) -> list[str]:
-    if q.block_size not in BLOCK_SIZES:
-        return [f"block_size {q.block_size} is not supported for MatMulNBits (use one of {BLOCK_SIZES})"]
-    return []
+    return [f"{name} {size} is not supported for MatMulNBits (use one of {BLOCK_SIZES})"
+            for name, size in (("block_size", q.block_size), ("side_path_block_size", q.side_path_block_size))
+            if size and size not in BLOCK_SIZES]
 
 
 def accuracy_problems(q) -> list[str]:
