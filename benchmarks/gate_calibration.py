@@ -16,7 +16,8 @@ by the export's own verdict) against the model as trained:
              lm_head = "int4", validated as the right export's target).
 
 `ort-cpu-int4 --switchable` is the same target exported with `--switchable` (the adapter a float side path fed from
-its own file): its row is the adapter's section of the report (no merge stage: merge-stage KL blank).
+its own file): its row is the adapter's section of the report (no merge stage: merge-stage KL blank), its verdict the
+whole export's (the base section's too).
 
     python benchmarks/gate_calibration.py [--targets NAME ...] [--cases NAME ...]
 
@@ -134,7 +135,8 @@ def perturb_layer(model, layer: int = LAYER, noise: float = NOISE, seed: int = 0
             _scale_tensor(inits[node.input[QUANTIZED_OPS[node.op_type]]],
                           lambda shape: 1 + noise * rng.standard_normal(shape))
             n += 1
-        elif node.op_type == "MatMul" and node.input[1] in inits:
+        elif node.op_type == "MatMul" and node.input[1] in inits and 0 not in inits[node.input[1]].dims:
+            # (a switchable graph's LoRA inputs default to empty tensors: nothing to perturb)
             t = inits[node.input[1]]
             a = numpy_helper.to_array(t)
             rms = float(np.sqrt(np.mean(a.astype(np.float64) ** 2)))
@@ -189,7 +191,7 @@ def run_case(target: str, case: str, base: Path, adapter: Path, task: Path, work
     if (case in ("scale",) and not quantized or case == "lm_head4" and "int4" not in target
             or switchable and case in ("dropped", "lm_head4")):  # one graph for every adapter: no such graph to swap
         return None
-    target = target.removesuffix(SWITCHABLE)
+    name, target = target, target.removesuffix(SWITCHABLE)
     t0 = time.time()
     if case in ("right", "original"):
         extra = ["--merge-base", "original"] if case == "original" else []
@@ -214,9 +216,8 @@ def run_case(target: str, case: str, base: Path, adapter: Path, task: Path, work
         proc = cli("validate", str(out))
     if proc.returncode not in (0, 1):
         print(proc.stderr[-3000:], file=sys.stderr)
-        return {"target": target, "case": case, "error": proc.stderr[-1500:]}
-    row = {"target": target + (SWITCHABLE if switchable else ""), "case": case, "exit": proc.returncode,
-           **read_parity(out)}
+        return {"target": name, "case": case, "error": proc.stderr[-1500:]}
+    row = {"target": name, "case": case, "exit": proc.returncode, **read_parity(out)}
     if case == "right":
         row["task_accuracy"] = task_accuracy_of(out, base, task)
     row["seconds"] = round(time.time() - t0, 1)

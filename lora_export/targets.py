@@ -10,6 +10,7 @@ field. ``lora-export targets list|show`` reads the same files.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -310,7 +311,9 @@ def parse_target(data: dict, where: str) -> Target:
                                     f"use one of {', '.join(backend.schemes)}, or another backend"))
         for what in SCHEMES[quant.scheme].check(quant):
             # a field already out of the general range is one problem; the scheme's narrower rule is its fix
-            same = [name for name in bad if name.startswith("quantization.") and name.split(".")[1] in what]
+            # (the field as a whole word: block_size is not the one side_path_block_size's rule names)
+            same = [name for name in bad if name.startswith("quantization.")
+                    and re.search(rf"(?<!\w){re.escape(name.split('.')[1])}\b", what)]
             if same:
                 bad[same[0]].fix = f"for scheme {quant.scheme}: {what}"
             else:

@@ -162,9 +162,12 @@ def test_fp32_gate_fails_the_merge_into_the_original_weights(real_base, real_ada
 # benchmarks/results/gate_calibration.md); the graph edits are its functions, so test and benchmark are one.
 
 QUANTIZED = ("ort-cpu-int8", "ort-cpu-int4", "ort-cuda-int4", "ort-cuda-fp16")
-# the tests that read the right exports: on 2 workers (.ci/run's `-n 2 --dist loadgroup`) they share one worker,
-# so each export is made once; the others run on the second
-SHARED = pytest.mark.xdist_group("right_exports")
+def on_worker_of(*params):
+    """pytest params that read the right export of their first value (a target): on 2 workers (.ci/run's
+    `-n 2 --dist loadgroup`) the CPU targets' tests share one worker and the CUDA targets' the other, so each
+    right export is made once and the two halves run side by side."""
+    return [pytest.param(*p, marks=pytest.mark.xdist_group("right_cpu" if p[0].startswith("ort-cpu") else "right_cuda"))
+            for p in params]
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +202,7 @@ def _validate(export_dir: Path) -> tuple[bool, list[str], dict]:
 
 
 @real
-@SHARED
-@pytest.mark.parametrize("target", QUANTIZED)
+@pytest.mark.parametrize("target", on_worker_of(*((t,) for t in QUANTIZED)))
 def test_the_right_export_passes_and_keeps_the_task(target, right_exports, real_base, code_task):
     from lora_export.base import load_tokenizer
     from lora_export.data import load_jsonl
@@ -216,12 +218,11 @@ def test_the_right_export_passes_and_keeps_the_task(target, right_exports, real_
 
 
 @real
-@SHARED
-@pytest.mark.parametrize("target, case", [
+@pytest.mark.parametrize("target, case", on_worker_of(
     ("ort-cpu-int4", "layer"), ("ort-cpu-int4", "scale"), ("ort-cpu-int8", "layer"), ("ort-cuda-fp16", "layer"),
     ("ort-cpu-int8", "scale"), ("ort-cuda-int4", "layer"), ("ort-cuda-int4", "scale"), ("ort-cuda-nf4", "layer"),
     ("ort-cuda-nf4", "scale"),
-])
+))
 def test_an_edited_graph_fails(target, case, right_exports, tmp_path):
     """One layer's weights perturbed (25% of their scale), or every block scale 8/7 too large: FAIL."""
     from benchmarks.gate_calibration import edit_graph, perturb_layer, wrong_scales
@@ -232,8 +233,7 @@ def test_an_edited_graph_fails(target, case, right_exports, tmp_path):
 
 
 @real
-@SHARED
-@pytest.mark.parametrize("target", ["ort-cpu-int4", "ort-cuda-nf4"])
+@pytest.mark.parametrize("target", on_worker_of(("ort-cpu-int4",), ("ort-cuda-nf4",)))
 def test_gate_fails_the_adapter_dropped(target, right_exports, real_base, real_adapter, tmp_path):
     """The graph of an export of the same adapter with lora_B x 1e-6 (the base, in the target's format) in the right
     export's folder: FAIL against the model as trained, on adapter retention among others."""
@@ -248,8 +248,7 @@ def test_gate_fails_the_adapter_dropped(target, right_exports, real_base, real_a
 
 
 @real
-@SHARED
-@pytest.mark.parametrize("target", ["ort-cpu-int4", "ort-cuda-int4"])
+@pytest.mark.parametrize("target", on_worker_of(("ort-cpu-int4",), ("ort-cuda-int4",)))
 def test_int4_gate_fails_the_lm_head_at_int4(target, right_exports, real_base, real_adapter, tmp_path):
     """The graph of an export with lm_head = "int4" in the right int4 export's folder (whose target says
     int8). Its numbers sit inside the small-model thresholds (benchmarks/results/gate_calibration.md: mean KL
@@ -265,7 +264,7 @@ def test_int4_gate_fails_the_lm_head_at_int4(target, right_exports, real_base, r
 
 
 @real
-@SHARED
+@pytest.mark.xdist_group("right_cuda")
 def test_nf4_exports_the_model_as_trained_and_the_merged_requantization_fails(right_exports, real_base, real_adapter,
                                                                               code_task, tmp_path):
     """ort-cuda-nf4 (CPU-side parity) exports the NF4 base with its trained codes and the adapter as an fp16 side

@@ -184,6 +184,17 @@ def test_an_out_of_range_block_size_is_one_problem_with_the_schemes_rule_as_fix(
     assert f"quantization.block_size {block}" in problem.what and narrower in problem.fix
 
 
+def test_block_size_and_side_path_block_size_out_of_range_are_two_problems(tmp_path):
+    """side_path_block_size's rule names a field that contains "block_size": each problem keeps its own fix."""
+    f = tmp_path / "mine.toml"
+    f.write_text(_with("quantization", "block_size = 8192\nside_path_block_size = 512", scheme="int4"))
+    with pytest.raises(BadInput) as e:
+        load_target(f)
+    problems = {p.what.split()[0]: p for p in e.value.problems}
+    assert set(problems) == {"quantization.block_size", "side_path_block_size"}, problems
+    assert "side_path" not in problems["quantization.block_size"].fix
+
+
 def test_a_block_size_in_range_but_not_the_schemes_is_still_refused_by_the_scheme(tmp_path):
     f = tmp_path / "mine.toml"
     f.write_text(_with("quantization", "block_size = 1024", scheme="int4"))
