@@ -75,7 +75,7 @@ from .outputs import check_free_disk, check_new_output, scratch, staged, sweep_t
 from .precision import check_fp16_range
 from .progress import Progress, quiet
 from .prompts import bench_prompt, check_prompt_lengths, load_prompts
-from .quantize import graph_layout
+from .quantize import graph_layout, has_source_check, source_check
 from .quantized_base import QuantRequest, plain_base, resolve
 from .quantized_base import check_request as check_quant_request
 from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
@@ -384,10 +384,15 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
         )
         per_shape, stages, retention = parity.measure(models, shapes, steps, Path(tmp), progress=progress,
                                                       vocab_size=vocab_size)
+        side_paths = manifest.graph != "merged"
+        layout = graph_layout(export_dir, target, side_paths)
+        if has_source_check(target, side_paths):
+            layout += run_in_child(source_check, export_dir, target, prepared.graph_source, side_paths,
+                                   progress=progress)
     report = parity.judge(per_shape, stages, retention, tolerances, target.name, describe_reference(adapters),
                           steps, notes=(*tolerance_differences(target), *([size_note] if size_note else [])),
                           reference_compute=(REFERENCE_DTYPE, REFERENCE_DEVICE), ran_on=run_with,
-                          not_checked_on=not_here, layout=graph_layout(export_dir, target, manifest.graph != "merged"))
+                          not_checked_on=not_here, layout=layout)
     parity.write_reports(report, export_dir)
     if report_json:
         parity.write_json(report, Path(report_json))
@@ -409,8 +414,10 @@ def validation_inputs(export_dir: Path, manifest: ExportManifest, base: Path, pr
         progress("merging again into a temporary folder (the reference's base and the merge/export breakdown)")
         merged = merge(plain, adapters, tmp / "merged", manifest.merge_base, weights,
                        as_trained_dir=tmp / "as-trained")
+        source = (merged.checkpoint if manifest.graph == "merged"  # what the graph was built from (see export)
+                  else unmerged_source(plain, adapters[0], manifest.merge_base, tmp))
         prepared = Prepared(adapters=tuple(adapters), weights=tuple(weights), merge_base=manifest.merge_base,
-                            merged=merged, graph_source=merged.checkpoint, base=plain)
+                            merged=merged, graph_source=source, base=plain)
     return prepared, token_ids
 
 

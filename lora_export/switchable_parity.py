@@ -27,7 +27,7 @@ from .manifests import EXPORT_MANIFEST, SWITCHABLE, ExportManifest, read_export_
 from .outputs import sweep_temp
 from .progress import Progress, quiet
 from .prompts import check_prompt_lengths, load_prompts
-from .quantize import graph_layout
+from .quantize import graph_layout, has_source_check, source_check
 from .quantized_base import plain_base
 from .sidepath import unmerged_source
 from .targets import check_against_context, parse_target
@@ -111,11 +111,13 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
     check_providers(run_with, export_dir / "model.onnx")
     sweep_temp(PARITY_TMP)
     sections = []
-    layout = graph_layout(export_dir, target, side_paths=True)
     with tempfile.TemporaryDirectory(prefix=f"{PARITY_TMP}{os.getpid()}-") as tmp:
         adapters, plain, source, token_ids = run_in_child(_validation_prep, export_dir, manifest, base, prompts,
                                                           Path(tmp), max_positions, steps, new_entries, base_sha,
                                                           progress=progress)
+        layout = graph_layout(export_dir, target, side_paths=True)
+        if has_source_check(target, side_paths=True):
+            layout += run_in_child(source_check, export_dir, target, source, True, progress=progress)
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         runs = [] if new_entries else [(BASE_SECTION, None, None)]
         n_old = len(manifest.adapters)

@@ -149,6 +149,8 @@ def test_a_side_path_graph_takes_the_targets_side_path_block_size(tiny_base, tin
     assert blocks == {32} and any("lora_A" in n.name and n.op_type == "MatMul" for n in nodes)
     graph = {c.metric: c for c in r.parity.checks if c.shape == "graph"}
     assert graph["matmuls_at_other_block_size"].passed and graph["matmuls_at_other_block_size"].observed == 0
+    # and its weights are the base as trained quantized again at that block size, exactly
+    assert graph["matmuls_off_their_source"].passed and graph["matmuls_off_their_source"].observed == 0
 
 
 GPU_TARGETS = [("ort-cuda-fp16", ("CUDAExecutionProvider",)), ("ort-cuda-int4", ("CUDAExecutionProvider",)),

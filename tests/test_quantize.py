@@ -8,6 +8,7 @@ pretrained embedded model).
 
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from lora_export.pipeline import ExportRequest, export
 
@@ -39,9 +40,11 @@ def test_scheme(target, op, lm_head_quantized, kl_must_pass, tiny_base, tiny_ada
     assert (r.out / "model.onnx.data").is_file() and not list(r.out.glob("tmp*"))
     layout = {c.metric: c for c in r.parity.checks if c.shape == "graph"}
     if op == "MatMulNBits":  # the graph stores its weights as the target says (bits, block size), and says so
-        assert set(layout) == {"lm_head_bits", "body_matmuls_at_other_bits", "matmuls_at_other_block_size"}
+        assert set(layout) == {"lm_head_bits", "body_matmuls_at_other_bits", "matmuls_at_other_block_size",
+                               "matmuls_off_their_source"}
         assert all(c.passed for c in layout.values()) and layout["lm_head_bits"].observed == 8
         _a_layout_other_than_the_targets_fails(r.out, r.parity)
+        _an_edited_weight_is_off_its_source(r.out, tmp_path)
 
 
 def _a_layout_other_than_the_targets_fails(export_dir, right):
@@ -60,11 +63,30 @@ def _a_layout_other_than_the_targets_fails(export_dir, right):
     assert checks["lm_head_bits"] == (4, 8) and checks["body_matmuls_at_other_bits"] == (0, 10)
     other = 16 if int8.quantization.block_size != 16 else 32
     wrong = graph_layout(export_dir, replace(int8, quantization=replace(int8.quantization, block_size=other)), False)
+    wrong += tuple((c.metric, c.op, c.threshold, c.observed) for c in right.checks if c.shape == "graph"
+                   and c.metric == "matmuls_off_their_source")  # the weights themselves are right
     report = parity.judge(right.shapes, right.stages, right.adapter_retention, int8.tolerances, "ort-cpu-int8",
                           right.reference, right.steps, layout=wrong)
     assert not report.passed and len(report.checks) == len(right.checks)  # the same checks, the layout's now wrong
     assert [str(c) for c in report.failures if c.shape == "graph"] == [
         "graph/matmuls_at_other_block_size = 11 (needs <= 0)"]
+
+
+def _an_edited_weight_is_off_its_source(export_dir, tmp_path):
+    """One MatMulNBits' block scales 2% off, a change no logit threshold need see: validate quantizes the merge
+    again as the target says and finds that one MatMul off (relative difference 0.02 > 1e-2), so the export FAILs."""
+    from benchmarks.gate_calibration import edit_graph
+    from lora_export.pipeline import validate
+
+    def one_scale_off(model):
+        inits = {t.name: t for t in model.graph.initializer}
+        node = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "layers.1/mlp" in n.name)
+        t = inits[node.input[2]]
+        a = numpy_helper.to_array(t)
+        t.CopyFrom(numpy_helper.from_array((a * 1.02).astype(a.dtype), t.name))
+
+    report = validate(edit_graph(export_dir, tmp_path / "edited", one_scale_off))
+    assert [str(c) for c in report.failures if c.shape == "graph"] == ["graph/matmuls_off_their_source = 1 (needs <= 0)"]
 
 
 @pytest.mark.slow

@@ -261,8 +261,9 @@ def test_graph_covers_the_union_of_the_adapters_target_modules(parts, tmp_path, 
 def test_int4_base_graph_with_float_lora_inputs_is_as_faithful_as_the_merged_int4_export(tmp_path, capsys):
     """ort-cpu-int4: the base weights are MatMulNBits, the LoRA side paths float MatMuls whose weights are inputs;
     each section is judged with the int4 target's own tolerances, and an adapter's section measures what the
-    merged int4 export of the same adapter measures (the switch costs no accuracy over merging). On the embedded
-    4-layer base int4 alone misses the target's top-1 (both exports do): the verdict is compared, not required."""
+    merged int4 export of the same adapter measures or better (the switch costs no accuracy over merging). On the
+    embedded 4-layer base int4 alone misses the target's top-1 (both exports do): the verdict is compared, not
+    required. Each section's weights are the base as trained quantized again, exactly."""
     import onnx
 
     from lora_export.checkpoint import parameter_count
@@ -292,6 +293,8 @@ def test_int4_base_graph_with_float_lora_inputs_is_as_faithful_as_the_merged_int
     for section in report["sections"].values():
         limits = {c["metric"]: c["threshold"] for c in section["checks"]}
         assert limits["mean_kl"] == tol.mean_kl and limits["top1_agreement"] == tol.top1_agreement
+        source = [c for c in section["checks"] if c["metric"] == "matmuls_off_their_source"]
+        assert [(c["observed"], c["passed"]) for c in source] == [(0, True)]  # the base as trained, requantized
     assert {c["threshold"] for c in report["sections"]["y"]["checks"] if c["metric"] == "adapter_retention"} == {
         tol.min_adapter_retention}
 
@@ -301,9 +304,10 @@ def test_int4_base_graph_with_float_lora_inputs_is_as_faithful_as_the_merged_int
     merged = json.loads((tmp_path / "merged" / "parity.json").read_text())
     mine = report["sections"]["y"]
     assert mine["adapter_retention"] > 0.5  # the adapter survives int4 ...
-    assert abs(mine["adapter_retention"] - merged["adapter_retention"]) < 0.05  # ... as well as merged
+    # ... at least as well as merged: the base graph's blocks are smaller (side_path_block_size 32 against 64)
+    assert mine["adapter_retention"] > merged["adapter_retention"] - 0.05
     ratio = mine["stages"]["total"]["mean_kl"] / merged["stages"]["total"]["mean_kl"]
-    assert 0.75 < ratio < 1.33, ratio
+    assert ratio < 1.33, ratio
 
 
 def _not_switchable(ctx):

@@ -18,4 +18,27 @@ def graph_layout(export_dir, target, side_paths: bool) -> tuple:
     return tuple(SCHEMES[q.scheme].layout(Path(export_dir) / "model.onnx", q))
 
 
-__all__ = ["SCHEMES", "Scheme", "graph_layout"]
+def has_source_check(target, side_paths: bool) -> bool:
+    q = target.quantization.for_graph(side_paths)
+    return SCHEMES[q.scheme].reproducible(q)
+
+
+def source_check(export_dir, target, source, side_paths: bool, progress=None) -> tuple:
+    """The layout check that the graph's quantized weights are the target's quantizer applied to ``source``, the
+    checkpoint the graph was built from (the merge; for side paths the base the adapter was trained against):
+    ``graph/matmuls_off_their_source`` (survival.off_source). None where the scheme's quantization cannot be redone
+    here (k_quant, nf4, float weights: ``has_source_check``). Imports torch: call it in a child process."""
+    from pathlib import Path
+
+    if not has_source_check(target, side_paths):
+        return ()
+    from .survival import off_source
+
+    compared, off, worst = off_source(Path(export_dir) / "model.onnx", Path(source))
+    if progress is not None:
+        progress(f"quantized weights against {Path(source).name} quantized again: {off} of {compared} MatMuls off "
+                 f"(worst {worst})")
+    return (("matmuls_off_their_source", "<=", 0, off),)
+
+
+__all__ = ["SCHEMES", "Scheme", "graph_layout", "has_source_check", "source_check"]

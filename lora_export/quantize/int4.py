@@ -52,4 +52,4 @@ def _layout(model_path, q) -> list:
 INT4 = Scheme(name="int4", builder_precision=lambda q, precision: "int4", builder_options=_options, check=_check,
               honours=("block_size", "symmetric", "lm_head", "sensitive_layers", "accuracy_level", "algo",
                        "side_path_block_size"),
-              layout=_layout)
+              layout=_layout, reproducible=lambda q: q.algo == "rtn")

@@ -11,4 +11,5 @@ INT8 = Scheme(
     check=lambda q: block_problems(q) + accuracy_problems(q),
     honours=("block_size", "symmetric", "accuracy_level", "algo"),  # every MatMul is int8: no lm_head/sensitive choice
     layout=lambda model_path, q: layout(model_path, q, (8,), 8),
+    reproducible=lambda q: q.algo == "rtn",
 )

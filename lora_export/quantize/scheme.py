@@ -31,3 +31,6 @@ class Scheme:
     #: (model.onnx, Quantization) -> [(metric, op, expected, observed)]: the graph's weights stored as the target
     #: says (bits of lm_head and of the body, block size), checked by validate beside the numbers
     layout: Callable[[Path, object], list] = _no_layout
+    #: (Quantization) -> whether validate can redo the graph's weight quantization from the checkpoint the graph was
+    #: built from and compare (ONNX Runtime's round-to-nearest MatMulNBits: survival.off_source)
+    reproducible: Callable[[object], bool] = lambda q: False

@@ -91,17 +91,19 @@ def _dequantize(node, initializers: dict, k: int):
     return out.astype(np.float32).T
 
 
-def _quantize_like(node, w, bits: int):
-    """Quantize W (N x K) as ``node`` was quantized, with ONNX Runtime's quantizer for that op."""
+def _quantize_like(node, w, bits: int, fp16: bool = False):
+    """Quantize W (N x K) as ``node`` was quantized, with ONNX Runtime's quantizer for that op; ``fp16``: from W in
+    fp16, as a graph of fp16 activations (the CUDA targets') holds it before the quantizer sees it."""
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     n, k = w.shape
-    weight = numpy_helper.from_array(np.ascontiguousarray(w.T.astype(np.float32)), "W")
+    dtype, elem = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
+    weight = numpy_helper.from_array(np.ascontiguousarray(w.T.astype(dtype)), "W")
     graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"], name="m")], "q",
-                              [helper.make_tensor_value_info("X", 1, [1, k])],
-                              [helper.make_tensor_value_info("Y", 1, [1, n])], initializer=[weight])
+                              [helper.make_tensor_value_info("X", elem, [1, k])],
+                              [helper.make_tensor_value_info("Y", elem, [1, n])], initializer=[weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     if node.op_type == "MatMulBnb4":
         from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
@@ -171,3 +173,44 @@ def tensor_survival(node, initializers: dict, w_old, w_new, modules: tuple[str, 
     return TensorSurvival(node=node.name, modules=modules, bits=bits,
                           quant_error=float(np.linalg.norm(q_new - w_new) / np.linalg.norm(w_new)),
                           survival=float(1.0 - np.linalg.norm(q_new - q_old - dw) / np.linalg.norm(dw)))
+
+
+# a right export measures exactly 0 (fp32 and fp16 graphs: the quantizer sees W in the graph's float type, as the
+# builder's did; quantized from fp32 W instead, an fp16 graph measured up to 0.013); every block scale 8/7 off
+# measures 0.14, a 25% noise on one layer's scales 0.25 (SmolLM2-135M, README "A real pretrained model")
+REQUANTIZED_RTOL = 1e-2
+
+
+def off_source(model_path: Path, checkpoint: Path, progress=None) -> tuple[int, int, str]:
+    """The graph's MatMulNBits weights against what ONNX Runtime's quantizer makes of the checkpoint the graph was
+    built from (same bits, block size, symmetry: the builder's round-to-nearest): (MatMuls compared, those off by
+    more than REQUANTIZED_RTOL relative, the worst one's name and error). A graph whose weights were edited, or
+    quantized from other weights, is off whatever its logits say: beneath int4's own loss on a small model a
+    perturbed layer can stay inside every threshold (README, "A real pretrained model"). Weights no checkpoint
+    tensor maps to (a tied lm_head) are not compared."""
+    import logging
+
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import helper
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    # its INFO line per quantized MatMul would flood the command's output (this runs in a child process)
+    logging.getLogger(matmul_nbits_quantizer.__name__).setLevel(logging.WARNING)
+    source = CheckpointTensors(checkpoint)
+    model = onnx.load(str(model_path), load_external_data=True)
+    inits = {i.name: i for i in model.graph.initializer}
+    compared, off, worst = 0, 0, (0.0, "")
+    for node in model.graph.node:
+        modules = candidate_modules(node.name, source.keys) if node.op_type == "MatMulNBits" else None
+        if modules is None:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        w = torch.cat([source.get(f"{m}.weight") for m in modules]).numpy()
+        q_graph = _dequantize(node, inits, attrs["K"])
+        fp16 = inits[node.input[2]].data_type == onnx.TensorProto.FLOAT16  # the graph's scales: its float type
+        q_source = _quantize_like(node, w, attrs.get("bits", 4), fp16)
+        err = float(np.linalg.norm(q_graph - q_source) / max(np.linalg.norm(q_source), 1e-30))
+        compared, off, worst = compared + 1, off + (err > REQUANTIZED_RTOL), max(worst, (err, node.name))
+    return compared, off, f"{worst[1]} ({worst[0]:.2g})"
