@@ -151,7 +151,7 @@ def test_a_side_path_graph_takes_the_targets_side_path_block_size(tiny_base, tin
     assert graph["matmuls_at_other_block_size"].passed and graph["matmuls_at_other_block_size"].observed == 0
     # and its weights are the base as trained quantized again at that block size, exactly
     assert graph["matmuls_off_their_source"].passed and graph["matmuls_off_their_source"].observed == 0
-
+    assert graph["matmuls_compared"].observed == 2 * 7  # q, k, v, o, gate, up, down of both layers
 
 GPU_TARGETS = [("ort-cuda-fp16", ("CUDAExecutionProvider",)), ("ort-cuda-int4", ("CUDAExecutionProvider",)),
                ("ort-cuda-nf4", ("CUDAExecutionProvider",)),

@@ -41,7 +41,8 @@ def test_scheme(target, op, lm_head_quantized, kl_must_pass, tiny_base, tiny_ada
     layout = {c.metric: c for c in r.parity.checks if c.shape == "graph"}
     if op == "MatMulNBits":  # the graph stores its weights as the target says (bits, block size), and says so
         assert set(layout) == {"lm_head_bits", "body_matmuls_at_other_bits", "matmuls_at_other_block_size",
-                               "matmuls_off_their_source"}
+                               "matmuls_off_their_source", "matmuls_compared"}
+        assert layout["matmuls_compared"].observed == 2 * 5  # every linear layer of both blocks (lm_head: tied)
         assert all(c.passed for c in layout.values()) and layout["lm_head_bits"].observed == 8
         _a_layout_other_than_the_targets_fails(r.out, r.parity)
         _an_edited_weight_is_off_its_source(r.out, tmp_path)
@@ -64,7 +65,7 @@ def _a_layout_other_than_the_targets_fails(export_dir, right):
     other = 16 if int8.quantization.block_size != 16 else 32
     wrong = graph_layout(export_dir, replace(int8, quantization=replace(int8.quantization, block_size=other)), False)
     wrong += tuple((c.metric, c.op, c.threshold, c.observed) for c in right.checks if c.shape == "graph"
-                   and c.metric == "matmuls_off_their_source")  # the weights themselves are right
+                   and c.metric in ("matmuls_off_their_source", "matmuls_compared"))  # the weights are right
     report = parity.judge(right.shapes, right.stages, right.adapter_retention, int8.tolerances, "ort-cpu-int8",
                           right.reference, right.steps, layout=wrong)
     assert not report.passed and len(report.checks) == len(right.checks)  # the same checks, the layout's now wrong
