@@ -308,7 +308,7 @@ def test_gate_fails_the_merge_into_the_original_weights(target, real_base, real_
 @real
 def test_switchable_int4_passes_keeps_the_task_and_fails_wrong_graphs(real_base, real_adapter, code_task, tmp_path):
     """`export --switchable --target ort-cpu-int4`: the base graph's weights at side_path_block_size (32: at the
-    merged graphs' 64, the NF4 block, this adapter's section FAILed, top-1 49.5%; benchmarks/results/int4_recipes.md),
+    merged graphs' 64, the NF4 block, this adapter's section FAILed on top-1; benchmarks/results/int4_recipes.md),
     the adapter a float side path fed from its file. The adapter's section PASSes and the task holds with the file
     active. One layer's scales perturbed by 25% FAILs it on the weights alone (its numbers, mean KL 0.36 and top-1 82%,
     sit beneath this model's int4 loss: benchmarks/results/gate_calibration.md), and the graph built on the original

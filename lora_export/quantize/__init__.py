@@ -26,9 +26,10 @@ def has_source_check(target, side_paths: bool) -> bool:
 def source_check(export_dir, target, source, side_paths: bool, progress=None) -> tuple:
     """The layout check that the graph's quantized weights are the target's quantizer applied to ``source``, the
     checkpoint the graph was built from (the merge; for side paths the base the adapter was trained against):
-    ``graph/matmuls_off_their_source``, and ``graph/matmuls_compared`` >= 1 so that a graph whose MatMuls no longer map
-    to checkpoint tensors (another builder's node names) cannot pass by comparing nothing. None where the scheme's quantization cannot be redone
-    here (k_quant, nf4, float weights: ``has_source_check``). Imports torch: call it in a child process."""
+    ``graph/matmuls_off_their_source``, and ``graph/matmuls_compared`` >= 1 so that a graph whose MatMuls no longer
+    map to checkpoint tensors (another builder's node names) cannot pass by comparing nothing. None where the
+    scheme's quantization cannot be redone here (k_quant, nf4, float weights: ``has_source_check``). Imports torch:
+    call it in a child process."""
     from pathlib import Path
 
     if not has_source_check(target, side_paths):

@@ -181,7 +181,7 @@ def tensor_survival(node, initializers: dict, w_old, w_new, modules: tuple[str, 
 REQUANTIZED_RTOL = 1e-2
 
 
-def off_source(model_path: Path, checkpoint: Path, progress=None) -> tuple[int, int, str]:
+def off_source(model_path: Path, checkpoint: Path) -> tuple[int, int, str]:
     """The graph's MatMulNBits weights against what ONNX Runtime's quantizer makes of the checkpoint the graph was
     built from (same bits, block size, symmetry: the builder's round-to-nearest): (MatMuls compared, those off by
     more than REQUANTIZED_RTOL relative, the worst one's name and error). A graph whose weights were edited, or
