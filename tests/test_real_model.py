@@ -5,7 +5,7 @@ Random weights prove plumbing; this tier proves the pipeline on weights people u
 registry the tier is skipped with the reason, never passed. The fine-tune is a real one: prompts whose answer
 is a hashtag per topic (" #music", " #food", ...), a reply format the base does not produce before training.
 
-Run: `python -m pytest -m real_model` (12 minutes in .ci/run, on 2 workers of one thread each, after the first
+Run: `python -m pytest -m real_model` (26 minutes in .ci/run, on 2 workers of one thread each, after the first
 run's 1-minute download/convert).
 With LORA_EXPORT_REQUIRE_REAL_MODEL=1 (as .ci/run sets it) a missing model fails the tier instead of skipping it.
 """
