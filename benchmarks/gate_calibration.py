@@ -40,7 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.realmodel import Unavailable, real_adapter, real_base, write_code_task  # noqa: E402
+from benchmarks.realmodel import ADAPTER_NAME, SWITCHABLE_ARGS, Unavailable, ort_runner  # noqa: E402
+from benchmarks.realmodel import real_adapter, real_base, write_code_task  # noqa: E402
 
 SWITCHABLE = " --switchable"  # a target name with this suffix: the same target, exported with --switchable
 TARGETS = ("ort-cpu-int8", "ort-cpu-int4", "ort-cuda-int4", "ort-cuda-fp16", "ort-cuda-nf4", "ort-cpu-int4" + SWITCHABLE)
@@ -162,7 +163,7 @@ def read_parity(export_dir: Path) -> dict:
     p = json.loads((export_dir / "parity.json").read_text())
     passed = p["passed"]
     if "sections" in p:  # a switchable export: the adapter's section (the verdict stays the whole export's)
-        p = p["sections"]["code"]
+        p = p["sections"][ADAPTER_NAME]
     shapes = p["shapes"].values()
     return {"passed": passed, "mean_kl": max(s["mean_kl"] for s in shapes),
             "top1": min(s["top1_agreement"] for s in shapes), "retention": p["adapter_retention"],
@@ -173,13 +174,10 @@ def read_parity(export_dir: Path) -> dict:
 def task_accuracy_of(export_dir: Path, base: Path, task: Path) -> float:
     from lora_export.base import load_tokenizer
     from lora_export.data import load_jsonl
-    from lora_export.runtime import OrtCausalLM
     from lora_export.tasks import task_accuracy
 
     held_out = load_jsonl(task / "eval.jsonl").examples[:TASK_EVAL]
-    adapter = export_dir / "adapters" / "code.onnx_adapter"
-    runner = OrtCausalLM(export_dir, adapter=adapter) if adapter.is_file() else OrtCausalLM(export_dir)
-    return task_accuracy(runner, load_tokenizer(base), held_out).value
+    return task_accuracy(ort_runner(export_dir), load_tokenizer(base), held_out).value
 
 
 def run_case(target: str, case: str, base: Path, adapter: Path, task: Path, work: Path) -> dict | None:
@@ -195,7 +193,7 @@ def run_case(target: str, case: str, base: Path, adapter: Path, task: Path, work
     t0 = time.time()
     if case in ("right", "original"):
         extra = ["--merge-base", "original"] if case == "original" else []
-        extra += ["--adapter-name", "code", "--switchable"] if switchable else []
+        extra += list(SWITCHABLE_ARGS) if switchable else []
         proc = cli("export", "--base", str(base), "--adapter", str(adapter), "--target", target, "--out", str(out),
                    *extra)
     else:

@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.realmodel import Unavailable, real_adapter, real_base, write_code_task  # noqa: E402
+from benchmarks.realmodel import ADAPTER_NAME, SWITCHABLE_ARGS, Unavailable, ort_runner  # noqa: E402
+from benchmarks.realmodel import real_adapter, real_base, write_code_task  # noqa: E402
 
 BASE_TARGET = ROOT / "lora_export" / "targets_data" / "ort-cpu-int4.toml"
 # name -> the [quantization] lines that differ from BASELINE: ort-cpu-int4 as first shipped (block 32,
@@ -82,7 +83,6 @@ def measure(base: Path, adapter: Path, task: Path, name: str, overrides: dict, w
             switchable: bool = False) -> dict:
     from lora_export.base import load_tokenizer
     from lora_export.data import load_jsonl
-    from lora_export.runtime import OrtCausalLM
     from lora_export.tasks import task_accuracy
 
     slug = "".join(c if c.isalnum() else "-" for c in name)
@@ -90,21 +90,20 @@ def measure(base: Path, adapter: Path, task: Path, name: str, overrides: dict, w
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "lora_export.cli", "export", "--base", str(base), "--adapter",
                            str(adapter), "--target", str(target_file(overrides, work / f"{slug}.toml")),
-                           "--out", str(out), *(["--adapter-name", "code", "--switchable"] if switchable else [])],
+                           "--out", str(out), *(SWITCHABLE_ARGS if switchable else ())],
                           capture_output=True, text=True)
     if proc.returncode not in (0, 1):
         print(proc.stderr[-3000:], file=sys.stderr)
         return {"recipe": name, "overrides": overrides, "error": proc.stderr[-1500:]}
     if switchable:  # the adapter's section: its pooled stage figures, as the manifest's parity gives for a merge
-        section = json.loads((out / "parity.json").read_text())["sections"]["code"]
+        section = json.loads((out / "parity.json").read_text())["sections"][ADAPTER_NAME]
         total = section["stages"]["total"]
         parity = {"passed": section["passed"], "mean_kl": total["mean_kl"], "top1_agreement": total["top1_agreement"],
                   "adapter_retention": section["adapter_retention"]}
     else:
         parity = json.loads((out / "export_manifest.json").read_text())["parity"]
     held_out = load_jsonl(task / "eval.jsonl").examples[:TASK_EVAL]
-    runner = OrtCausalLM(out, adapter=out / "adapters" / "code.onnx_adapter") if switchable else OrtCausalLM(out)
-    acc = task_accuracy(runner, load_tokenizer(base), held_out).value
+    acc = task_accuracy(ort_runner(out), load_tokenizer(base), held_out).value
     size = sum(p.stat().st_size for p in out.glob("model.onnx*"))
     return {"recipe": name, "overrides": overrides, "passed": parity["passed"], "mean_kl": parity["mean_kl"],
             "top1": parity["top1_agreement"], "retention": parity["adapter_retention"], "task_accuracy": acc,

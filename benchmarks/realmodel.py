@@ -169,6 +169,18 @@ def write_code_task(out: Path) -> Path:
     return out
 
 
+ADAPTER_NAME = "code"  # the adapter's name in a --switchable export of it (--adapter-name)
+SWITCHABLE_ARGS = ("--adapter-name", ADAPTER_NAME, "--switchable")
+
+
+def ort_runner(export_dir: Path):
+    """The export in ONNX Runtime, with its adapter file active when it is a --switchable export of the code task."""
+    from lora_export.runtime import OrtCausalLM
+
+    adapter = Path(export_dir) / "adapters" / f"{ADAPTER_NAME}.onnx_adapter"
+    return OrtCausalLM(export_dir, adapter=adapter) if adapter.is_file() else OrtCausalLM(export_dir)
+
+
 def train_cmd(base: Path, task: Path, out: Path) -> list[str]:
     """`lora-export train` on the code task, as a user types it (QLoRA: NF4 + double quant, rank 8)."""
     return [sys.executable, "-m", "lora_export.cli", "train", "--base", str(base), "--data",

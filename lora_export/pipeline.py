@@ -387,8 +387,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
         side_paths = manifest.graph != "merged"
         layout = graph_layout(export_dir, target, side_paths)
         if has_source_check(target, side_paths):
-            layout += run_in_child(source_check, export_dir, target, prepared.graph_source, side_paths,
-                                   progress=progress)
+            layout += run_in_child(source_check, export_dir, prepared.graph_source, progress=progress)
     report = parity.judge(per_shape, stages, retention, tolerances, target.name, describe_reference(adapters),
                           steps, notes=(*tolerance_differences(target), *([size_note] if size_note else [])),
                           reference_compute=(REFERENCE_DTYPE, REFERENCE_DEVICE), ran_on=run_with,

@@ -117,7 +117,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
                                                           progress=progress)
         layout = graph_layout(export_dir, target, side_paths=True)
         if has_source_check(target, side_paths=True):
-            layout += run_in_child(source_check, export_dir, target, source, True, progress=progress)
+            layout += run_in_child(source_check, export_dir, source, progress=progress)
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         runs = [] if new_entries else [(BASE_SECTION, None, None)]
         n_old = len(manifest.adapters)

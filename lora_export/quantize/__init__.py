@@ -23,17 +23,15 @@ def has_source_check(target, side_paths: bool) -> bool:
     return SCHEMES[q.scheme].reproducible(q)
 
 
-def source_check(export_dir, target, source, side_paths: bool, progress=None) -> tuple:
+def source_check(export_dir, source, progress=None) -> tuple:
     """The layout check that the graph's quantized weights are the target's quantizer applied to ``source``, the
     checkpoint the graph was built from (the merge; for side paths the base the adapter was trained against):
     ``graph/matmuls_off_their_source``, and ``graph/matmuls_compared`` >= 1 so that a graph whose MatMuls no longer
-    map to checkpoint tensors (another builder's node names) cannot pass by comparing nothing. None where the
-    scheme's quantization cannot be redone here (k_quant, nf4, float weights: ``has_source_check``). Imports torch:
-    call it in a child process."""
+    map to checkpoint tensors (another builder's node names) cannot pass by comparing nothing. Only for graphs whose
+    quantization can be redone here (``has_source_check``: not k_quant, nf4 or float weights), which callers ask
+    first. Imports torch: call it in a child process."""
     from pathlib import Path
 
-    if not has_source_check(target, side_paths):
-        return ()
     from .survival import off_source
 
     compared, off, worst = off_source(Path(export_dir) / "model.onnx", Path(source))
