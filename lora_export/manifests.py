@@ -256,6 +256,7 @@ class ExportManifest:
     untied_embeddings: bool | None = None
     lora_inputs: int | None = None  # switchable: the graph's LoRA weight inputs
     quantization: dict | None = None  # quantized weights: how much of the adapter's change survived (for people)
+    family: str | None = None  # a family not among those tested by lora-export: the note that says so
     parity: ParitySummary | None = None  # the verdict, once validated
     schema_version: int = SCHEMA_VERSION
 
@@ -271,6 +272,8 @@ class ExportManifest:
         d["versions"] = self.versions
         if self.quantization is not None:
             d["quantization"] = self.quantization
+        if self.family is not None:
+            d["family"] = self.family
         if self.parity is not None:
             d["parity"] = self.parity.to_dict()
         return d
@@ -286,7 +289,7 @@ class ExportManifest:
                    versions=d.get("versions", {}), merged_modules=d.get("merged_modules"),
                    max_abs_weight_change=d.get("max_abs_weight_change"), replaced_modules=d.get("replaced_modules"),
                    untied_embeddings=d.get("untied_embeddings"), lora_inputs=d.get("lora_inputs"),
-                   quantization=d.get("quantization"),
+                   quantization=d.get("quantization"), family=d.get("family"),
                    parity=ParitySummary.from_dict(d["parity"]) if d.get("parity") is not None else None,
                    schema_version=d["schema_version"])
 

@@ -1,7 +1,8 @@
 """Generic backend: ``torch.onnx.export(..., dynamo=True)`` for any causal LM that torch.export can trace.
 
 Slower than the fused graph (plain MatMul/Softmax attention, no GroupQueryAttention), but it covers
-architectures the onnxruntime-genai builder does not (GPT-2, GPT-NeoX, OPT, ...). The traced module is
+architectures the onnxruntime-genai builder does not (GPT-2, GPT-NeoX, OPT, OLMo-2, ...) and is a second path
+for those it does: any causal LM transformers knows, where torch.export can trace it. The traced module is
 the transformers model behind a thin wrapper whose inputs and outputs are flat tensors named as in
 io_spec: ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.N.key/value`` in;
 ``logits``, ``present.N.key/value`` out. Batch, sequence and past lengths are dynamic.
@@ -18,13 +19,11 @@ import tempfile
 from pathlib import Path
 
 from ..errors import BadInput, ToolchainFailed
+from ..families import TESTED, check_family
 from .backend import Backend
 from .io_spec import kv_input_names, kv_output_names
 
-ARCHITECTURES = (
-    "GPT2LMHeadModel", "GPTNeoXForCausalLM", "OPTForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM",
-    "MistralForCausalLM",
-)
+ARCHITECTURES = TESTED["torch-dynamo"]
 SCHEMES = ("none", "nf4")  # nf4 is a post-process on any graph; int4/int8 come from the genai-builder backend
 PRECISIONS = ("fp32", "fp16")
 
@@ -44,7 +43,9 @@ def _wrapper(model):
             self.layers = model.config.get_text_config().num_hidden_layers
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)], config=self.model.config)
+            # full layers, not the config's: transformers' sliding-window layers keep only the last window of keys,
+            # and the graph's present must be the whole past (io_spec); the attention mask applies the window
+            cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=cache, use_cache=True, return_dict=True)
             cache = getattr(out, "past_key_values", None) or out.cache
@@ -70,10 +71,7 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
 
     config = AutoConfig.from_pretrained(str(checkpoint), trust_remote_code=False)
     arch = (config.architectures or ["?"])[0]
-    where = str(checkpoint / "config.json")
-    if arch not in ARCHITECTURES:
-        raise BadInput.one(where, f"architecture {arch} is not supported by the torch-dynamo backend",
-                           f"use a model of one of: {', '.join(ARCHITECTURES)}")
+    check_family(config.to_dict(), "torch-dynamo", str(checkpoint / "config.json"), known_wrong=False)
     if adapter is not None:
         raise BadInput.one(target.source, "the torch-dynamo backend exports merged graphs only",
                            'use backend = "genai-builder" for --keep-adapter')

@@ -15,15 +15,14 @@ import sys
 from pathlib import Path
 
 from ..errors import BadInput, ToolchainFailed
-from ..isolate import die_with_parent, lean_env
+from ..families import TESTED, check_family
+from ..isolate import die_with_parent, lean_env, run_in_child
 from ..quantize import SCHEMES
 from .backend import Backend
+from .builder_fixes import builder_input, fix_embedding_scale, needs_rope_caches, recompute_rope_caches
 from .lora_inputs import builder_lora_nodes, quantized_lora_nodes
 
-ARCHITECTURES = (
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "Phi3ForCausalLM", "GemmaForCausalLM",
-)
+ARCHITECTURES = TESTED["genai-builder"]
 PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
 
 
@@ -35,14 +34,7 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
     """With an adapter, its side paths stay float whatever the base weights are quantized to: the builder's LoRA
     MatMuls are excluded from its quantizer (and from the post-process's), and checked after."""
     config = json.loads((checkpoint / "config.json").read_text())
-    arch = config.get("architectures", ["?"])[0]
-    if arch not in ARCHITECTURES:
-        from .dynamo import ARCHITECTURES as GENERIC
-
-        raise BadInput.one(str(checkpoint / "config.json"), f"architecture {arch} is not supported by the "
-                           f"genai-builder backend (it supports {', '.join(ARCHITECTURES)})",
-                           f"for {', '.join(a for a in GENERIC if a not in ARCHITECTURES)} use a target with "
-                           'backend = "torch-dynamo", e.g. --target ort-cpu-fp32-generic')
+    check_family(config, "genai-builder", str(checkpoint / "config.json"), known_wrong=False)
     if not any(p in PROVIDERS for p in target.execution_providers):
         raise BadInput.one(target.source, f"execution providers {', '.join(target.execution_providers)} are not "
                            "supported by the genai-builder backend", f"include one of {', '.join(PROVIDERS)}")
@@ -51,25 +43,33 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
                               '"lora-export[cpu]" (or "lora-export[gpu]" for CUDA)')
     quant = target.quantization.for_graph(side_paths=adapter is not None)
     scheme = SCHEMES[quant.scheme]
-    options = {"hf_remote": "false", **scheme.builder_options(quant)}
+    # windowed_kv_cache=false: sliding-window layers keep a cache of the whole past like every other layer (the
+    # I/O contract of io_spec; the ring cache it replaces needs a preallocated past that no plain runner passes)
+    options = {"hf_remote": "false", "windowed_kv_cache": "false", **scheme.builder_options(quant)}
     if adapter is not None:  # the builder's own LoRA path: MatMul A, MatMul B (scaling folded in), Add
         options["adapter_path"] = str(adapter)
     if adapter is not None and quant.scheme != "none":
         keep_float = builder_lora_nodes(config["num_hidden_layers"])
         options["nodes_to_exclude"] = ",".join(filter(None, (options.get("nodes_to_exclude"), *keep_float)))
-    cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
-        "-i", str(checkpoint), "-o", str(out_dir),
-        "-p", scheme.builder_precision(quant, target.precision),
-        "-e", _builder_ep(target),
-        "-c", str(out_dir.parent / (out_dir.name + ".cache")),
-        "--extra_options", *[f"{k}={v}" for k, v in options.items()],
-    ]
-    with open(log_path, "w") as log:
-        log.write(" ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent, env=lean_env())
-    _rmtree(out_dir.parent / (out_dir.name + ".cache"))
+    view = out_dir.parent / (out_dir.name + ".input")
+    try:
+        source = builder_input(checkpoint, view)  # the checkpoint, or a view with the fixes builder_fixes names
+        cmd = [
+            sys.executable, "-m", "onnxruntime_genai.models.builder",
+            "-i", str(source), "-o", str(out_dir),
+            "-p", scheme.builder_precision(quant, target.precision),
+            "-e", _builder_ep(target),
+            "-c", str(out_dir.parent / (out_dir.name + ".cache")),
+            "--extra_options", *[f"{k}={v}" for k, v in options.items()],
+        ]
+        with open(log_path, "w") as log:
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                  env=lean_env())
+    finally:
+        _rmtree(out_dir.parent / (out_dir.name + ".cache"))
+        _rmtree(view)
     if proc.returncode != 0 or not (out_dir / "model.onnx").is_file():
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:])
         raise BuildFailed(f"the onnxruntime-genai builder failed (exit {proc.returncode}); last lines of "
@@ -78,6 +78,9 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
     if written != target.opset:  # another onnxruntime-genai version: say so instead of shipping another opset
         raise BuildFailed(f"the onnxruntime-genai builder wrote opset {written}, the target asks for {target.opset} "
                           f"(BUILDER_OPSET in {__name__} says what this version writes)")
+    if needs_rope_caches(config):
+        run_in_child(recompute_rope_caches, checkpoint, out_dir / "model.onnx")
+    fix_embedding_scale(config, out_dir / "model.onnx")
     scheme.post_process(out_dir, quant)
     quantized = quantized_lora_nodes(out_dir / "model.onnx") if adapter is not None else []
     if quantized:
