@@ -44,6 +44,7 @@ KNOWN_WRONG: dict[tuple[str, str], str] = {
 # config fields that only mixture-of-experts models set (Mixtral, Qwen2/3-MoE, DeepSeek, gpt-oss, Granite-MoE,
 # PhiMoE, LFM2-MoE, OLMoE)
 MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+MOE_NAMES = re.compile(r"Moe|MoE|Mixtral|GptOss|Dbrx|Jamba|Deepseek|Olmoe|Arctic")
 
 
 @functools.cache
@@ -61,37 +62,74 @@ def builder_architectures() -> tuple[str, ...]:
     return tuple(sorted(set(re.findall(r'config\.architectures\[0\] == "(\w+)"', source.read_text()))))
 
 
+def _text(config: dict) -> dict:
+    text = config.get("text_config")
+    return text if isinstance(text, dict) and text else config
+
+
 def is_moe(config: dict) -> bool:
-    text = config.get("text_config") or config
-    return any((text.get(k) or 0) > 1 for k in MOE_FIELDS if isinstance(text.get(k), int))
+    """Any expert count or routing field set (to anything but 0/null) at the top level, in ``text_config`` or in
+    DBRX's ``ffn_config``; or an architecture named as a mixture of experts."""
+    arch = str((config.get("architectures") or [""])[0])
+    if MOE_NAMES.search(arch):
+        return True
+    places = [config, _text(config)] + [d for d in (config.get("ffn_config"),) if isinstance(d, dict)]
+    return any(place.get(k) not in (None, 0, False) for place in places for k in MOE_FIELDS)
 
 
-def check_family(config: dict, backend: str, where: str, known_wrong: bool = True) -> str | None:
+#: the builder's rope types (make_rope_init of its base, Llama and Phi-3 classes); another is refused up front
+BUILDER_ROPE = ("default", "linear", "yarn", "llama3", "longrope", "su")
+
+
+def _rope_type(config: dict) -> str:
+    rope = config.get("rope_parameters") or config.get("rope_scaling")
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+        rope = rope["full_attention"]
+    return str(rope.get("rope_type") or rope.get("type") or "default") if isinstance(rope, dict) else "default"
+
+
+def check_family(config: dict, backend: str, where: str, known_wrong: bool = True, accept: bool = True) -> str | None:
     """BadInput for a checkpoint ``backend`` must not export; else None for a tested family, or the note that
     says it is not among them. ``known_wrong=False``: KNOWN_WRONG is left to the caller (the pipeline checks it
-    up front; the backends, called after, check the rest again for callers of their own)."""
-    arch = (config.get("architectures") or ["?"])[0]
+    up front; the backends, called after, check the rest again for callers of their own). ``accept=False``: only
+    the refusals (MoE, multimodal, KNOWN_WRONG), not whether the backend takes the architecture (for a config
+    that transformers will refuse anyway, with its own message)."""
+    archs = config.get("architectures")
+    arch = str(archs[0]) if isinstance(archs, list) and archs else None
+    other = "torch-dynamo" if backend == "genai-builder" else "genai-builder"
+    other_target = "ort-cpu-fp32-generic" if other == "torch-dynamo" else "ort-cpu-fp32"
     if is_moe(config):
-        raise BadInput.one(where, f"{arch} is a mixture-of-experts model, which lora-export does not export",
-                           "export a dense causal LM (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-2/3/4, Granite, "
-                           "OLMo, SmolLM3 ...); `lora-export targets` lists the targets")
+        raise BadInput.one(where, f"{arch or config.get('model_type')} is a mixture-of-experts model, which "
+                           "lora-export does not export", "export a dense causal LM (Llama, Mistral, Qwen2/3, "
+                           "Gemma 1-3, Phi-2/3/4, Granite, OLMo, SmolLM3 ...)")
+    if arch is None:
+        if backend == "genai-builder" and accept:
+            raise BadInput.one(where, "config.json names no architectures, which the onnxruntime-genai builder "
+                               "dispatches on", 'add "architectures": ["<Family>ForCausalLM"] as save_pretrained() '
+                               f"writes it, or use --target {other_target}")
+        return None if not accept else (f"config.json names no architecture (model_type "
+                                        f"{config.get('model_type')!r}); the parity verdict is the proof")
     if arch.endswith("ForConditionalGeneration"):
         raise BadInput.one(where, f"{arch} is a multimodal (or encoder-decoder) checkpoint; lora-export exports "
                            "text-only causal LMs", "export the text model alone (a ...ForCausalLM checkpoint of "
                            "the same family, e.g. Gemma3ForCausalLM for Gemma 3 1B)")
     wrong = KNOWN_WRONG.get((backend, arch)) if known_wrong else None
-    other = "torch-dynamo" if backend == "genai-builder" else "genai-builder"
-    other_target = "ort-cpu-fp32-generic" if other == "torch-dynamo" else "ort-cpu-fp32"
     if wrong:
         raise BadInput.one(where, f"the {backend} backend cannot export {arch} right: {wrong}",
                            f'use a target with backend = "{other}", e.g. --target {other_target}'
                            if (other, arch) not in KNOWN_WRONG else
                            "no backend exports this family right yet")
+    if not accept:
+        return None
     if backend == "genai-builder":
         if arch not in builder_architectures():
             raise BadInput.one(where, f"architecture {arch} is not built by the installed onnxruntime-genai "
                                "(genai-builder backend)", f'use a target with backend = "torch-dynamo", e.g. '
                                f"--target {other_target}")
+        if _rope_type(_text(config)) not in BUILDER_ROPE:
+            raise BadInput.one(where, f"rope type {_rope_type(_text(config))!r} is not built by the installed "
+                               "onnxruntime-genai (it builds " + ", ".join(BUILDER_ROPE) + ")",
+                               f'use a target with backend = "torch-dynamo", e.g. --target {other_target}')
     elif not (arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")):
         raise BadInput.one(where, f"architecture {arch} is not a causal LM", "pass a ...ForCausalLM checkpoint")
     if arch in TESTED.get(backend, ()):
@@ -99,3 +137,16 @@ def check_family(config: dict, backend: str, where: str, known_wrong: bool = Tru
     builder = "onnxruntime-genai" if backend == "genai-builder" else "torch.onnx"
     return (f"{arch} is built by {builder}, not among the families tested by lora-export; the parity verdict is "
             "the proof")
+
+
+def family_note(base, backend: str) -> str | None:
+    """``check_family`` on a base directory's config.json (which check_base has read: a JSON object), before any
+    work. A config with ``auto_map`` may need remote code: the refusals apply, whether the backend takes the
+    architecture waits for transformers, which refuses remote code with its own message (Phi-3's auto_map loads
+    without it)."""
+    import json
+    from pathlib import Path
+
+    where = Path(base) / "config.json"
+    config = json.loads(where.read_text())
+    return check_family(config, backend, str(where), accept=not config.get("auto_map"))

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import tempfile
@@ -60,7 +59,7 @@ from .exportdir import (
     export_bytes,
     locate,
 )
-from .families import check_family
+from .families import family_note
 from .fingerprint import safetensors_fingerprint
 from .isolate import run_in_child
 from .manifests import (
@@ -148,7 +147,7 @@ def check_request(req: ExportRequest) -> None:
 def export(req: ExportRequest, progress: Progress = quiet) -> ExportResult:
     """Base + adapter(s) -> a checked ONNX export at ``req.out``, step by step (each step a function below)."""
     base, target, out = check_inputs(req)
-    untested = family_note(base, target)
+    untested = family_note(base, target.backend)
     if untested:
         progress(untested)
     if target.graph == "unmerged" and not req.keep_adapter:
@@ -173,22 +172,13 @@ def check_inputs(req: ExportRequest) -> tuple[Path, object, Path]:
     check_request(req)
     target = load_target(req.target)
     base = check_base(req.base)
-    family_note(base, target)  # a family the target's backend must not export is refused here, before any work
+    family_note(base, target.backend)  # a family the backend must not export: refused here, before any work
     check_against_context(target, context_of(base)[0], str(base / "config.json"))
     out = Path(req.out)
     check_new_output(out)
     check_free_disk(out, export_bytes(base, target), "the merged and the as-trained fp32 checkpoints plus 2.2 x the export")
     check_memory("export", base, target, str(base / "config.json"))
     return base, target, out
-
-
-def family_note(base: Path, target) -> str | None:
-    """BadInput for a family the target's backend must not export (families.check_family); else the note for a
-    family lora-export has not tested, or None."""
-    config = json.loads((base / "config.json").read_text())  # check_base read it already: a JSON object
-    if config.get("auto_map"):  # remote code: refused when transformers reads the config, with its own message
-        return None
-    return check_family(config, target.backend, str(base / "config.json"))
 
 
 def build(req: ExportRequest, target, prep: Prepared, tmp: Path, progress: Progress = quiet) -> None:

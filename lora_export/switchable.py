@@ -32,6 +32,7 @@ from .export.lora_inputs import (
     write_adapter,
 )
 from .exportdir import adapter_entry, base_entry, export_bytes, locate
+from .families import family_note
 from .fingerprint import safetensors_fingerprint, sha256_file
 from .isolate import run_in_child
 from .manifests import (
@@ -157,6 +158,9 @@ def export(req: SwitchRequest, progress: Progress = quiet):
                            f"use a target with scheme {' or '.join(repr(s) for s in SCHEMES)}, e.g. ort-cpu-fp32 or "
                            "ort-cpu-int4, or export each adapter merged")
     base = check_base(req.base)
+    untested = family_note(base, target.backend)  # refused here before any work, or the note for the manifest
+    if untested:
+        progress(untested)
     out = Path(req.out)
     check_new_output(out)
     check_free_disk(out, export_bytes(base, target), "the base as trained plus 2.2 x the export")
@@ -179,6 +183,7 @@ def export(req: SwitchRequest, progress: Progress = quiet):
             graph=SWITCHABLE,
             lora_inputs=len(inputs),
             versions=package_versions(),
+            family=untested,
         )
         write_export_manifest(tmp, manifest)
         progress("validating parity: the base, then each adapter against its own reference")

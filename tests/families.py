@@ -64,6 +64,10 @@ FAMILIES = [
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 1000000.0}),
            "yarn rope scaling (factor 4, original context 32768 shrunk to 32), q/k/v biases, untied",
            "Qwen/Qwen2.5-7B-Instruct with its README's yarn rope_scaling"),
+    Family("qwen2.5-yarn-tf4", "Qwen2ForCausalLM", dict(SHAPE, tie_word_embeddings=False, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 1000000.0}),
+           "yarn rope scaling written as transformers 4's rope_scaling", "Qwen/Qwen2.5-7B-Instruct",
+           transformers4_json=True),
     Family("qwen2-swa", "Qwen2ForCausalLM", dict(SHAPE, use_sliding_window=True, sliding_window=4,
                                                  max_window_layers=1, tie_word_embeddings=False),
            "use_sliding_window: layers from max_window_layers on slide (window shrunk to 4)",
@@ -74,6 +78,10 @@ FAMILIES = [
     # original context 512 (4096, shrunk): lora-export's parity prompts plus 64 decoded tokens stay below it. A sequence
     # that crosses it is another model in transformers' full forward (long factors at every position) than in its
     # cached decode (short factors kept for the cached keys); the graph follows the cached decode
+    Family("phi-3-mini-4k", "Phi3ForCausalLM", dict(SHAPE, max_position_embeddings=256,
+                                                    original_max_position_embeddings=256, sliding_window=4,
+                                                    tie_word_embeddings=False),
+           "sliding window (2047, shrunk to 4) on every layer, plain rope", "microsoft/Phi-3-mini-4k-instruct"),
     Family("phi-3.5-short", "Phi3ForCausalLM", dict(SHAPE, max_position_embeddings=2048,
                                                     original_max_position_embeddings=512, rope_parameters={
         "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.05 * i for i in range(8)],

@@ -188,7 +188,7 @@ def test_a_toolchain_failure_exits_3(tiny_base, tiny_adapter, tmp_path, capsys, 
     """The graph builder failing is the toolchain's failure, not bad input: exit 3, naming the builder's log."""
     import lora_export.export.genai_builder as builder
 
-    monkeypatch.setattr(builder, "ARCHITECTURES", builder.ARCHITECTURES)  # the real builder, fed a broken option
+    # the real builder, fed a broken option
     monkeypatch.setattr(builder, "_builder_ep", lambda target: "no-such-provider")
     rc, _, err = run(["export", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--target", "ort-cpu-fp32",
                       "--out", str(tmp_path / "o")], capsys)

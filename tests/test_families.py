@@ -88,6 +88,38 @@ def test_untested_families_go_through_with_a_note_and_the_rest_are_refused():
                 check_family(_config(arch, **extra), backend, "c")
     with pytest.raises(BadInput, match="multimodal"):
         check_family(_config("Gemma3ForConditionalGeneration"), "genai-builder", "c")
+    with pytest.raises(BadInput, match="mixture-of-experts"):  # DBRX keeps its experts in ffn_config
+        check_family(_config("DbrxForCausalLM", ffn_config={"moe_num_experts": 16}), "torch-dynamo", "c")
+    with pytest.raises(BadInput, match="mixture-of-experts"):  # a count the wrong type is still a count
+        check_family(_config("LlamaForCausalLM", num_local_experts="8"), "torch-dynamo", "c")
+    assert check_family(_config("LlamaForCausalLM", text_config="abc"), "genai-builder", "c") is None
+    with pytest.raises(BadInput, match="names no architectures"):
+        check_family({"model_type": "llama"}, "genai-builder", "c")
+    assert "parity verdict is the proof" in check_family({"model_type": "llama"}, "torch-dynamo", "c")
+    with pytest.raises(BadInput, match="rope type 'dynamic'.*ort-cpu-fp32-generic"):
+        check_family(_config("LlamaForCausalLM", rope_scaling={"type": "dynamic", "factor": 2.0}), "genai-builder", "c")
+    # a config that names remote code: the refusals still apply, the rest waits for transformers' own message
+    assert check_family(_config("MysteryForCausalLM"), "genai-builder", "c", accept=False) is None
+    with pytest.raises(BadInput, match="cannot export OlmoForCausalLM right"):
+        check_family(_config("OlmoForCausalLM"), "genai-builder", "c", accept=False)
+
+
+def test_the_builder_reads_the_fixed_config():
+    from lora_export.export.builder_fixes import config_fixes
+
+    mistral = {"model_type": "mistral", "sliding_window": 4096, "num_hidden_layers": 3,
+               "layer_types": ["full_attention"] * 3}
+    assert config_fixes(mistral)["layer_types"] == ["sliding_attention"] * 3
+    assert config_fixes({"model_type": "mistral", "sliding_window": None, "num_hidden_layers": 3}) == {}
+    partial = {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4,
+                                   "partial_rotary_factor": 0.25}}
+    assert config_fixes(partial)["rope_parameters"] == {"rope_type": "default", "rope_theta": 1e4,
+                                                        "partial_rotary_factor": 0.25}
+    tf4 = {"rope_theta": 1e6, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}
+    fixes = config_fixes(tf4)
+    assert fixes["rope_scaling"] is None and fixes["rope_parameters"] == {"rope_type": "default", "rope_theta": 1e6}
+    longrope = {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}}
+    assert config_fixes(longrope)["rope_parameters"]["type"] == "longrope"
 
 
 @pytest.mark.parametrize("arch, config", [
@@ -130,6 +162,9 @@ WITHOUT_FIX = {
     "llama-linear": "the rotary caches recomputed from transformers (linear scaling dropped)",
     "qwen2.5-yarn": "plain rope for the builder and the rotary caches recomputed (YaRN: the builder divides by zero)",
     "phi-3.5-long": "rope_parameters' type (the builder's Phi-3 reads only transformers 4's key)",
+    "phi-3-mini-4k": "the sliding window on every layer (layer_types)",
+    "gemma-2": "the exact embedding scale (the builder rounds sqrt(hidden) to 2 decimals)",
+    "qwen2-swa": "full caches on sliding layers (windowed_kv_cache=false: the ring cache needs a preallocated past)",
 }
 
 
@@ -140,6 +175,8 @@ def test_without_our_fix_the_builder_graph_is_wrong_and_the_gate_fails(name, tmp
 
     monkeypatch.setattr(genai_builder, "builder_input", lambda checkpoint, view: checkpoint)
     monkeypatch.setattr(genai_builder, "needs_rope_caches", lambda config: False)
+    monkeypatch.setattr(genai_builder, "fix_embedding_scale", lambda config, model: False)
+    monkeypatch.setattr(genai_builder, "BUILDER_OPTIONS", {"hf_remote": "false"})
     rc, *_ = _export(BY_NAME[name], "genai-builder", tmp_path)
     # 1: parity FAIL; 3: the builder itself failed. Never 0: if this is 0, the builder now builds this family right
     # without our fix, and the fix ("{WITHOUT_FIX[name]}") can go
@@ -165,3 +202,14 @@ def test_a_refused_family_is_refused_up_front_and_still_wrong(name, backend, tmp
     monkeypatch.setattr(families, "KNOWN_WRONG", {})
     rc, *_ = _export(family, backend, tmp_path / "anyway")
     assert rc in (1, 3), f"{backend} now exports {name} with parity PASS: drop it from families.KNOWN_WRONG"
+
+
+def test_switchable_refuses_a_family_the_builder_gets_wrong_before_any_work(tmp_path, capsys):
+    family = BY_NAME["olmo"]
+    base = make_family(family, tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    rc = main(["export", "--base", str(base), "--adapter", str(adapter), "--target", "ort-cpu-fp32", "--switchable",
+               "--out", str(tmp_path / "onnx")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot export OlmoForCausalLM right" in err and "--target ort-cpu-fp32-generic" in err
+    assert not (tmp_path / "onnx").exists()

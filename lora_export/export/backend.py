@@ -9,8 +9,9 @@ from typing import Callable
 @dataclass(frozen=True)
 class Backend:
     name: str
-    #: architectures (``config.architectures[0]``) this backend can export
-    architectures: tuple[str, ...]
+    #: the architectures (``config.architectures[0]``) tested on their families' quirk configs; what the backend
+    #: takes beyond them is families.check_family's call
+    tested: tuple[str, ...]
     #: (checkpoint dir, output dir, Target, log file, adapter dir or None) -> None; writes model.onnx (+ data)
     #: and genai_config.json. With an adapter dir, the LoRA stays unmerged: a side path beside each MatMul.
     build: Callable[..., None]

@@ -33,6 +33,9 @@ from pathlib import Path
 SLIDE_EVERY_LAYER = ("mistral", "phi3")
 #: rope types whose caches the builder computes differently from transformers (single-cache models only)
 RECOMPUTED_ROPE = ("linear", "yarn")
+#: the keys of linear and YaRN scaling (transformers' names), dropped when the builder is given plain rope
+SCALING_KEYS = ("type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                "attention_factor", "mscale", "mscale_all_dim", "truncate")
 
 
 def _rope(config: dict) -> tuple[dict | None, str]:
@@ -48,15 +51,18 @@ def _rope(config: dict) -> tuple[dict | None, str]:
 def config_fixes(config: dict) -> dict:
     """The config.json entries the builder must read to build transformers' model ({} when none)."""
     fixes = {}
-    if (config.get("model_type") in SLIDE_EVERY_LAYER and config.get("sliding_window")
-            and not config.get("layer_types")):
-        fixes["layer_types"] = ["sliding_attention"] * int(config["num_hidden_layers"])
+    layers = config.get("num_hidden_layers")
+    if config.get("model_type") in SLIDE_EVERY_LAYER and config.get("sliding_window") and isinstance(layers, int):
+        # whatever layer_types says: transformers' Mistral and Phi-3 attention slide every layer by sliding_window
+        fixes["layer_types"] = ["sliding_attention"] * layers
     rope, kind = _rope(config)
     if kind == "longrope" and "type" not in rope:  # the builder's Phi-3 classes read transformers 4's key only
         fixes["rope_parameters" if "rope_parameters" in config else "rope_scaling"] = {**rope, "type": "longrope"}
     if kind in RECOMPUTED_ROPE:  # plain rope for the builder, the same base; the caches are recomputed after
         theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-        fixes["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        # what is not the scaling stays (partial_rotary_factor, mrope_section, ...)
+        kept = {k: v for k, v in rope.items() if k not in SCALING_KEYS}
+        fixes["rope_parameters"] = {**kept, "rope_type": "default", "rope_theta": theta}
         fixes["rope_scaling"] = None  # None: the entry is removed (transformers 4's name for the same settings)
         fixes["rope_theta"] = theta
     return fixes

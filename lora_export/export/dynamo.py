@@ -23,7 +23,6 @@ from ..families import TESTED, check_family
 from .backend import Backend
 from .io_spec import kv_input_names, kv_output_names
 
-ARCHITECTURES = TESTED["torch-dynamo"]
 SCHEMES = ("none", "nf4")  # nf4 is a post-process on any graph; int4/int8 come from the genai-builder backend
 PRECISIONS = ("fp32", "fp16")
 
@@ -150,5 +149,6 @@ def _copy_tokenizer(checkpoint: Path, out_dir: Path) -> None:
 
 # torch.onnx's dynamo exporter writes opset 18 and later; 21 is the one tested here for every architecture.
 # int4/int8 are the builder's own MatMulNBits pass; this backend quantizes only by nf4's post-process.
-TORCH_DYNAMO = Backend(name="torch-dynamo", architectures=ARCHITECTURES, build=build, opsets=(18, 21), default_opset=21,
+TORCH_DYNAMO = Backend(name="torch-dynamo", tested=TESTED["torch-dynamo"], build=build, opsets=(18, 21),
+                       default_opset=21,
                        schemes=("none", "nf4"), side_paths=False)

@@ -22,8 +22,10 @@ from .backend import Backend
 from .builder_fixes import builder_input, fix_embedding_scale, needs_rope_caches, recompute_rope_caches
 from .lora_inputs import builder_lora_nodes, quantized_lora_nodes
 
-ARCHITECTURES = TESTED["genai-builder"]
 PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
+# windowed_kv_cache=false: sliding-window layers keep a cache of the whole past like every other layer (the I/O
+# contract of io_spec; the ring cache it replaces needs a preallocated past that no plain runner passes)
+BUILDER_OPTIONS = {"hf_remote": "false", "windowed_kv_cache": "false"}
 
 
 class BuildFailed(ToolchainFailed):
@@ -43,9 +45,7 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
                               '"lora-export[cpu]" (or "lora-export[gpu]" for CUDA)')
     quant = target.quantization.for_graph(side_paths=adapter is not None)
     scheme = SCHEMES[quant.scheme]
-    # windowed_kv_cache=false: sliding-window layers keep a cache of the whole past like every other layer (the
-    # I/O contract of io_spec; the ring cache it replaces needs a preallocated past that no plain runner passes)
-    options = {"hf_remote": "false", "windowed_kv_cache": "false", **scheme.builder_options(quant)}
+    options = {**BUILDER_OPTIONS, **scheme.builder_options(quant)}
     if adapter is not None:  # the builder's own LoRA path: MatMul A, MatMul B (scaling folded in), Add
         options["adapter_path"] = str(adapter)
     if adapter is not None and quant.scheme != "none":
@@ -79,7 +79,10 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
         raise BuildFailed(f"the onnxruntime-genai builder wrote opset {written}, the target asks for {target.opset} "
                           f"(BUILDER_OPSET in {__name__} says what this version writes)")
     if needs_rope_caches(config):
-        run_in_child(recompute_rope_caches, checkpoint, out_dir / "model.onnx")
+        caches = run_in_child(recompute_rope_caches, checkpoint, out_dir / "model.onnx")
+        if caches != 2:  # another builder's cache names: the scaling would be silently missing
+            raise BuildFailed(f"the builder's graph has {caches} of the 2 rotary caches (cos_cache, sin_cache) "
+                              "that lora-export recomputes for linear/YaRN rope scaling (builder_fixes.py)")
     fix_embedding_scale(config, out_dir / "model.onnx")
     scheme.post_process(out_dir, quant)
     quantized = quantized_lora_nodes(out_dir / "model.onnx") if adapter is not None else []
@@ -113,5 +116,5 @@ def _rmtree(path: Path) -> None:
 
 # The builder writes its graphs in one opset (22 with onnxruntime-genai 0.18) and has no option to change it.
 BUILDER_OPSET = 22
-GENAI_BUILDER = Backend(name="genai-builder", architectures=ARCHITECTURES, build=build, own_process=True,
+GENAI_BUILDER = Backend(name="genai-builder", tested=TESTED["genai-builder"], build=build, own_process=True,
                         opsets=(BUILDER_OPSET, BUILDER_OPSET), default_opset=BUILDER_OPSET)
