@@ -72,7 +72,7 @@ STAGES = RECIPES | {f"lora_export.{m}" for m in ("train", "adapters", "merge", "
                                                  "reference", "exportdir", "memory", "prompts", "sidepath")} | {
     m for m in MODULES if m.split(".")[:2] in (["lora_export", "export"], ["lora_export", "quantize"])}
 CORE = ("manifests", "progress", "checkpoint", "nf4math", "fingerprint", "errors", "jsonfile", "tensorfile",
-        "outputs", "isolate", "base", "quantized_base", "data", "precision", "versions")
+        "outputs", "isolate", "base", "quantized_base", "data", "precision", "versions", "families")
 SHARED = ("exportdir", "memory", "prompts", "sidepath", "reference")  # between the stages and the recipes
 
 
