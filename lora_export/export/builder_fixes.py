@@ -7,10 +7,10 @@ without it and shows the graph wrong, so a builder upgrade that mends (or breaks
    so a prompt longer than the window gets another attention. Fix: the builder reads a config that says so.
 2. Linear and YaRN rope scaling: the builder's Llama class drops linear scaling; its YaRN divides by zero without
    ``beta_fast``/``beta_slow`` (Qwen2.5's long-context setting names neither; transformers defaults them to 32
-   and 1), asserts on small head sizes, and does not truncate the ramp as transformers does. Fix: the builder
+   and 1), asserts on small head sizes, and does not round its ramp's ends (``truncate``) as transformers does.
+   Fix: the builder
    reads plain rope (same theta) and builds its graph; then its two rotary caches (``cos_cache``/``sin_cache``)
    are recomputed from transformers' own ``ROPE_INIT_FUNCTIONS``, in float32 as transformers does.
-
 3. LongRoPE written as transformers 5 writes it (``rope_parameters`` without ``type``): the builder's Phi-3
    classes read only ``type`` and stop with a KeyError. Fix: the builder reads ``type`` too.
 
@@ -18,9 +18,11 @@ without it and shows the graph wrong, so a builder upgrade that mends (or breaks
    (9.8 for 9.798 at hidden 96; 59.87 for Gemma-2 9B's 59.866), transformers by sqrt(hidden_size) itself, a
    2e-4 relative difference at hidden 96 that the fp32 gate FAILs. Fix: the constant is set to transformers'
    value after the build.
+5. (In genai_builder.BUILDER_OPTIONS) ``windowed_kv_cache=false``: sliding layers keep the whole past in their
+   cache, as io_spec's contract says, instead of a ring that needs a preallocated past.
 
-This is written here because no library does it: the builder has no option for either, and optimum's exporters
-do not build the fused graph.
+This is written here because no library does it: the builder has no option for any of 1-4, and optimum's
+exporters do not build the fused graph.
 """
 
 from __future__ import annotations
