@@ -146,8 +146,7 @@ def check_request(req: ExportRequest) -> None:
 
 def export(req: ExportRequest, progress: Progress = quiet) -> ExportResult:
     """Base + adapter(s) -> a checked ONNX export at ``req.out``, step by step (each step a function below)."""
-    base, target, out = check_inputs(req)
-    untested = family_note(base, target.backend)
+    base, target, out, untested = check_inputs(req)
     if untested:
         progress(untested)
     if target.graph == "unmerged" and not req.keep_adapter:
@@ -167,18 +166,19 @@ def export(req: ExportRequest, progress: Progress = quiet) -> ExportResult:
     return ExportResult(out=out, merge_base=prep.merge_base, parity=report)
 
 
-def check_inputs(req: ExportRequest) -> tuple[Path, object, Path]:
-    """(base, target, out): the request, the target, the base against it, a new output and the disk it needs."""
+def check_inputs(req: ExportRequest) -> tuple[Path, object, Path, str | None]:
+    """(base, target, out, the note for a family lora-export has not tested): the request, the target, the base
+    against it (a family the backend must not export is refused here), a new output and the disk it needs."""
     check_request(req)
     target = load_target(req.target)
     base = check_base(req.base)
-    family_note(base, target.backend)  # a family the backend must not export: refused here, before any work
+    untested = family_note(base, target.backend)
     check_against_context(target, context_of(base)[0], str(base / "config.json"))
     out = Path(req.out)
     check_new_output(out)
     check_free_disk(out, export_bytes(base, target), "the merged and the as-trained fp32 checkpoints plus 2.2 x the export")
     check_memory("export", base, target, str(base / "config.json"))
-    return base, target, out
+    return base, target, out, untested
 
 
 def build(req: ExportRequest, target, prep: Prepared, tmp: Path, progress: Progress = quiet) -> None:
