@@ -81,11 +81,15 @@ def is_moe(config: dict) -> bool:
 BUILDER_ROPE = ("default", "linear", "yarn", "llama3", "longrope", "su")
 
 
-def _rope_type(config: dict) -> str:
+def rope_settings(config: dict) -> tuple[dict | None, str]:
+    """The rope settings as written (transformers 5's ``rope_parameters`` or 4's ``rope_scaling``; per layer type,
+    the global one) and their type."""
     rope = config.get("rope_parameters") or config.get("rope_scaling")
     if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
         rope = rope["full_attention"]
-    return str(rope.get("rope_type") or rope.get("type") or "default") if isinstance(rope, dict) else "default"
+    if not isinstance(rope, dict):
+        return None, "default"
+    return rope, str(rope.get("rope_type") or rope.get("type") or "default")
 
 
 def check_family(config: dict, backend: str, where: str, known_wrong: bool = True, accept: bool = True) -> str | None:
@@ -126,8 +130,9 @@ def check_family(config: dict, backend: str, where: str, known_wrong: bool = Tru
             raise BadInput.one(where, f"architecture {arch} is not built by the installed onnxruntime-genai "
                                "(genai-builder backend)", f'use a target with backend = "torch-dynamo", e.g. '
                                f"--target {other_target}")
-        if _rope_type(_text(config)) not in BUILDER_ROPE:
-            raise BadInput.one(where, f"rope type {_rope_type(_text(config))!r} is not built by the installed "
+        kind = rope_settings(_text(config))[1]
+        if kind not in BUILDER_ROPE:
+            raise BadInput.one(where, f"rope type {kind!r} is not built by the installed "
                                "onnxruntime-genai (it builds " + ", ".join(BUILDER_ROPE) + ")",
                                f'use a target with backend = "torch-dynamo", e.g. --target {other_target}')
     elif not (arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")):

@@ -173,7 +173,7 @@ WITHOUT_FIX = {
 def test_without_our_fix_the_builder_graph_is_wrong_and_the_gate_fails(name, tmp_path, monkeypatch):
     from lora_export.export import genai_builder
 
-    monkeypatch.setattr(genai_builder, "builder_input", lambda checkpoint, view: checkpoint)
+    monkeypatch.setattr(genai_builder, "builder_input", lambda checkpoint, config, view: checkpoint)
     monkeypatch.setattr(genai_builder, "needs_rope_caches", lambda config: False)
     monkeypatch.setattr(genai_builder, "fix_embedding_scale", lambda config, model: False)
     monkeypatch.setattr(genai_builder, "BUILDER_OPTIONS", {"hf_remote": "false"})

@@ -31,6 +31,8 @@ import json
 import os
 from pathlib import Path
 
+from ..families import rope_settings
+
 #: model types whose transformers attention slides over every layer when ``sliding_window`` is set
 SLIDE_EVERY_LAYER = ("mistral", "phi3")
 #: rope types whose caches the builder computes differently from transformers (single-cache models only)
@@ -40,16 +42,6 @@ SCALING_KEYS = ("type", "rope_type", "factor", "original_max_position_embeddings
                 "attention_factor", "mscale", "mscale_all_dim", "truncate")
 
 
-def _rope(config: dict) -> tuple[dict | None, str]:
-    """The rope settings as written (transformers 5's ``rope_parameters`` or 4's ``rope_scaling``) and their type."""
-    rope = config.get("rope_parameters") or config.get("rope_scaling")
-    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):  # per layer type: the global one
-        rope = rope["full_attention"]
-    if not isinstance(rope, dict):
-        return None, "default"
-    return rope, str(rope.get("rope_type") or rope.get("type") or "default")
-
-
 def config_fixes(config: dict) -> dict:
     """The config.json entries the builder must read to build transformers' model ({} when none)."""
     fixes = {}
@@ -57,7 +49,7 @@ def config_fixes(config: dict) -> dict:
     if config.get("model_type") in SLIDE_EVERY_LAYER and config.get("sliding_window") and isinstance(layers, int):
         # whatever layer_types says: transformers' Mistral and Phi-3 attention slide every layer by sliding_window
         fixes["layer_types"] = ["sliding_attention"] * layers
-    rope, kind = _rope(config)
+    rope, kind = rope_settings(config)
     if kind == "longrope" and "type" not in rope:  # the builder's Phi-3 classes read transformers 4's key only
         fixes["rope_parameters" if "rope_parameters" in config else "rope_scaling"] = {**rope, "type": "longrope"}
     if kind in RECOMPUTED_ROPE:  # plain rope for the builder, the same base; the caches are recomputed after
@@ -70,10 +62,9 @@ def config_fixes(config: dict) -> dict:
     return fixes
 
 
-def builder_input(checkpoint: Path, scratch: Path) -> Path:
-    """``checkpoint`` itself, or a view of it under ``scratch`` (links to its files, a fixed config.json): the
-    user's checkpoint is never written to."""
-    config = json.loads((checkpoint / "config.json").read_text())
+def builder_input(checkpoint: Path, config: dict, scratch: Path) -> Path:
+    """``checkpoint`` (whose config.json is ``config``) itself, or a view of it under ``scratch`` (links to its
+    files, a fixed config.json): the user's checkpoint is never written to."""
     fixes = config_fixes(config)
     if not fixes:
         return checkpoint
@@ -87,7 +78,7 @@ def builder_input(checkpoint: Path, scratch: Path) -> Path:
 
 
 def needs_rope_caches(config: dict) -> bool:
-    return _rope(config)[1] in RECOMPUTED_ROPE
+    return rope_settings(config)[1] in RECOMPUTED_ROPE
 
 
 def recompute_rope_caches(checkpoint: Path, model_path: Path, progress=None) -> int:
@@ -101,7 +92,7 @@ def recompute_rope_caches(checkpoint: Path, model_path: Path, progress=None) -> 
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     config = AutoConfig.from_pretrained(str(checkpoint), trust_remote_code=False).get_text_config()
-    kind = _rope(config.to_dict())[1]
+    kind = rope_settings(config.to_dict())[1]
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](config, torch.device("cpu"))
     model = onnx.load(str(model_path), load_external_data=False)
     written = 0
@@ -119,9 +110,7 @@ def recompute_rope_caches(checkpoint: Path, model_path: Path, progress=None) -> 
         model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values.numpy().astype(dtype), tensor.name))
         written += 1
     if written:
-        tmp = model_path.with_name(model_path.name + ".tmp")
-        onnx.save_model(model, str(tmp))
-        os.replace(tmp, model_path)
+        _save_graph(model, model_path)
     return written
 
 
@@ -148,7 +137,14 @@ def fix_embedding_scale(config: dict, model_path: Path) -> bool:
     exact = np.asarray(np.float32(config["hidden_size"] ** 0.5)).astype(onnx.helper.tensor_dtype_to_np_dtype(
         value.data_type))
     const.attribute[0].t.CopyFrom(numpy_helper.from_array(exact, value.name))
+    _save_graph(model, model_path)
+    return True
+
+
+def _save_graph(model, model_path: Path) -> None:
+    """The graph alone (read without its data: external references stay as they are), renamed into place."""
+    import onnx
+
     tmp = model_path.with_name(model_path.name + ".tmp")
     onnx.save_model(model, str(tmp))
     os.replace(tmp, model_path)
-    return True

@@ -53,7 +53,7 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
         options["nodes_to_exclude"] = ",".join(filter(None, (options.get("nodes_to_exclude"), *keep_float)))
     view = out_dir.parent / (out_dir.name + ".input")
     try:
-        source = builder_input(checkpoint, view)  # the checkpoint, or a view with the fixes builder_fixes names
+        source = builder_input(checkpoint, config, view)  # the checkpoint, or a view with builder_fixes' fixes
         cmd = [
             sys.executable, "-m", "onnxruntime_genai.models.builder",
             "-i", str(source), "-o", str(out_dir),
