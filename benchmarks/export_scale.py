@@ -45,16 +45,27 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 EMBEDDED = ROOT / "lora_export" / "embedded"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+LLAMA31_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                  intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072,
+                  rope_theta=500000.0, rms_norm_eps=1e-5,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192})
+BF16_SHARDED = {"8b", "8b-2l"}  # written in bf16, tensor by tensor, in shards of at most SHARD_BYTES, as published
+SHARD_BYTES = 5 * 10**9
 SHAPES = {
     "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                  intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048),
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                  intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048),
+    # Llama-3.1-8B's config, and the same cut to 2 layers (about 1.5B parameters); bf16 checkpoints in 5 GB shards
+    "8b": dict(LLAMA31_8B),
+    "8b-2l": dict(LLAMA31_8B, num_hidden_layers=2),
     # hidden: a smoke test of this script, not a measurement
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                  intermediate_size=176, vocab_size=2048, tie_word_embeddings=True, max_position_embeddings=512),
 }
-MODEL_LABELS = {"135m": "Llama 135M shape", "1.1b": "TinyLlama-1.1B shape", "tiny": "tiny Llama (smoke test)"}
+MODEL_LABELS = {"135m": "Llama 135M shape", "1.1b": "TinyLlama-1.1B shape", "tiny": "tiny Llama (smoke test)",
+                "8b": "Llama-3.1-8B shape", "8b-2l": "Llama-3.1-8B widths, 2 layers"}
 TARGETS = ("ort-cpu-fp32", "ort-cpu-int4")
 TRAIN_FLAGS = ["--steps", "3", "--rank", "16", "--alpha", "32", "--lr", "1e-2", "--batch-size", "2",
                "--max-length", "48"]
@@ -80,12 +91,14 @@ def say(msg: str) -> None:
 class TreeSampler(threading.Thread):
     """Polls the summed RSS of a process and all its descendants; keeps the maxima."""
 
-    def __init__(self, pid: int, interval: float = POLL_S):
+    def __init__(self, pid: int, interval: float = POLL_S, disk: Path | None = None):
         super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
+        self.pid, self.interval, self.disk = pid, interval, disk
+        self.free0 = self.min_free = _free_bytes(disk)
         self.done = threading.Event()
         self.peak_tree = self.peak_single = self.peak_hwm = 0
         self.peak_at_s, self.peak_breakdown, self.max_processes, self.samples = 0.0, [], 0, 0
+        self.series: list[tuple[float, int]] = []  # (seconds since start, tree RSS): for the peak of each stage
         self.t0 = time.perf_counter()
 
     def run(self) -> None:
@@ -106,11 +119,12 @@ class TreeSampler(threading.Thread):
                     rows.append((p, p.memory_info().rss))
                 except psutil.Error:
                     continue
-                hwm = _vm_hwm_bytes(p.pid)
+                hwm = _vm_hwm_bytes(p.pid)  # (per process: also read for the children)
                 if hwm:
                     self.peak_hwm = max(self.peak_hwm, hwm)
             if rows:
                 total = sum(r for _, r in rows)
+                self.series.append((time.perf_counter() - self.t0, total))
                 self.samples += 1
                 self.max_processes = max(self.max_processes, len(rows))
                 self.peak_single = max(self.peak_single, max(r for _, r in rows))
@@ -118,7 +132,22 @@ class TreeSampler(threading.Thread):
                     self.peak_tree = total
                     self.peak_at_s = time.perf_counter() - self.t0
                     self.peak_breakdown = [{"pid": p.pid, "cmd": _short_cmd(p), "rss_mb": r / 1e6} for p, r in rows]
+            free = _free_bytes(self.disk)
+            if free is not None:
+                self.min_free = min(self.min_free, free)
             self.done.wait(self.interval)
+
+    def peak_disk(self) -> int | None:
+        """The most disk the command took at once: free space at its start less the least seen while it ran (the
+        whole file system: anything else writing there counts too)."""
+        return None if self.free0 is None else self.free0 - self.min_free
+
+
+def _free_bytes(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def _vm_hwm_bytes(pid: int) -> int | None:
@@ -138,7 +167,7 @@ def _short_cmd(p) -> str:
     return " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd[:4]))[:100]
 
 
-def measure(label: str, cmd: list[str], log: Path, weight_bytes: int) -> dict:
+def measure(label: str, cmd: list[str], log: Path, weight_bytes: int, disk: Path | None = None) -> dict:
     """Run ``cmd`` to completion; its wall time, process-tree peak RSS and exit code. Output goes to ``log``."""
     say(f"{label}: {shlex.join(cmd)}")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +177,7 @@ def measure(label: str, cmd: list[str], log: Path, weight_bytes: int) -> dict:
         f.flush()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-        sampler = TreeSampler(proc.pid)
+        sampler = TreeSampler(proc.pid, disk=disk or log.parent)
         sampler.start()
         rc = proc.wait()
         wall = time.perf_counter() - t0
@@ -159,13 +188,38 @@ def measure(label: str, cmd: list[str], log: Path, weight_bytes: int) -> dict:
            "peak_single_vmhwm_mb": sampler.peak_hwm / 1e6,
            "tree_rss_over_fp32_weights": sampler.peak_tree / weight_bytes,
            "peak_at_s": sampler.peak_at_s, "processes_at_peak": sampler.peak_breakdown,
-           "max_processes": sampler.max_processes, "samples": sampler.samples}
+           "max_processes": sampler.max_processes, "samples": sampler.samples,
+           "stages": stage_peaks(log, sampler.series),
+           "peak_extra_disk_mb": (sampler.peak_disk() or 0) / 1e6}
     say(f"{label}: exit {rc}, {wall:.1f} s, peak tree RSS {row['peak_tree_rss_mb']:.0f} MB "
         f"({row['tree_rss_over_fp32_weights']:.2f} x fp32 weights), largest process {row['peak_single_rss_mb']:.0f} MB")
     if rc != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         say(f"{label} FAILED (exit {rc}); log {log}, last lines:\n    " + "\n    ".join(tail))
     return row
+
+
+def stage_peaks(log: Path, series: list[tuple[float, int]]) -> list[dict]:
+    """The command's own progress lines ("[m:ss] what it does now", lora-export's clock) cut its run into stages;
+    each stage's wall and the peak tree RSS sampled within it. The clocks differ by the interpreter's start-up
+    (about a second), so a stage's figures are good to a second."""
+    import re
+
+    starts = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.match(r"\[(\d+):(\d\d)\] (.*)", line)
+        if m and not m.group(3).startswith("  "):  # indented lines are a stage's details
+            starts.append((int(m.group(1)) * 60 + int(m.group(2)), m.group(3)[:90]))
+    if not starts or not series:
+        return []
+    end = series[-1][0]
+    bounds = [(0.0, "start-up: checks of the inputs")] + starts
+    rows = []
+    for (t0, what), (t1, _) in zip(bounds, bounds[1:] + [(end + 1, "")]):
+        inside = [rss for t, rss in series if t0 <= t < t1]
+        rows.append({"stage": what, "from_s": t0, "wall_s": min(t1, end) - t0,
+                     "peak_tree_rss_mb": max(inside) / 1e6 if inside else None})
+    return rows
 
 
 def parity_of(path: Path) -> dict | None:
@@ -208,29 +262,56 @@ def lora_export_cmd() -> list[str]:
 
 
 def build_base(out: Path, model: str) -> None:
-    """Child process: the base from its config, seeded normal weights tensor by tensor, fp32 safetensors.
-
-    One file, as save_pretrained writes it (its default shard size is 50 GB); a tied lm_head is not stored."""
+    """Child process: the base from its config, seeded normal weights (std 0.02; norms are ones), written tensor by
+    tensor and never held whole: fp32 in one file as save_pretrained writes small models, or (BF16_SHARDED) bf16 in
+    shards of at most SHARD_BYTES with an index, as 7-8B checkpoints are published. A tied lm_head is not stored."""
     import torch
-    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**SHAPES[model], bos_token_id=0, eos_token_id=1, pad_token_id=2, dtype="float32")
+    from lora_export.checkpoint import write_index
+    from lora_export.tensorfile import NAMES, Writer
+
+    dtype = torch.bfloat16 if model in BF16_SHARDED else torch.float32
+    cfg = LlamaConfig(**SHAPES[model], bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                      dtype=str(dtype).removeprefix("torch."))
     cfg.architectures = ["LlamaForCausalLM"]
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(cfg)
-    gen = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name, p in skeleton.named_parameters():  # tied parameters appear once
-        tensors[name] = torch.randn(p.shape, generator=gen) * 0.02 if p.dim() == 2 else torch.ones(p.shape)
+    params = list(skeleton.named_parameters())  # tied parameters appear once
+    code = NAMES[str(dtype).removeprefix("torch.")]
+    shards, current, size = [], [], 0
+    limit = SHARD_BYTES if model in BF16_SHARDED else float("inf")
+    for name, p in params:
+        nbytes = p.numel() * dtype.itemsize
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, code, tuple(p.shape)))
+        size += nbytes
+    shards.append(current)
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     out.mkdir(parents=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    gen = torch.Generator().manual_seed(0)
+    shapes = dict(params)
+    weight_map = {}
+    for file, declared in zip(files, shards):
+        writer = Writer(out / file, declared)
+        for name, _, shape in declared:
+            t = (torch.randn(shape, generator=gen) * 0.02 if len(shape) == 2 else torch.ones(shape)).to(dtype)
+            writer.write(name, t)
+            weight_map[name] = file
+            del t
+        writer.close()
+        print(f"wrote {file}", flush=True)
+    if len(files) > 1:
+        write_index(out, weight_map, {"total_size": sum((out / f).stat().st_size for f in files)})
     cfg.save_pretrained(str(out))
     for name in TOKENIZER_FILES:
         shutil.copy2(EMBEDDED / "base" / name, out / name)
-    params = sum(t.numel() for t in tensors.values())
-    (out / "params.json").write_text(json.dumps({"params": params, "tensors": sorted(tensors)}) + "\n")
-    print(json.dumps({"params": params}))
+    count = sum(p.numel() for p in shapes.values())
+    (out / "params.json").write_text(json.dumps({"params": count, "tensors": sorted(shapes)}) + "\n")
+    print(json.dumps({"params": count}))
 
 
 def merge_child(base: str, adapter: str, out: str) -> None:
@@ -511,6 +592,17 @@ def markdown(result: dict) -> str:
                 lines.append(f"- {name} parity failures: " + "; ".join(row["parity"]["failures"][:5]))
             if name.startswith("export ") and row.get("onnx_files"):
                 lines.append(f"- {name} files: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in row["onnx_files"].items()))
+        for name, row in cmds.items():
+            if row.get("peak_extra_disk_mb") and (name.startswith("export ") or name.startswith("builder ")):
+                lines.append(f"- {name}: peak extra disk {row['peak_extra_disk_mb']:.0f} MB")
+        for name, row in cmds.items():
+            if name.startswith("export ") and row.get("stages"):
+                lines += ["", f"Stages of `{name}` (from its progress lines):", "",
+                          "| from s | stage | wall s | peak tree RSS MB | / fp32 weight bytes |", "|---:|---|---:|---:|---:|"]
+                lines += [f"| {st['from_s']:.0f} | {st['stage']} | {st['wall_s']:.0f} | "
+                          + (f"{st['peak_tree_rss_mb']:.0f} | {st['peak_tree_rss_mb'] * 1e6 / e['fp32_weight_bytes']:.2f} |"
+                             if st["peak_tree_rss_mb"] else "— | — |") for st in row["stages"]]
+                lines.append("")
         b = (cmds.get("bench ort-cpu-fp32") or {}).get("bench")
         if b:
             lo, hi = b["decode_ratio_ci"]
@@ -527,7 +619,8 @@ def markdown(result: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="135m,1.1b", help="comma-separated: 135m, 1.1b")
+    p.add_argument("--models", "--model", default="135m,1.1b",
+                   help="comma-separated: 135m, 1.1b, 8b-2l (Llama-3.1-8B widths, 2 layers), 8b (Llama-3.1-8B)")
     p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated (default {','.join(TARGETS)})")
     p.add_argument("--work", type=Path, default=Path("/tmp/lora-export-scale"),
                    help="cached bases, adapters, exports and logs (default /tmp/lora-export-scale)")
@@ -538,7 +631,7 @@ def main() -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for m in models:
         if m not in SHAPES:
-            p.error(f"unknown model {m!r} (choose from 135m, 1.1b)")
+            p.error(f"unknown model {m!r} (choose from {', '.join(k for k in SHAPES if k != 'tiny')})")
     out_dir = args.out_dir or (args.work if set(models) == {"tiny"} else RESULTS)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -251,3 +251,38 @@ def test_nf4_with_the_training_scales(tiny_base, tiny_adapter, tmp_path):
               f"median survival {manifest['quantization']['median_survival']:.3f}",
               f"parity passed {r.parity.passed}, retention {r.parity.adapter_retention:.3f}")
     assert shares["original"] > shares["fresh"] and shares["original"] > 0.5
+
+
+@pytest.mark.parametrize("bits, block, symmetric, k, fp16", [
+    (4, 64, False, 256, False), (4, 32, True, 200, False), (4, 128, False, 96, False), (8, 64, False, 256, False),
+    (8, 16, True, 72, False), (4, 64, False, 192, True)],
+    ids=["int4-asym-64", "int4-sym-32-ragged", "int4-asym-128-short", "int8-asym-64", "int8-sym-16-ragged",
+         "int4-fp16"])
+def test_nbits_unpacking_is_the_runtimes_own_dequantization_bit_for_bit(bits, block, symmetric, k, fp16):
+    """MatMulNBits weights unpacked from the documented layout equal what ONNX Runtime's op computes with (the op
+    run on an identity matrix), bit for bit: odd block counts (zero points half a byte), K not a multiple of the
+    block, fp16 scales."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from lora_export.quantize.survival import run_on_identity, unpack_nbits
+
+    rng = np.random.default_rng(bits * 1000 + k)
+    n = 40
+    dtype, elem = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
+    w = (rng.standard_normal((k, n)) * 0.05).astype(dtype)
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"], name="m")], "q",
+                              [helper.make_tensor_value_info("X", elem, [1, k])],
+                              [helper.make_tensor_value_info("Y", elem, [1, n])],
+                              initializer=[numpy_helper.from_array(w, "W")])
+    q = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bits=bits,
+                             block_size=block, is_symmetric=symmetric)
+    q.process()
+    node = next(x for x in q.model.model.graph.node if x.op_type == "MatMulNBits")
+    inits = {i.name: i for i in q.model.model.graph.initializer}
+    assert (len([i for i in node.input if i]) > 3) == (not symmetric)
+    unpacked = unpack_nbits(node, inits)
+    assert unpacked.shape == (n, k)
+    assert np.array_equal(unpacked, run_on_identity(node, inits, k))
+    assert np.abs(unpacked - w.T.astype(np.float32)).max() < 0.05  # and it is the weight, quantized

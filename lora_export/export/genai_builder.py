@@ -3,7 +3,9 @@
 The builder emits the graph ONNX Runtime runs fastest (GroupQueryAttention, SkipSimplifiedLayerNorm,
 MatMulNBits for int4) plus ``genai_config.json``, so the export loads both in a plain InferenceSession
 and in onnxruntime-genai. We run it as a subprocess: its import path hack and its console output stay
-out of our process, and its log is kept beside the export.
+out of our process, and its log is kept beside the export. It runs through ``builder_stream``, which hands it
+the model one layer at a time and quantizes as it goes (the builder alone holds the whole model, and for int4
+the whole graph in fp32 too); the graph is the builder's, byte for byte.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
 # windowed_kv_cache=false: sliding-window layers keep a cache of the whole past like every other layer (the I/O
 # contract of io_spec; the ring cache it replaces needs a preallocated past that no plain runner passes)
 BUILDER_OPTIONS = {"hf_remote": "false", "windowed_kv_cache": "false"}
+# the builder's own command line, run by builder_stream: the same graph, the model read one layer at a time
+BUILDER_MODULE = "lora_export.export.builder_stream"
 
 
 class BuildFailed(ToolchainFailed):
@@ -55,7 +59,7 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
     try:
         source = builder_input(checkpoint, config, view)  # the checkpoint, or a view with builder_fixes' fixes
         cmd = [
-            sys.executable, "-m", "onnxruntime_genai.models.builder",
+            sys.executable, "-m", BUILDER_MODULE,
             "-i", str(source), "-o", str(out_dir),
             "-p", scheme.builder_precision(quant, target.precision),
             "-e", _builder_ep(target),

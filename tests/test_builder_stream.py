@@ -1,0 +1,141 @@
+"""builder_stream: onnxruntime-genai's builder fed one layer at a time writes the builder's own graph, byte for byte,
+and holds a fraction of the memory.
+
+Each case builds one checkpoint twice with the options lora-export passes for the target: with the builder as it is
+(``python -m onnxruntime_genai.models.builder``) and through ``lora_export.export.builder_stream``. Compared: every
+node (op type, domain, inputs, outputs, attributes, in order), every initializer's name, shape, dtype and bytes,
+graph inputs, outputs and opsets. Tolerance: none. (The order in which initializers are stored in model.onnx.data
+may differ: the streamed build quantizes layer by layer, the builder at the end.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from lora_export.checkpoint import parameter_count
+from lora_export.export.builder_stream import NOT_STREAMED, STREAMED
+from lora_export.export.genai_builder import BUILDER_OPTIONS
+from lora_export.latency import graph_structure
+from lora_export.quantize import SCHEMES
+from lora_export.targets import load_target
+
+from .conftest import make_base
+from .test_backends import tiny_model
+
+STOCK = "onnxruntime_genai.models.builder"
+STREAM = "lora_export.export.builder_stream"
+# runs a builder module and prints its process's own peak RSS (VmHWM) last
+PEAK = ("import runpy, sys; sys.argv = [sys.argv[1], *sys.argv[2:]]; m = sys.argv[0]; "
+        "(runpy.run_module(m, run_name='__main__', alter_sys=True) if m.startswith('onnxruntime') else "
+        "__import__(m, fromlist=['main']).main(sys.argv[1:])); "
+        "print('VmHWM_kB', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+
+
+def builder_args(checkpoint: Path, target_name: str) -> list[str]:
+    target = load_target(target_name)
+    q = target.quantization
+    scheme = SCHEMES[q.scheme]
+    options = {**BUILDER_OPTIONS, **scheme.builder_options(q)}
+    ep = "cuda" if any("CUDA" in p or "Tensorrt" in p for p in target.execution_providers) else "cpu"
+    return ["-i", str(checkpoint), "-p", scheme.builder_precision(q, target.precision), "-e", ep,
+            "--extra_options", *[f"{k}={v}" for k, v in options.items()]]
+
+
+def build(module: str, checkpoint: Path, target_name: str, out: Path) -> tuple[str, int]:
+    """(the build's output, its peak RSS in bytes)."""
+    out.mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-c", PEAK, module, *builder_args(checkpoint, target_name), "-o", str(out),
+                        "-c", str(out.parent / (out.name + ".cache"))], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    peak = int(r.stdout.strip().splitlines()[-1].split()[1]) * 1024
+    return r.stdout, peak
+
+
+def initializers(out: Path) -> dict:
+    return {i.name: onnx.numpy_helper.to_array(i).tobytes() for i in onnx.load(str(out / "model.onnx")).graph.initializer}
+
+
+def assert_same_graph(stock: Path, streamed: Path) -> None:
+    a, b = graph_structure(stock), graph_structure(streamed)
+    for key in a:
+        assert a[key] == b[key], key
+    x, y = initializers(stock), initializers(streamed)
+    assert x.keys() == y.keys()
+    differ = [k for k in x if x[k] != y[k]]
+    assert not differ, f"{len(differ)} initializers differ, e.g. {differ[0]}"
+
+
+def both(checkpoint: Path, target_name: str, tmp: Path, streamed: bool = True) -> tuple[int, int]:
+    _, stock_peak = build(STOCK, checkpoint, target_name, tmp / "stock")
+    log, stream_peak = build(STREAM, checkpoint, target_name, tmp / "streamed")
+    assert (STREAMED if streamed else NOT_STREAMED) in log
+    assert_same_graph(tmp / "stock", tmp / "streamed")
+    return stock_peak, stream_peak
+
+
+def test_int4_graph_is_the_builders_byte_for_byte(tiny_base, tmp_path):
+    """Int4 body, int8 lm_head and sensitive layers (ort-cpu-int4's recipe), tied embeddings stored apart."""
+    both(tiny_base, "ort-cpu-int4", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["ort-cpu-fp32", "ort-cuda-fp16", "ort-cuda-int4", "ort-cpu-int8"])
+def test_every_builder_target_is_the_builders_graph(target, tmp_path):
+    base = make_base(tmp_path / "base", tie_word_embeddings=False)
+    both(base, target, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM", "MistralForCausalLM"])
+def test_families_are_the_builders_graph(arch, tmp_path):
+    """Biases (Qwen2), a fused qkv_proj in the checkpoint (Phi-3), Gemma's norm offset and embedding scale."""
+    both(tiny_model(arch, tmp_path / "base"), "ort-cpu-int4", tmp_path)
+
+
+@pytest.mark.slow
+def test_a_bf16_checkpoint_is_read_in_its_own_dtype(tmp_path):
+    """from_pretrained's dtype "auto": a bf16 checkpoint is read as bf16, then cast by the builder as before."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = make_base(tmp_path / "fp32")
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+    model.save_pretrained(str(tmp_path / "bf16"))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bf16" / f).write_bytes((base / f).read_bytes())
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    both(tmp_path / "bf16", "ort-cpu-int4", tmp_path)
+
+
+def test_a_checkpoint_it_cannot_map_is_built_whole_and_says_so(tmp_path):
+    """A tensor the model does not name (here a stray one) means the mapping is not the model's: the builder then
+    loads the model as it always does (the log says so), and the graph is still its own."""
+    from safetensors.torch import load_file, save_file
+
+    base = make_base(tmp_path / "base")
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors["model.unexpected.weight"] = tensors["model.norm.weight"].clone()
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    both(base, "ort-cpu-int4", tmp_path, streamed=False)
+
+
+@pytest.mark.slow
+def test_the_streamed_build_holds_a_fraction_of_the_builders_memory(tmp_path):
+    """Int4 of a 0.2B model of wide layers (hidden 1024, intermediate 4096, 12 layers, 0.81 GB of fp32 weights).
+    The builder holds the model and then the whole graph in fp32 while it quantizes; the streamed build the int4
+    graph and one layer. Peaks measured as each process's own VmHWM; the streamed build must stay under 0.5x the
+    builder's and under the fp32 weight bytes plus 0.7 GB (Python, torch and ONNX Runtime themselves)."""
+    base = make_base(tmp_path / "base", hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
+                     num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False)
+    fp32 = 4 * parameter_count(base)
+    stock, streamed = both(base, "ort-cpu-int4", tmp_path)
+    print(f"int4 build of {fp32 / 1e9:.2f} GB of fp32 weights (12 layers): builder alone "
+          f"{stock / 1e9:.2f} GB, streamed {streamed / 1e9:.2f} GB")
+    assert streamed <= 0.5 * stock
+    assert streamed <= fp32 + 0.7e9
