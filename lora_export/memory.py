@@ -26,27 +26,37 @@ UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
 
 @dataclass(frozen=True)
 class Cost:
-    """Peak RSS of a command's whole process tree: ``fixed`` bytes + ``per_fp32`` x the fp32 weight bytes."""
+    """Peak RSS of a command's whole process tree: ``fixed`` bytes + ``per_fp32`` x the fp32 weight bytes, + for
+    quantized builds ``per_vocab`` x the fp32 bytes of one vocab x hidden matrix (the graph keeps the embedding in
+    fp32 and quantizes lm_head whole: a cost that grows with the vocabulary, not with the layers)."""
 
     fixed: float
     per_fp32: float
+    per_vocab: float = 0.0
 
-    def of(self, fp32_bytes: int) -> int:
-        return int(self.fixed + self.per_fp32 * fp32_bytes)
+    def of(self, fp32_bytes: int, vocab_bytes: int = 0) -> int:
+        return int(self.fixed + self.per_fp32 * fp32_bytes + self.per_vocab * vocab_bytes)
 
 
 # Fitted through README's "Export cost, measured as users run it" (peak tree RSS, MB = 1e6 bytes; 135M shape:
-# 538 MB of fp32 weights, TinyLlama-1.1B shape: 4400 MB) and issue 27, rounded up so that every measured run is
-# estimated 4-13% above its own peak. Precisions and schemes nobody measured take the row of what they run.
-EXPORT = {  # (backend, quantized weights) -> the whole `export` command (its parity run included)
+# 538 MB of fp32 weights, TinyLlama-1.1B shape: 4400 MB, Llama-3.1-8B widths cut to 2 layers: 5948 MB) and rounded up
+# so that every measured run is estimated a few % above its own peak. Precisions and schemes nobody measured take the
+# row of what they run. The whole `export` command also validates: it is never estimated below VALIDATE.
+EXPORT = {  # (backend, quantized weights[, precision]) -> the graph build and the checks around it
     # `export --target ort-cpu-fp32`: 1171 MB at 135M (2.18x), 5575 MB at 1.1B (1.27x): a line of 0.56 GB + 1.14x;
     # estimated 1.30 GB (+11%) and 6.32 GB (+13%). fp16 targets: unmeasured; the builder reads the same fp32 merge.
     ("genai-builder", False): Cost(0.6 * GB, 1.3),
-    # `export --target ort-cpu-int4`: 2022 MB at 135M (3.76x); issue 27: 2.92x at 1.49B (Llama-3.1-8B widths cut
-    # to 2 layers, 5.95 GB of fp32 weights: 17.4 GB): a line of 0.50 GB + 2.84x; estimated 2.21 GB (+9%) and
-    # 18.4 GB (+6%). int8 and nf4: unmeasured, given int4's (the only quantized export measured). The builder's
-    # int4 quantizer holds this (the builder alone: 3.72x at 135M, 2.50x at 1.1B); when it stops, so must this row.
-    ("genai-builder", True): Cost(0.6 * GB, 3.0),
+    # The int4 build, fed one layer at a time (export/builder_stream.py): a layer adds what it keeps, 0.17 x its fp32
+    # bytes (146 MB at Llama-3.1-8B widths: tests/test_builder_stream.py, 2 and 4 layers); the rest is the fp32
+    # embedding kept in the graph and lm_head quantized whole: `export --target ort-cpu-int4` at 8B widths cut to 2
+    # layers (5948 MB of fp32 weights, a 2101 MB vocab x hidden matrix) peaked at 11457 MB, in the build
+    # (benchmarks/results/export_scale-8b-2l-int4.md): 0.6 GB + 0.17 x 5.95 GB + 5.0 x 2.10 GB = 12.1 GB estimated
+    # (+6%). At 8B the build: 16.6 GB. int8 and nf4: unmeasured, given int4's.
+    ("genai-builder", True): Cost(0.6 * GB, 0.17, 5.0),
+    # the same in a graph of fp16 activations (ort-cuda-int4): the embedding and lm_head's input in fp16, 10996 MB
+    # at 8B widths, 2 layers (measured before the per-layer leak was fixed, so an upper bound):
+    # 0.6 GB + 0.17 x 5.95 GB + 4.7 x 2.10 GB = 11.5 GB (+5%).
+    ("genai-builder", True, "fp16"): Cost(0.6 * GB, 0.17, 4.7),
     # README's "Merge and graph build only" rows for the generic dynamo export (not the whole command; its parity
     # run needs less, see VALIDATE): 1796 and 4918 MiB at 135M and 0.5B (1976 MB of fp32 weights), i.e. 1.88 and
     # 5.16 GB: a line of 0.66 GB + 2.28x; estimated 2.09 GB (+11%) and 5.54 GB (+7%). nf4 after it: unmeasured, given
@@ -55,7 +65,11 @@ EXPORT = {  # (backend, quantized weights) -> the whole `export` command (its pa
     ("torch-dynamo", True): Cost(0.8 * GB, 3.0),
 }
 # `lora-export validate` (fp32 export): 1210 MB at 135M (2.25x), 4795 MB at 1.1B (1.09x): a line of 0.71 GB + 0.93x;
-# estimated 1.36 GB (+12%) and 5.42 GB (+13%). Its models are fp32 PyTorch ones whatever the export's precision.
+# estimated 1.36 GB (+12%) and 5.42 GB (+13%). Its models are fp32 PyTorch ones whatever the export's precision, each
+# loaded whole: at 8B they alone are 32 GB (issue 27's next step streams them layer by layer). A base stored in 16
+# bits adds its file's bytes (``estimate``'s ``half_bytes``): transformers maps the file while it makes the fp32
+# copy (Llama-3.1-8B widths, 2 layers, bf16: the unadapted base's parity stage peaked at 9490 MB; estimated 0.8 GB +
+# 1.05 x 5.95 GB + 2.97 GB = 10.0 GB, +6%).
 VALIDATE = Cost(0.8 * GB, 1.05)
 # `lora-export bench --rounds 10` (fp32 export): 3314 MB at 135M (6.16x), 17451 MB at 1.1B (3.97x, three ONNX
 # Runtime sessions held at once; stopped while doubling its rounds): a line of 1.35 GB + 3.66x; estimated 3.65 GB
@@ -64,18 +78,46 @@ BENCH = Cost(1.5 * GB, 4.0)
 COMMANDS = ("export", "validate", "bench")
 
 
-def estimate(command: str, params: int, target) -> int:
-    """Bytes of memory ``command`` needs at its peak for a base of ``params`` weights and ``target``."""
-    fp32 = 4 * params
+def estimate(command: str, params: int, target, vocab_params: int = 0, half_bytes: int = 0) -> int:
+    """Bytes of memory ``command`` needs at its peak for a base of ``params`` weights and ``target``;
+    ``vocab_params``: vocab x hidden, the size of one embedding matrix; ``half_bytes``: the base's bytes stored in
+    fp16/bf16 (mapped while parity makes their fp32 copy)."""
+    fp32, vocab = 4 * params, 4 * vocab_params
     quantized = target.quantization.scheme != "none"
-    build = EXPORT.get((target.backend, quantized)) or max(EXPORT.values(), key=lambda c: c.of(fp32))
+    build = (EXPORT.get((target.backend, quantized, target.precision)) or EXPORT.get((target.backend, quantized))
+             or max(EXPORT.values(), key=lambda c: c.of(fp32, vocab)))
+    validate = VALIDATE.of(fp32) + half_bytes
     if command == "export":
-        return build.of(fp32)
+        return max(build.of(fp32, vocab), validate)
     if command == "validate":
-        return VALIDATE.of(fp32)
+        return validate
     if command == "bench":
-        return max(BENCH.of(fp32), build.of(fp32))
+        return max(BENCH.of(fp32), build.of(fp32, vocab))
     raise ValueError(f"no memory estimate for {command!r}: one of {COMMANDS}")
+
+
+def half_bytes(base: Path) -> int:
+    """Bytes of the base's fp16 and bf16 tensors, from its shard headers."""
+    import math
+
+    from .checkpoint import shard_files
+    from .tensorfile import read_header
+
+    return sum(2 * math.prod(e.shape) for shard in shard_files(base) for e in read_header(shard)[0]
+               if e.dtype in ("F16", "BF16"))
+
+
+def vocab_params(base: Path) -> int:
+    """vocab_size x hidden_size from the base's config (its text model's, for a multimodal config); 0 if unknown."""
+    import json
+
+    try:
+        config = json.loads((Path(base) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    vocab, hidden = text.get("vocab_size", config.get("vocab_size")), text.get("hidden_size", config.get("hidden_size"))
+    return int(vocab) * int(hidden) if isinstance(vocab, int) and isinstance(hidden, int) else 0
 
 
 @dataclass(frozen=True)
@@ -195,11 +237,11 @@ def check_memory(command: str, base: Path, target, where: str, environ=None, pro
     memory = planned(environ, proc)
     if memory is None:
         return
-    params = parameter_count(base, unpack_4bit=True)
-    need = estimate(command, params, target)
+    params, vocab, half = parameter_count(base, unpack_4bit=True), vocab_params(base), half_bytes(base)
+    need = estimate(command, params, target, vocab, half)
     if need <= memory.bytes:
         return
-    cheaper = _fitting_targets(params, memory.bytes, target.name) if command == "export" else []
+    cheaper = _fitting_targets(params, vocab, half, memory.bytes, target.name) if command == "export" else []
     instead = (f"; or a target whose export fits: {', '.join(f'{n} (about {b / GB:.1f} GB)' for n, b in cheaper)}"
                if cheaper else "")
     raise BadInput.one(where, f"`lora-export {command}` of this {params / 1e9:.2f}B-parameter model for {target.name} "
@@ -211,10 +253,10 @@ def check_memory(command: str, base: Path, target, where: str, environ=None, pro
                        "memory to plan against (e.g. 64G), or to off to skip this check")
 
 
-def _fitting_targets(params: int, memory: int, current: str) -> list[tuple[str, int]]:
+def _fitting_targets(params: int, vocab: int, half: int, memory: int, current: str) -> list[tuple[str, int]]:
     """The shipped targets whose export fits ``memory``, cheapest first (at most three)."""
     from .targets import available as shipped
     from .targets import load_target
 
-    costs = sorted((estimate("export", params, load_target(n)), n) for n in shipped() if n != current)
+    costs = sorted((estimate("export", params, load_target(n), vocab, half), n) for n in shipped() if n != current)
     return [(n, b) for b, n in costs if b <= memory][:3]

@@ -11,6 +11,7 @@ may differ: the streamed build quantizes layer by layer, the builder at the end.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 from lora_export.checkpoint import parameter_count
 from lora_export.export.builder_stream import NOT_STREAMED, STREAMED
 from lora_export.export.genai_builder import BUILDER_OPTIONS
+from lora_export.isolate import lean_env
 from lora_export.latency import graph_structure
 from lora_export.quantize import SCHEMES
 from lora_export.targets import load_target
@@ -51,7 +53,8 @@ def build(module: str, checkpoint: Path, target_name: str, out: Path) -> tuple[s
     """(the build's output, its peak RSS in bytes)."""
     out.mkdir(parents=True)
     r = subprocess.run([sys.executable, "-c", PEAK, module, *builder_args(checkpoint, target_name), "-o", str(out),
-                        "-c", str(out.parent / (out.name + ".cache"))], capture_output=True, text=True)
+                        "-c", str(out.parent / (out.name + ".cache"))], capture_output=True, text=True,
+                       env=lean_env())  # as genai_builder runs it
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     peak = int(r.stdout.strip().splitlines()[-1].split()[1]) * 1024
     return r.stdout, peak
@@ -139,3 +142,57 @@ def test_the_streamed_build_holds_a_fraction_of_the_builders_memory(tmp_path):
           f"{stock / 1e9:.2f} GB, streamed {streamed / 1e9:.2f} GB")
     assert streamed <= 0.5 * stock
     assert streamed <= fp32 + 0.7e9
+
+
+def layer_bytes(out: Path, layer: int) -> int:
+    """Bytes of the graph's initializers that belong to one decoder layer (from the external-data records)."""
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        if f"layers.{layer}." in t.name or f"layers.{layer}/" in t.name:
+            fields = {e.key: e.value for e in t.external_data}
+            total += int(fields.get("length", 0)) or len(t.raw_data)
+    return total
+
+
+@pytest.mark.slow
+def test_at_8b_widths_the_streamed_build_fits_the_8b_memory_goal(tmp_path):
+    """Llama-3.1-8B's widths (hidden 4096, intermediate 14336, 32/8 heads, vocab 128256, llama3 rope), cut to 2 and
+    to 4 layers: bf16 checkpoints written tensor by tensor (benchmarks/export_scale.py's bases), built for ort-cpu-int4
+    through builder_stream. P(L) is the build's peak (its VmHWM). What a layer adds, (P(4) - P(2)) / 2, must be at
+    most the int4 bytes its graph keeps plus 64 MB (holding its fp32 weights would add 0.87 GB), and P(2) + 30 such
+    layers must stay within issue 27's goal for the whole 8B export: 0.6 x its fp32 weight bytes (19.3 GB)."""
+    from benchmarks.export_scale import LLAMA31_8B, build_base
+
+    from .test_memory import LLAMA_31_8B
+
+    peaks, per_layer = {}, {}
+    for layers in (2, 4):
+        base = tmp_path / f"base-{layers}"
+        shape = f"8b-{layers}l"
+        build_base_with_layers(build_base, base, LLAMA31_8B, layers, shape)
+        _, peaks[layers] = build(STREAM, base, "ort-cpu-int4", tmp_path / f"out-{layers}")
+        per_layer[layers] = layer_bytes(tmp_path / f"out-{layers}", 1)
+        shutil.rmtree(base)
+    added = (peaks[4] - peaks[2]) / 2
+    projected = peaks[2] + 30 * added
+    goal = 0.6 * 4 * LLAMA_31_8B
+    print(f"streamed int4 build at 8B widths: peak {peaks[2] / 1e9:.2f} GB at 2 layers, {peaks[4] / 1e9:.2f} GB at 4; "
+          f"{added / 1e6:.0f} MB a layer (its int4 graph: {per_layer[4] / 1e6:.0f} MB); 32 layers projected "
+          f"{projected / 1e9:.1f} GB against the goal {goal / 1e9:.1f} GB")
+    assert per_layer[2] == per_layer[4] > 0
+    assert added <= per_layer[4] + 64e6
+    assert projected <= goal
+
+
+def build_base_with_layers(build_base, out: Path, shape: dict, layers: int, name: str) -> None:
+    """export_scale's base writer (bf16, tensor by tensor) for Llama-3.1-8B's shape with ``layers`` layers."""
+    from benchmarks import export_scale
+
+    export_scale.SHAPES[name] = dict(shape, num_hidden_layers=layers)
+    export_scale.BF16_SHARDED.add(name)
+    try:
+        build_base(out, name)
+    finally:
+        export_scale.SHAPES.pop(name)
+        export_scale.BF16_SHARDED.discard(name)

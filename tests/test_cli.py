@@ -189,7 +189,7 @@ def test_a_toolchain_failure_exits_3(tiny_base, tiny_adapter, tmp_path, capsys, 
     import lora_export.export.genai_builder as builder
 
     # the real builder, fed a broken option
-    monkeypatch.setattr(builder, "_builder_ep", lambda target: "no-such-provider")
+    monkeypatch.setattr(builder, "builder_ep", lambda target: "no-such-provider")
     rc, _, err = run(["export", "--base", str(tiny_base), "--adapter", str(tiny_adapter), "--target", "ort-cpu-fp32",
                       "--out", str(tmp_path / "o")], capsys)
     assert rc == 3 and "the toolchain failed: the onnxruntime-genai builder failed" in err, err

@@ -286,3 +286,34 @@ def test_nbits_unpacking_is_the_runtimes_own_dequantization_bit_for_bit(bits, bl
     assert unpacked.shape == (n, k)
     assert np.array_equal(unpacked, run_on_identity(node, inits, k))
     assert np.abs(unpacked - w.T.astype(np.float32)).max() < 0.05  # and it is the weight, quantized
+
+
+def test_survival_by_slices_of_rows_is_survival_of_the_whole(monkeypatch):
+    """A large weight (an 8B lm_head is 2.1 GB in fp32) is compared a slice of rows at a time; the norms summed over
+    slices give the whole tensor's figures (to 1e-6 relative: float64 sums in another order)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from lora_export.quantize import survival
+
+    rng = np.random.default_rng(7)
+    n, k = 96, 128
+    w_old = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    w_new = w_old + (rng.standard_normal((n, k)) * 0.01).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"], name="m")], "q",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n])],
+                              initializer=[numpy_helper.from_array(np.ascontiguousarray(w_new.T), "W")])
+    q = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bits=4,
+                             block_size=32, is_symmetric=False)
+    q.process()
+    node = next(x for x in q.model.model.graph.node if x.op_type == "MatMulNBits")
+    inits = {i.name: i for i in q.model.model.graph.initializer}
+    whole = survival.tensor_survival(node, inits, w_old, w_new)
+    monkeypatch.setattr(survival, "CHUNK_ELEMENTS", 10 * k)  # slices of 10 rows: 10 of them, the last of 6
+    assert len(survival.row_chunks(n, k)) == 10
+    sliced = survival.tensor_survival(node, inits, w_old, w_new)
+    assert sliced.survival == pytest.approx(whole.survival, rel=1e-6)
+    assert sliced.quant_error == pytest.approx(whole.quant_error, rel=1e-6)
+    assert 0 < whole.quant_error < 0.2 and whole.survival < 1

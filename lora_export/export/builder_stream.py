@@ -32,7 +32,6 @@ accelerate's offloading hooks only act when a module's forward runs, which the b
 from __future__ import annotations
 
 import gc
-import json
 import runpy
 import sys
 from pathlib import Path
@@ -240,6 +239,18 @@ def _settle(builder, pending, original_to_nbits, unload) -> None:
             value.const_value = value.const_value._evaluate()
     unload(unit)
     gc.collect()  # the replaced nodes and values refer to each other: only the cycle collector frees their weights
+    _trim()
+
+
+def _trim() -> None:
+    """Hand the heap's free pages back to the system (glibc): the quantizer's many mid-sized temporaries otherwise
+    stay in RSS after each layer."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _quantizes(builder) -> bool:
@@ -333,6 +344,9 @@ def _splice(whole, node, quantized) -> None:
         if v is not None and v.const_value is not None and v.name not in mapping and v.name in graph.initializers:
             if len(v.uses()) == 1:
                 graph.initializers.pop(v.name)
+                # and its tensor with it: the builder keeps every Value by name (Model.values), and this one's lazy
+                # cast holds the layer's weight (measured: 0.44 GB a layer kept at 8B widths)
+                v.const_value = None
     for name, v in mapping.items():
         if v.const_value is not None and v.name not in graph.initializers and name not in by_name:
             graph.register_initializer(v)

@@ -62,7 +62,7 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
             sys.executable, "-m", BUILDER_MODULE,
             "-i", str(source), "-o", str(out_dir),
             "-p", scheme.builder_precision(quant, target.precision),
-            "-e", _builder_ep(target),
+            "-e", builder_ep(target),
             "-c", str(out_dir.parent / (out_dir.name + ".cache")),
             "--extra_options", *[f"{k}={v}" for k, v in options.items()],
         ]
@@ -104,7 +104,7 @@ def _opset(model_path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _builder_ep(target) -> str:
+def builder_ep(target) -> str:
     """The builder's -e: TensorRT runs the CUDA graph (nodes it cannot take fall back to CUDA)."""
     for provider in target.execution_providers:
         if provider in PROVIDERS:

@@ -23,6 +23,43 @@ from ..checkpoint import CheckpointTensors
 
 QUANTIZED_OPS = ("MatMulNBits", "MatMulBnb4")
 ERASED = 0.5  # survival below this: most of the adapter's change in that tensor is gone
+CHUNK_ELEMENTS = 1 << 24  # rows of a weight compared at a time: 64 MB of fp32 (an 8B lm_head is 2.1 GB)
+
+
+class GraphWeights:
+    """A model.onnx's initializers by name, each read from its external data file when asked for and dropped after
+    use: an 8B int4 graph is 5+ GB, and loading it whole doubled the peak of the checks below. A mapping of names
+    to TensorProtos holding their data, as the functions here take."""
+
+    def __init__(self, model_path: Path):
+        import onnx
+
+        self.model = onnx.load(str(model_path), load_external_data=False)
+        self.folder = str(Path(model_path).parent)
+        self.protos = {i.name: i for i in self.model.graph.initializer}
+
+    def __contains__(self, name) -> bool:
+        return name in self.protos
+
+    def __getitem__(self, name):
+        import onnx
+        from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+        t = self.protos[name]
+        if not uses_external_data(t):
+            return t
+        copy = onnx.TensorProto()
+        copy.CopyFrom(t)
+        load_external_data_for_tensor(copy, self.folder)
+        copy.data_location = onnx.TensorProto.DEFAULT
+        del copy.external_data[:]
+        return copy
+
+
+def row_chunks(n: int, k: int):
+    """Slices of the N rows of an N x K weight, about CHUNK_ELEMENTS at a time."""
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 @dataclass(frozen=True)
@@ -72,33 +109,46 @@ def candidate_modules(node_name: str, keys: set[str]) -> tuple[str, ...] | None:
     return None
 
 
-def unpack_nbits(node, initializers: dict):
-    """W (N x K, fp32) of a MatMulNBits node, from its contrib op's documented layout: B uint8 [N, blocks, blob]
-    (4 bits: two values a byte, the low nibble first), scales [N x blocks], zero points packed the same way per row
-    (absent: 2^(bits-1)); W = (q - zero point) x scale, in the scales' type, as the op computes it.
-    Written by hand: ONNX Runtime has no dequantizer for this layout."""
-    import numpy as np
+def nbits_arrays(node, initializers) -> tuple:
+    """(attributes, packed B [N, blocks, blob], scales [N, blocks, 1], zero points as stored or None) of a
+    MatMulNBits node: read once, then unpacked a slice of rows at a time by ``unpack_nbits``."""
     from onnx import helper, numpy_helper
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    bits, block, n, k = attrs.get("bits", 4), attrs["block_size"], attrs["N"], attrs["K"]
-    blocks = -(-k // block)
+    n, blocks = attrs["N"], -(-attrs["K"] // attrs["block_size"])
     packed = numpy_helper.to_array(initializers[node.input[1]]).reshape(n, blocks, -1)
-    scales = numpy_helper.to_array(initializers[node.input[2]])
+    scales = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, blocks, 1)
+    zp_name = node.input[3] if len(node.input) > 3 else ""
+    zp = numpy_helper.to_array(initializers[zp_name]).reshape(n, -1) if zp_name else None
+    return attrs, packed, scales, zp
+
+
+def unpack_nbits(node, initializers, rows: slice | None = None, arrays: tuple | None = None):
+    """W (N x K, fp32) of a MatMulNBits node, from its contrib op's documented layout: B uint8 [N, blocks, blob]
+    (4 bits: two values a byte, the low nibble first), scales [N x blocks], zero points packed the same way per row
+    (absent: 2^(bits-1)); W = (q - zero point) x scale, in the scales' type, as the op computes it.
+    ``rows``: only those rows of W (each row is quantized on its own, so a slice is exact); ``arrays``: what
+    ``nbits_arrays`` read. Written by hand: ONNX Runtime has no dequantizer for this layout."""
+    import numpy as np
+
+    attrs, packed, scales, zp = arrays or nbits_arrays(node, initializers)
+    bits, k = attrs.get("bits", 4), attrs["K"]
+    blocks = packed.shape[1]
+    rows = rows or slice(0, attrs["N"])
+    packed = packed[rows]
     half = scales.dtype == np.float16
-    scales = scales.astype(np.float32).reshape(n, blocks, 1)
+    scales = scales[rows].astype(np.float32)
+    n = packed.shape[0]
     if bits == 4:
         q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, -1)
     elif bits == 8:
         q = packed
     else:
         raise ValueError(f"{node.name}: MatMulNBits with {bits} bits (4 and 8 are unpacked here)")
-    zp_name = node.input[3] if len(node.input) > 3 else ""
-    if zp_name:
-        zp = numpy_helper.to_array(initializers[zp_name])
+    if zp is not None:
         if zp.dtype != np.uint8:
             raise ValueError(f"{node.name}: zero points of type {zp.dtype} (packed uint8 ones are unpacked here)")
-        zp = zp.reshape(n, -1)
+        zp = zp[rows]
         if bits == 4:
             zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)
         zp = zp[:, :blocks].reshape(n, blocks, 1).astype(np.float32)
@@ -172,7 +222,6 @@ def measure_survival(export_dir: Path, checkpoint: Path, base_dir: Path, adapter
                      quantization) -> SurvivalReport:
     """Per quantized tensor of the export at ``export_dir``: quantization error and adapter survival."""
     import numpy as np
-    import onnx
     import torch
 
     from ..nf4math import round_trip
@@ -188,10 +237,9 @@ def measure_survival(export_dir: Path, checkpoint: Path, base_dir: Path, adapter
         w = base.get(f"{module}.weight")
         return round_trip(w, nf4) if nf4 and module in quantized else w
 
-    model = onnx.load(str(Path(export_dir) / "model.onnx"), load_external_data=True)
-    inits = {i.name: i for i in model.graph.initializer}
+    inits = GraphWeights(Path(export_dir) / "model.onnx")
     report = SurvivalReport(scheme=quantization.scheme)
-    for node in model.graph.node:
+    for node in inits.model.graph.node:
         if node.op_type not in QUANTIZED_OPS:
             continue
         modules = candidate_modules(node.name, set(merged.keys) & set(base.keys))
@@ -207,20 +255,36 @@ def measure_survival(export_dir: Path, checkpoint: Path, base_dir: Path, adapter
     return report
 
 
-def tensor_survival(node, initializers: dict, w_old, w_new, modules: tuple[str, ...] = (), q_old=None) -> TensorSurvival:
-    """Survival of the change ``w_new - w_old`` (N x K, fp32) through the quantized ``node`` holding Q(w_new)."""
+def tensor_survival(node, initializers, w_old, w_new, modules: tuple[str, ...] = (), q_old=None) -> TensorSurvival:
+    """Survival of the change ``w_new - w_old`` (N x K, fp32) through the quantized ``node`` holding Q(w_new); a
+    MatMulNBits weight a slice of rows at a time (its rows are quantized independently; norms summed)."""
     import numpy as np
     from onnx import helper
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     bits = attrs.get("bits", 4)
-    q_new = _dequantize(node, initializers, attrs["K"])
-    if q_old is None:
-        q_old = _quantize_like(node, w_old, bits)
-    dw = w_new - w_old
+    n, k = w_new.shape
+    if node.op_type == "MatMulNBits":
+        arrays = nbits_arrays(node, initializers)
+        parts = row_chunks(n, k)
+    else:  # MatMulBnb4's blocks run over the flattened weight: the whole of it at once
+        arrays, parts = None, [slice(0, n)]
+    sums = np.zeros(4)  # ||Q(W') - W'||^2, ||W'||^2, ||Q(W') - Q(W) - dW||^2, ||dW||^2
+    for rows in parts:
+        q_new = unpack_nbits(node, initializers, rows, arrays) if arrays else _dequantize(node, initializers, k)
+        new, old = w_new[rows], w_old[rows]
+        q_o = q_old[rows] if q_old is not None else _quantize_like(node, old, bits)
+        dw = new - old
+        sums += [_sq(q_new - new), _sq(new), _sq(q_new - q_o - dw), _sq(dw)]
     return TensorSurvival(node=node.name, modules=modules, bits=bits,
-                          quant_error=float(np.linalg.norm(q_new - w_new) / np.linalg.norm(w_new)),
-                          survival=float(1.0 - np.linalg.norm(q_new - q_old - dw) / np.linalg.norm(dw)))
+                          quant_error=float(np.sqrt(sums[0] / sums[1])),
+                          survival=float(1.0 - np.sqrt(sums[2] / sums[3])))
+
+
+def _sq(x) -> float:
+    import numpy as np
+
+    return float(np.vdot(x, x))  # the squared Frobenius norm, accumulated in float64 by numpy's dot
 
 
 # a right export measures exactly 0 (fp32 and fp16 graphs: the quantizer sees W in the graph's float type, as the
@@ -239,7 +303,6 @@ def off_source(model_path: Path, checkpoint: Path) -> tuple[int, int, str]:
     import logging
 
     import numpy as np
-    import onnx
     import torch
     from onnx import helper
     from onnxruntime.quantization import matmul_nbits_quantizer
@@ -247,18 +310,22 @@ def off_source(model_path: Path, checkpoint: Path) -> tuple[int, int, str]:
     # its INFO line per quantized MatMul would flood the command's output (this runs in a child process)
     logging.getLogger(matmul_nbits_quantizer.__name__).setLevel(logging.WARNING)
     source = CheckpointTensors(checkpoint)
-    model = onnx.load(str(model_path), load_external_data=True)
-    inits = {i.name: i for i in model.graph.initializer}
+    inits = GraphWeights(Path(model_path))
     compared, off, worst = 0, 0, (0.0, "")
-    for node in model.graph.node:
+    for node in inits.model.graph.node:
         modules = candidate_modules(node.name, source.keys) if node.op_type == "MatMulNBits" else None
         if modules is None:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         w = torch.cat([source.get(f"{m}.weight") for m in modules]).numpy()
-        q_graph = _dequantize(node, inits, attrs["K"])
-        fp16 = inits[node.input[2]].data_type == onnx.TensorProto.FLOAT16  # the graph's scales: its float type
-        q_source = _quantize_like(node, w, attrs.get("bits", 4), fp16)
-        err = float(np.linalg.norm(q_graph - q_source) / max(np.linalg.norm(q_source), 1e-30))
+        arrays = nbits_arrays(node, inits)
+        fp16 = arrays[2].dtype == np.float16  # the graph's scales: its float type
+        diff = total = 0.0
+        for rows in row_chunks(*w.shape):
+            q_graph = unpack_nbits(node, inits, rows, arrays)
+            q_source = _quantize_like(node, w[rows], attrs.get("bits", 4), fp16)
+            diff, total = diff + _sq(q_graph - q_source), total + _sq(q_source)
+        err = float(np.sqrt(diff) / max(np.sqrt(total), 1e-30))
         compared, off, worst = compared + 1, off + (err > REQUANTIZED_RTOL), max(worst, (err, node.name))
+        del w, arrays
     return compared, off, f"{worst[1]} ({worst[0]:.2g})"
