@@ -177,6 +177,8 @@ def _stream_units(builder, model, original_to_nbits) -> None:
     names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
 
     def units_of(module) -> bool:
+        if module not in names:  # made by the builder inside the unit it is making (Phi-3's q/k/v split of qkv_proj)
+            return False
         return builder.is_layer(module) or (any(True for _ in module.parameters(recurse=False)) and
                                             not any(builder.is_layer(m) for m in _ancestors(model, names, module)))
 
