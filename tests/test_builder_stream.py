@@ -95,6 +95,21 @@ def test_every_builder_target_is_the_builders_graph(target, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_node_the_options_exclude_stays_float_as_in_the_builder(tmp_path):
+    """lm_head = "unquantized" (nodes_to_exclude=/lm_head/MatMul): the streamed build leaves it a float MatMul, as the
+    builder does."""
+    text = (Path(load_target("ort-cpu-int4").source).read_text()
+            .replace('lm_head = "int8"', 'lm_head = "unquantized"').replace('name = "ort-cpu-int4"', 'name = "x"'))
+    assert 'lm_head = "unquantized"' in text
+    (tmp_path / "x.toml").write_text(text)
+    base = make_base(tmp_path / "base", tie_word_embeddings=False)
+    both(base, str(tmp_path / "x.toml"), tmp_path)
+    head = [n for n in onnx.load(str(tmp_path / "streamed" / "model.onnx"), load_external_data=False).graph.node
+            if n.name.startswith("/lm_head/")]
+    assert [n.op_type for n in head] == ["MatMul"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM", "MistralForCausalLM"])
 def test_families_are_the_builders_graph(arch, tmp_path):
     """Biases (Qwen2), a fused qkv_proj in the checkpoint (Phi-3), Gemma's norm offset and embedding scale."""
