@@ -348,17 +348,12 @@ def ensure_base(work: Path, model: str) -> tuple[Path, int]:
 
 def builder_cmd(merged: Path, out: Path, cache: Path, target_name: str) -> list[str]:
     """onnxruntime-genai's builder alone, with the precision and extra options lora_export passes it."""
-    from lora_export.export.genai_builder import BUILDER_OPTIONS, builder_ep
-    from lora_export.quantize import SCHEMES
+    from lora_export.export.genai_builder import builder_args
     from lora_export.targets import load_target
 
-    target = load_target(target_name)
-    scheme = SCHEMES[target.quantization.scheme]
-    options = {**BUILDER_OPTIONS, **scheme.builder_options(target.quantization)}
-    return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(out),
-            "-p", scheme.builder_precision(target.quantization, target.precision), "-e", builder_ep(target),
-            "-c", str(cache),
-            "--extra_options", *[f"{k}={v}" for k, v in options.items()]]
+    args = builder_args(merged, out, load_target(target_name))
+    args[args.index("-c") + 1] = str(cache)
+    return [sys.executable, "-m", "onnxruntime_genai.models.builder", *args]
 
 
 # ---------------------------------------------------------------------------------------------- the run

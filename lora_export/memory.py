@@ -46,6 +46,10 @@ EXPORT = {  # (backend, quantized weights[, precision]) -> the graph build and t
     # `export --target ort-cpu-fp32`: 1171 MB at 135M (2.18x), 5575 MB at 1.1B (1.27x): a line of 0.56 GB + 1.14x;
     # estimated 1.30 GB (+11%) and 6.32 GB (+13%). fp16 targets: unmeasured; the builder reads the same fp32 merge.
     ("genai-builder", False): Cost(0.6 * GB, 1.3),
+    # its fp16 build, streamed (ort-cuda-fp16): 6647 MB at 8B widths, 2 layers (benchmarks/results/
+    # export_scale-8b-2l-layerwise.md, the build's stage): 0.6 GB + 1.05 x 5.95 GB = 6.85 GB (+3%). At 8B, 34 GB: an
+    # upper bound, since a streamed layer keeps its fp16 bytes (0.5x), unmeasured beyond 2 layers.
+    ("genai-builder", False, "fp16"): Cost(0.6 * GB, 1.05),
     # The int4 build, fed one layer at a time (export/builder_stream.py): a layer adds what it keeps, 0.17 x its fp32
     # bytes (146 MB at Llama-3.1-8B widths: tests/test_builder_stream.py, 2 and 4 layers); the rest is the fp32
     # embedding kept in the graph and lm_head quantized whole: `export --target ort-cpu-int4` at 8B widths cut to 2
@@ -53,10 +57,10 @@ EXPORT = {  # (backend, quantized weights[, precision]) -> the graph build and t
     # (benchmarks/results/export_scale-8b-2l-int4.md): 0.6 GB + 0.17 x 5.95 GB + 5.0 x 2.10 GB = 12.1 GB estimated
     # (+6%). At 8B the build: 16.6 GB. int8 and nf4: unmeasured, given int4's.
     ("genai-builder", True): Cost(0.6 * GB, 0.17, 5.0),
-    # the same in a graph of fp16 activations (ort-cuda-int4): the embedding and lm_head's input in fp16, 10996 MB
-    # at 8B widths, 2 layers (measured before the per-layer leak was fixed, so an upper bound):
-    # 0.6 GB + 0.17 x 5.95 GB + 4.7 x 2.10 GB = 11.5 GB (+5%).
-    ("genai-builder", True, "fp16"): Cost(0.6 * GB, 0.17, 4.7),
+    # the same in a graph of fp16 activations (ort-cuda-int4): the embedding and lm_head's input in fp16, 9235 MB
+    # at 8B widths, 2 layers (benchmarks/results/export_scale-8b-2l-layerwise.md):
+    # 0.6 GB + 0.17 x 5.95 GB + 3.8 x 2.10 GB = 9.6 GB (+4%).
+    ("genai-builder", True, "fp16"): Cost(0.6 * GB, 0.17, 3.8),
     # README's "Merge and graph build only" rows for the generic dynamo export (not the whole command; its parity
     # run needs less, see VALIDATE): 1796 and 4918 MiB at 135M and 0.5B (1976 MB of fp32 weights), i.e. 1.88 and
     # 5.16 GB: a line of 0.66 GB + 2.28x; estimated 2.09 GB (+11%) and 5.54 GB (+7%). nf4 after it: unmeasured, given
@@ -66,15 +70,32 @@ EXPORT = {  # (backend, quantized weights[, precision]) -> the graph build and t
 }
 # `lora-export validate` (fp32 export): 1210 MB at 135M (2.25x), 4795 MB at 1.1B (1.09x): a line of 0.71 GB + 0.93x;
 # estimated 1.36 GB (+12%) and 5.42 GB (+13%). Its models are fp32 PyTorch ones whatever the export's precision, each
-# loaded whole: at 8B they alone are 32 GB (issue 27's next step streams them layer by layer). A base stored in 16
-# bits adds its file's bytes (``estimate``'s ``half_bytes``): transformers maps the file while it makes the fp32
-# copy (Llama-3.1-8B widths, 2 layers, bf16: the unadapted base's parity stage peaked at 9490 MB; estimated 0.8 GB +
+# loaded whole up to 5 GiB of fp32 weights (above, see LAYERWISE_TORCH). A base stored in 16 bits adds its file's bytes
+# (``estimate``'s ``half_bytes``): transformers maps the file while it makes the fp32 copy (Llama-3.1-8B widths, 2
+# layers, bf16, when its models were whole: the unadapted base's parity stage peaked at 9490 MB; estimated 0.8 GB +
 # 1.05 x 5.95 GB + 2.97 GB = 10.0 GB, +6%).
 VALIDATE = Cost(0.8 * GB, 1.05)
+# Above ``reference.LAYERWISE_ABOVE`` (5 GiB of fp32 weights) parity reads each PyTorch model a unit at a time from
+# disk: one decoder layer, or the embedding or lm_head in fp32, plus a pass's logits; no mapped 16-bit file. Its peak
+# grows with the vocabulary, barely with the layers. Llama-3.1-8B widths, 2 layers, ort-cpu-int4 export (benchmarks/
+# results/export_scale-8b-2l-layerwise.md): the reference's stage 4788 MB, the merged model's 4706 MB, the base's
+# 3669 MB (whole: 9461 MB), the ONNX Runtime session's 4586 MB with a 3026 MB graph. A line through the PyTorch stages:
+# 1.6 GB + 0.02x the fp32 bytes + 1.6x one vocab x hidden fp32 matrix, 5.08 GB there (+6%); at 8B 5.6 GB, where
+# tests/test_layerwise.py projects a layerwise model alone (2 and 4 layers measured, 7 MB a layer) to 3.8 GB.
+LAYERWISE_TORCH = Cost(1.6 * GB, 0.02, 1.6)
+# ... and the export's ONNX Runtime session: 1.7 GB + 1.05x the graph's bytes (4.88 GB there, +6%). The graph's bytes:
+# the fp32 weights, halved for fp16; quantized, 0.16x them + the fp32 embedding (3053 MB there for 3026 MB).
+ORT_SESSION = Cost(1.7 * GB, 1.05)
 # `lora-export bench --rounds 10` (fp32 export): 3314 MB at 135M (6.16x), 17451 MB at 1.1B (3.97x, three ONNX
 # Runtime sessions held at once; stopped while doubling its rounds): a line of 1.35 GB + 3.66x; estimated 3.65 GB
 # (+10%) and 19.1 GB (+9%). It also builds the base export for the target: never less than that export's row.
 BENCH = Cost(1.5 * GB, 4.0)
+# An fp16 target's export first runs the merged model in fp32 over the parity prompts, to find weights and
+# activations beyond fp16's range (precision.py). Whole: 8509 MB at 8B widths, 2 layers (export --target
+# ort-cuda-fp16, the same file, when it loaded the model whole): 0.8 GB + 1.35 x 5.95 GB = 8.8 GB (+4%). Above
+# reference.LAYERWISE_ABOVE it runs layerwise, as parity's models (LAYERWISE_TORCH): the check alone then peaked at
+# 3464 MB there (its process's VmHWM, 47 s for 8 prompts instead of 7 s).
+FP16_CHECK = Cost(0.8 * GB, 1.35)
 COMMANDS = ("export", "validate", "bench")
 
 
@@ -86,14 +107,37 @@ def estimate(command: str, params: int, target, vocab_params: int = 0, half_byte
     quantized = target.quantization.scheme != "none"
     build = (EXPORT.get((target.backend, quantized, target.precision)) or EXPORT.get((target.backend, quantized))
              or max(EXPORT.values(), key=lambda c: c.of(fp32, vocab)))
-    validate = VALIDATE.of(fp32) + half_bytes
+    validate = _validate(params, target, vocab, half_bytes)
     if command == "export":
-        return max(build.of(fp32, vocab), validate)
+        return max(build.of(fp32, vocab), validate, _fp16_check(params, target, vocab))
     if command == "validate":
         return validate
     if command == "bench":
         return max(BENCH.of(fp32), build.of(fp32, vocab))
     raise ValueError(f"no memory estimate for {command!r}: one of {COMMANDS}")
+
+
+def _validate(params: int, target, vocab: int, half_bytes: int) -> int:
+    """Parity's peak: its PyTorch models, whole or a layer at a time (``reference.layerwise_for``), or the export's
+    session, whichever is larger."""
+    from .reference import layerwise_for
+
+    fp32 = 4 * params
+    if not layerwise_for(params):
+        return VALIDATE.of(fp32) + half_bytes
+    if target.quantization.scheme != "none":
+        graph = 0.16 * fp32 + vocab
+    else:
+        graph = fp32 * (0.5 if target.precision in ("fp16", "bf16") else 1.0)
+    return max(LAYERWISE_TORCH.of(fp32, vocab), ORT_SESSION.of(int(graph)))
+
+
+def _fp16_check(params: int, target, vocab: int) -> int:
+    from .reference import layerwise_for
+
+    if target.precision != "fp16":
+        return 0
+    return LAYERWISE_TORCH.of(4 * params, vocab) if layerwise_for(params) else FP16_CHECK.of(4 * params)
 
 
 def half_bytes(base: Path) -> int:

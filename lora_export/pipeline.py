@@ -82,7 +82,7 @@ from .quantized_base import check_request as check_quant_request
 from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
 from .reference import DEVICE as REFERENCE_DEVICE
 from .reference import describe as describe_reference
-from .reference import reference_model, torch_model
+from .reference import layerwise_for, reference_model, torch_model
 from .sidepath import build_unmerged, check_side_path, unmerged_source
 from .targets import (
     check_against_context,
@@ -296,7 +296,14 @@ def prepare(req: ExportRequest, base: Path, target, work: Path, progress: Progre
                    as_trained_dir=work / "as-trained")
     if target.precision == "fp16":
         progress("checking that weights and activations fit fp16")
-        check_fp16_range(load_fp32(merged.checkpoint), prompt_ids[0], str(adapters[0].path))
+        if layerwise_for(parameter_count(merged.checkpoint)):  # one decoder layer in memory, as parity's models
+            from .layerwise import load as load_layerwise
+            from .precision import checkpoint_abs_max
+
+            check_fp16_range(load_layerwise(merged.checkpoint), prompt_ids[0], str(adapters[0].path),
+                             weight_max=checkpoint_abs_max(merged.checkpoint))
+        else:
+            check_fp16_range(load_fp32(merged.checkpoint), prompt_ids[0], str(adapters[0].path))
     source = merged.checkpoint
     if req.keep_adapter:
         source = unmerged_source(plain, adapters[0], merge_base, work)
@@ -379,13 +386,17 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
                                                prepared, max_positions, steps, base_sha, progress=progress)
         shapes = parity.make_shapes(*token_ids, max_positions, steps)
         adapters, merged = list(prepared.adapters), prepared.merged
-        tolerances, size_note = target.tolerances.for_model(parameter_count(prepared.base or base))
+        params = parameter_count(prepared.base or base)
+        tolerances, size_note = target.tolerances.for_model(params)
+        by_layer = layerwise_for(params)  # PyTorch models over 5 GiB: one decoder layer in memory at a time
+        if by_layer:
+            progress("parity: the PyTorch models are read from disk one decoder layer at a time")
         models = parity.Models(
             reference=functools.partial(reference_model, prepared.base or base, prepared.adapters, prepared.weights,
-                                        merged.as_trained),
+                                        merged.as_trained, by_layer),
             candidate=functools.partial(OrtCausalLM, export_dir, run_with),
-            merged=functools.partial(torch_model, merged.checkpoint),
-            base=functools.partial(torch_model, prepared.base or base),
+            merged=functools.partial(torch_model, merged.checkpoint, by_layer),
+            base=functools.partial(torch_model, prepared.base or base, by_layer),
             isolate=True,
         )
         per_shape, stages, retention = parity.measure(models, shapes, steps, Path(tmp), progress=progress,

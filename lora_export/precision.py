@@ -13,10 +13,29 @@ FP16_MAX = 65504.0
 MARGIN = 0.5  # activations are measured on a few prompts only: refuse at half the range
 
 
-def check_fp16_range(model, prompts: list[list[int]], where: str) -> None:
+def checkpoint_abs_max(checkpoint) -> dict[str, float]:
+    """Each floating tensor's max |value| in a checkpoint, read one tensor at a time (for a layerwise model, whose
+    parameters stay on disk between forwards)."""
+    from .layerwise import checkpoint_index
+    from .tensorfile import read_tensor
+
+    found = {}
+    for name, (file, entry) in checkpoint_index(checkpoint).items():
+        with open(file, "rb") as f:
+            t = read_tensor(f, entry)
+        if t.is_floating_point() and t.numel():
+            found[name] = t.abs().max().float().item()
+    return found
+
+
+def check_fp16_range(model, prompts: list[list[int]], where: str,
+                     weight_max: dict[str, float] | None = None) -> tuple[dict, dict]:
+    """Refuse weights beyond fp16's range and activations beyond half of it; returns (weights' max |value|, each
+    leaf module's activation peak). ``weight_max``: the weights' max, read from the checkpoint (layerwise models)."""
     import torch
 
-    weights = {n: p.detach().abs().max().item() for n, p in model.named_parameters()}
+    weights = weight_max if weight_max is not None else \
+        {n: p.detach().abs().max().item() for n, p in model.named_parameters()}
     too_big = sorted((n for n, v in weights.items() if v > FP16_MAX), key=weights.get, reverse=True)
     peaks: dict[str, float] = {}
 
@@ -45,3 +64,4 @@ def check_fp16_range(model, prompts: list[list[int]], where: str) -> None:
             parts.append(f"activations reaching {peaks[hot[0]]:.3g} in {', '.join(hot[:5])}")
         raise BadInput.one(where, "; ".join(parts) + ", which would be Inf/NaN in fp16",
                            "use a bf16 or fp32 target for this model (bf16 has fp32's range)")
+    return weights, peaks

@@ -26,6 +26,18 @@ from .quantized_base import quantization_of
 
 COMPUTE_DTYPE = "float32"
 DEVICE = "cpu"
+# Models whose fp32 weights exceed this (about 1.3B parameters) are run a unit at a time from disk (``layerwise``):
+# the same logits bit for bit, one decoder layer in memory, but every forward reads the weights again (at Llama-3.1-8B
+# widths with 2 layers parity's reference took 194 s instead of 37 s), so smaller models, which fit the memory of
+# the CI runners users have (whole: 0.8 GB + 1.05x their fp32 bytes, memory.VALIDATE), stay whole. A fixed size, not
+# the machine's memory, picks it, so that a model is computed the same way on every machine.
+LAYERWISE_ABOVE = 5 * 1024**3
+LAYERWISE_LOGIT_BYTES = 1 << 30  # logits one pass of a layerwise model may produce: every parity sequence at 8B
+
+
+def layerwise_for(params: int) -> bool:
+    """Whether parity runs a model of ``params`` weights layer by layer from disk."""
+    return 4 * params > LAYERWISE_ABOVE
 
 
 def dequantize_layers(model, modules: Sequence[str], nf4: Nf4Settings) -> None:
@@ -72,15 +84,31 @@ def describe(adapters: Sequence[Adapter]) -> str:
     return f"{base} + {count} unmerged, computed in {COMPUTE_DTYPE} on {DEVICE} (PyTorch)"
 
 
-def reference_model(base: Path, adapters, weights, as_trained: Path | None):
-    """The reference as a ``runtime.TorchCausalLM`` (what parity measures the export against)."""
+def reference_model(base: Path, adapters, weights, as_trained: Path | None, layerwise: bool = False):
+    """The reference as a ``runtime.TorchCausalLM`` (what parity measures the export against); ``layerwise``: its
+    weights read a unit at a time at its forward (``layerwise.load``) from ``as_trained`` (or a plain base)."""
     from .runtime import TorchCausalLM
 
-    return TorchCausalLM(load_adapted(base, list(adapters), weights, as_trained=as_trained))
+    adapters = list(adapters)
+    if layerwise:
+        source = as_trained or base
+        if source == base and adapters[0].trained_on_4bit and not adapters[0].quantization.prequantized:
+            raise ValueError(f"{base}: a layerwise reference of a 4-bit base reads the base as trained (as_trained)")
+        return _layerwise(source, adapters, weights)
+    return TorchCausalLM(load_adapted(base, adapters, weights, as_trained=as_trained))
 
 
-def torch_model(checkpoint: Path):
+def torch_model(checkpoint: Path, layerwise: bool = False):
     """A plain fp32 checkpoint (the merge, or the base) as a ``runtime.TorchCausalLM``: parity's comparison models."""
     from .runtime import TorchCausalLM
 
-    return TorchCausalLM(load_fp32(checkpoint))
+    return _layerwise(checkpoint, (), None) if layerwise else TorchCausalLM(load_fp32(checkpoint))
+
+
+def _layerwise(checkpoint: Path, adapters, weights):
+    from . import layerwise
+    from .runtime import TorchCausalLM
+
+    model = TorchCausalLM(layerwise.load(checkpoint, adapters, weights))
+    model.rows_per_pass = LAYERWISE_LOGIT_BYTES // (4 * model.model.config.get_text_config().vocab_size)
+    return model

@@ -194,6 +194,7 @@ class TorchCausalLM:
     """A transformers causal LM (plain, 4-bit, or with a PEFT adapter) behind the same step interface."""
 
     padding_side = "left"
+    rows_per_pass = 0  # a layerwise model (reads its weights at each forward) takes at least this many rows a pass
 
     def __init__(self, model):
         import inspect
@@ -300,7 +301,9 @@ def greedy_tokens(model: TorchCausalLM, prompts: list[list[int]], steps: int) ->
 
 def teacher_forced(model: TorchCausalLM, sequences: list[list[int]], budget_rows: int):
     """Yield (index, logits of every position) for each whole sequence, from one forward pass per batch
-    (no KV cache); batches are formed so that batch x width stays within ``budget_rows`` logit rows."""
+    (no KV cache); batches are formed so that batch x width stays within ``budget_rows`` logit rows (or the model's
+    ``rows_per_pass``, when larger: a layerwise model reads all its weights again for every batch)."""
+    budget_rows = max(budget_rows, getattr(model, "rows_per_pass", 0))
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     batch: list[int] = []
     for i in order + [None]:

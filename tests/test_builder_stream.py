@@ -21,10 +21,9 @@ import pytest
 
 from lora_export.checkpoint import parameter_count
 from lora_export.export.builder_stream import NOT_STREAMED, STREAMED
-from lora_export.export.genai_builder import BUILDER_OPTIONS
+from lora_export.export.genai_builder import builder_args
 from lora_export.isolate import lean_env
 from lora_export.latency import graph_structure
-from lora_export.quantize import SCHEMES
 from lora_export.targets import load_target
 
 from .conftest import make_base
@@ -39,21 +38,11 @@ PEAK = ("import runpy, sys; sys.argv = [sys.argv[1], *sys.argv[2:]]; m = sys.arg
         "print('VmHWM_kB', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
 
 
-def builder_args(checkpoint: Path, target_name: str) -> list[str]:
-    target = load_target(target_name)
-    q = target.quantization
-    scheme = SCHEMES[q.scheme]
-    options = {**BUILDER_OPTIONS, **scheme.builder_options(q)}
-    ep = "cuda" if any("CUDA" in p or "Tensorrt" in p for p in target.execution_providers) else "cpu"
-    return ["-i", str(checkpoint), "-p", scheme.builder_precision(q, target.precision), "-e", ep,
-            "--extra_options", *[f"{k}={v}" for k, v in options.items()]]
-
-
 def build(module: str, checkpoint: Path, target_name: str, out: Path) -> tuple[str, int]:
     """(the build's output, its peak RSS in bytes)."""
     out.mkdir(parents=True)
-    r = subprocess.run([sys.executable, "-c", PEAK, module, *builder_args(checkpoint, target_name), "-o", str(out),
-                        "-c", str(out.parent / (out.name + ".cache"))], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", PEAK, module, *builder_args(checkpoint, out, load_target(target_name))],
+                       capture_output=True, text=True,
                        env=lean_env())  # as genai_builder runs it
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     peak = int(r.stdout.strip().splitlines()[-1].split()[1]) * 1024

@@ -152,6 +152,22 @@ def test_merge_equals_peft_unmerged(case, bases, tmp_path):
         assert len(same) == len(theirs), sorted(set(theirs) - set(same))[:3]  # 3. bit for bit
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_layerwise_reference_equals_peft_unmerged(case, bases, tmp_path):
+    """Parity's reference read a layer at a time from disk (lora_export/layerwise.py) is PEFT's unmerged forward bit for
+    bit for every kind of adapter (DoRA, modules_to_save, tied embeddings, Conv1D...): tolerance none."""
+    from peft import PeftModel
+
+    from lora_export import layerwise
+
+    kind, lora = CASES[case]
+    base = bases[kind]
+    adapter_dir = _make_adapter(base, tmp_path / "adapter", **lora)
+    expected = _logits(PeftModel.from_pretrained(load_fp32(base), str(adapter_dir)).eval())
+    streamed = _logits(layerwise.load(base, [load_adapter(adapter_dir, base)]))
+    assert np.array_equal(streamed, expected), float(np.abs(streamed - expected).max())
+
+
 @pytest.mark.parametrize("option", sorted(REFUSED))
 def test_options_no_merge_reproduces_are_refused_by_name(option, bases, tmp_path):
     from lora_export.errors import BadInput

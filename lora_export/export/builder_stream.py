@@ -107,69 +107,26 @@ def _why_not(builder, path, args, kwargs) -> str | None:
     return None
 
 
-def _checkpoint(path: Path) -> dict:
-    """Tensor name -> (safetensors file, its header entry) of a local checkpoint (one file or an index)."""
-    from ..checkpoint import shard_files
-    from ..tensorfile import read_header
-
-    try:
-        shards = shard_files(path)
-    except Exception:  # no safetensors here: the builder reads it its own way
-        return {}
-    return {e.name: (shard, e) for shard in shards for e in read_header(shard)[0]}
-
-
 def _meta_model(cls, path: Path, kwargs: dict):
-    """The model ``from_pretrained`` would return, on the meta device (buffers real), with ``.checkpoint_keys``:
-    parameter name -> (file, key). A string says why not."""
-    from accelerate import init_empty_weights
+    """The model ``from_pretrained`` would return, on the meta device (buffers real), in from_pretrained's own dtype,
+    with ``.checkpoint_keys`` (``layerwise.meta_model``). A string says why not."""
     from transformers import AutoConfig
 
-    files = _checkpoint(path)
+    from ..layerwise import auto_dtype, checkpoint_index, meta_model
+
+    files = checkpoint_index(path)
     if not files:
         return "no safetensors checkpoint"
     config = kwargs.get("config") or AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    dtype = _auto_dtype(config, files)
-    with init_empty_weights(include_buffers=False):
-        model = cls._from_config(config, dtype=dtype)
-    model.tie_weights()
-    model.eval()
-    by_param: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_param.setdefault(id(p), []).append(name)
-    keys = {}
-    for names in by_param.values():
-        found = next((n for n in names if n in files), None)
-        if found is None:
-            return f"the checkpoint has no tensor for {names[0]}"
-        keys.update({n: files[found] for n in names})
-    unused = sorted(set(files) - {e.name for _, e in keys.values()})
-    if unused:
-        return f"the checkpoint holds {len(unused)} tensors the model does not name as parameters ({unused[0]})"
-    model.checkpoint_keys = keys
-    model.checkpoint_files = len({f for f, _ in files.values()})
-    if any(b.device.type == "meta" for b in model.buffers()):
-        return "a buffer was left on the meta device"
-    return model
-
-
-def _auto_dtype(config, files: dict):
-    """``from_pretrained``'s default dtype ("auto"): the config's, else the checkpoint's first floating tensor's."""
-    import torch
-
-    dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        return getattr(torch, dtype)
-    codes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    return next((codes[e.dtype] for _, e in files.values() if e.dtype in codes), torch.float32)
+    return meta_model(cls, path, config, auto_dtype(config, files))
 
 
 def _stream_units(builder, model, original_to_nbits) -> None:
     """Replace ``model.modules`` by a walk that loads each unit before the builder reaches it, and after the builder
     has made its nodes quantizes them, settles its lazy casts and drops its tensors."""
     import torch
+
+    from ..layerwise import drop, read_into
 
     walk = torch.nn.Module.modules
     builder._lora_export_streamed = True
@@ -181,26 +138,15 @@ def _stream_units(builder, model, original_to_nbits) -> None:
         return builder.is_layer(module) or (any(True for _ in module.parameters(recurse=False)) and
                                             not any(builder.is_layer(m) for m in _ancestors(model, names, module)))
 
+    sources = {(sub, pname): model.checkpoint_keys[f"{name}.{pname}" if name else pname]
+               for name, sub in model.named_modules(remove_duplicate=False) for pname in sub._parameters
+               if sub._parameters[pname] is not None}
+
     def load(module) -> None:
-        from ..tensorfile import read_tensor
+        read_into(module, sources)
 
-        prefix = names[module]
-        for sub_name, sub in module.named_modules():
-            for pname, p in list(sub._parameters.items()):
-                if p is None or p.device.type != "meta":
-                    continue
-                full = ".".join(x for x in (prefix, sub_name, pname) if x)
-                file, entry = model.checkpoint_keys[full]
-                with open(file, "rb") as f:  # a plain read: a memory map would keep every page read in RSS
-                    t = read_tensor(f, entry).to(p.dtype)
-                sub._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
-
-    def unload(module) -> None:
-        for sub in module.modules():
-            for pname, p in list(sub._parameters.items()):
-                if p is not None and p.device.type != "meta":
-                    sub._parameters[pname] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                                requires_grad=False)
+    def unload(module) -> None:  # every weight in the unit, also those of modules the builder made in it (Phi-3's q/k/v)
+        drop(module, {(sub, pname): None for sub in module.modules() for pname in sub._parameters})
 
     def streaming_modules(self=None):
         pending = None  # (unit, the graph's nodes before the builder made the unit's)

@@ -36,6 +36,23 @@ class BuildFailed(ToolchainFailed):
     pass
 
 
+def builder_args(source: Path, out_dir: Path, target, adapter: Path | None = None, layers: int = 0) -> list[str]:
+    """The builder's command line for ``target`` (after ``python -m <the builder or BUILDER_MODULE>``): precision,
+    execution provider, cache folder beside ``out_dir``, extra options. ``layers``: the model's decoder layers (the
+    names of the LoRA nodes kept float, with ``adapter``)."""
+    quant = target.quantization.for_graph(side_paths=adapter is not None)
+    scheme = SCHEMES[quant.scheme]
+    options = {**BUILDER_OPTIONS, **scheme.builder_options(quant)}
+    if adapter is not None:  # the builder's own LoRA path: MatMul A, MatMul B (scaling folded in), Add
+        options["adapter_path"] = str(adapter)
+    if adapter is not None and quant.scheme != "none":
+        keep_float = builder_lora_nodes(layers)
+        options["nodes_to_exclude"] = ",".join(filter(None, (options.get("nodes_to_exclude"), *keep_float)))
+    return ["-i", str(source), "-o", str(out_dir), "-p", scheme.builder_precision(quant, target.precision),
+            "-e", builder_ep(target), "-c", str(out_dir.parent / (out_dir.name + ".cache")),
+            "--extra_options", *[f"{k}={v}" for k, v in options.items()]]
+
+
 def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path | None = None) -> None:
     """With an adapter, its side paths stay float whatever the base weights are quantized to: the builder's LoRA
     MatMuls are excluded from its quantizer (and from the post-process's), and checked after."""
@@ -49,23 +66,11 @@ def build(checkpoint: Path, out_dir: Path, target, log_path: Path, adapter: Path
                               '"lora-export[cpu]" (or "lora-export[gpu]" for CUDA)')
     quant = target.quantization.for_graph(side_paths=adapter is not None)
     scheme = SCHEMES[quant.scheme]
-    options = {**BUILDER_OPTIONS, **scheme.builder_options(quant)}
-    if adapter is not None:  # the builder's own LoRA path: MatMul A, MatMul B (scaling folded in), Add
-        options["adapter_path"] = str(adapter)
-    if adapter is not None and quant.scheme != "none":
-        keep_float = builder_lora_nodes(config["num_hidden_layers"])
-        options["nodes_to_exclude"] = ",".join(filter(None, (options.get("nodes_to_exclude"), *keep_float)))
     view = out_dir.parent / (out_dir.name + ".input")
     try:
         source = builder_input(checkpoint, config, view)  # the checkpoint, or a view with builder_fixes' fixes
-        cmd = [
-            sys.executable, "-m", BUILDER_MODULE,
-            "-i", str(source), "-o", str(out_dir),
-            "-p", scheme.builder_precision(quant, target.precision),
-            "-e", builder_ep(target),
-            "-c", str(out_dir.parent / (out_dir.name + ".cache")),
-            "--extra_options", *[f"{k}={v}" for k, v in options.items()],
-        ]
+        cmd = [sys.executable, "-m", BUILDER_MODULE,
+               *builder_args(source, out_dir, target, adapter, config["num_hidden_layers"])]
         with open(log_path, "w") as log:
             log.write(" ".join(cmd) + "\n")
             log.flush()
