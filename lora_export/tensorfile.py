@@ -55,18 +55,22 @@ def read_header(path: Path) -> tuple[list[Entry], dict]:
 
 
 def read_tensor(f, entry: Entry):
-    """One tensor, read with a plain file read (no memory map)."""
+    """One tensor, read with a plain file read (no memory map) straight into its own storage: no second copy."""
     import torch
 
+    dtype = getattr(torch, DTYPES[entry.dtype])
+    t = torch.empty(entry.shape, dtype=dtype)
+    size = entry.end - entry.start
+    if t.numel() * t.element_size() != size:
+        raise BadInput.one(str(getattr(f, "name", "?")), f"tensor {entry.name}: {size} bytes for shape "
+                           f"{list(entry.shape)} in {entry.dtype}", "the file is damaged: copy or save the model again")
+    if not size:
+        return t
     f.seek(entry.start)
-    data = bytearray(f.read(entry.end - entry.start))
-    if len(data) != entry.end - entry.start:
+    if f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != size:
         raise BadInput.one(str(getattr(f, "name", "?")), f"truncated at tensor {entry.name}",
                            "the file is incomplete: copy or save the model again")
-    dtype = getattr(torch, DTYPES[entry.dtype])
-    if not data:
-        return torch.empty(entry.shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
+    return t
 
 
 class Writer:
