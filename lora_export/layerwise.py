@@ -2,8 +2,9 @@
 
 Parity's PyTorch models (the adapted model as trained, the merged model, the unadapted base) are fp32: at 8B each is
 32 GB, more than many machines that export have. Here the model is built on the meta device from its config, with
-its buffers real; PEFT's adapters, small, are attached and loaded for real; and each *unit* (a decoder layer, and
-every module holding weights outside one: the embedding, the final norm, lm_head) reads its tensors from the
+its buffers real (those the checkpoint holds, such as Gemma 4's trained per-layer scalars, loaded from it); PEFT's
+adapters, small, are attached and loaded for real; and each *unit* (a decoder layer, and every module holding weights
+outside one, or the outermost PEFT wrapper around it: the embedding, the final norm, lm_head) reads its tensors from the
 checkpoint's safetensors when its forward starts and drops them when it ends. The forward itself is transformers'
 own, so every family's quirks (scaled embeddings, soft-capping, sliding windows, multipliers) are what they are in
 the whole model, and the logits are the whole model's bit for bit (tests/test_layerwise.py).
@@ -76,7 +77,8 @@ def meta_model(cls, path: Path, config, dtype, strict: bool = True):
         if found is None:
             return f"the checkpoint has no tensor for {names[0]}"
         keys.update({n: files[found] for n in names})
-    unused = sorted(set(files) - {e.name for _, e in keys.values()})
+    buffers = _load_buffers(model, files)  # persistent buffers the checkpoint holds, as from_pretrained loads them
+    unused = sorted(set(files) - {e.name for _, e in keys.values()} - buffers)
     if unused and strict:
         return f"the checkpoint holds {len(unused)} tensors the model does not name as parameters ({unused[0]})"
     if any(b.device.type == "meta" for b in model.buffers()):
@@ -84,6 +86,24 @@ def meta_model(cls, path: Path, config, dtype, strict: bool = True):
     model.checkpoint_keys = keys
     model.checkpoint_files = len({f for f, _ in files.values()})
     return model
+
+
+def _load_buffers(model, files: dict) -> set[str]:
+    """Copy each buffer the checkpoint holds into the model (a trained per-layer scalar, say); return their names."""
+    import torch
+
+    from .tensorfile import read_tensor
+
+    loaded = set()
+    for name, buf in model.named_buffers():
+        if name in files and buf is not None:
+            file, entry = files[name]
+            with open(file, "rb") as f:
+                t = read_tensor(f, entry)
+            owner, _, bname = name.rpartition(".")
+            model.get_submodule(owner)._buffers[bname] = t.to(buf.dtype) if t.is_floating_point() else t
+            loaded.add(name)
+    return loaded
 
 
 def read_into(module, sources: dict) -> None:
@@ -145,13 +165,26 @@ def load(checkpoint: Path, adapters: Sequence = (), weights: Sequence[float] | N
         raise BadInput.one(str(checkpoint), f"{len(left)} parameters have no tensor to read ({left[0]})", FIX)
     layers = _layers(model, config.get_text_config().num_hidden_layers)
     inside = set() if layers is None else {m for layer in layers for m in layer.modules()}
-    units = list(layers or []) + [m for m in model.modules() if m not in inside and
-                                  any((m, n) in sources for n in m._parameters)]
+    outside = [m for m in model.modules() if m not in inside and any((m, n) in sources for n in m._parameters)]
+    units = list(layers or []) + list(dict.fromkeys(_outermost_wrapper(model, m) for m in outside))
     for unit in units:
         unit.register_forward_pre_hook(lambda m, _args: read_into(m, sources))
         unit.register_forward_hook(lambda m, _args, _out: drop(m, sources))
     model.layerwise_units = len(units)
     return model.eval()
+
+
+def _outermost_wrapper(model, module):
+    """``module``, or the outermost PEFT layer wrapping it (lora.Linear, ModulesToSaveWrapper...): a wrapper's forward
+    may read its base layer's weight outside the base layer's own forward (DoRA's weight norm on lm_head)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    parents = {child: parent for parent in model.modules() for child in parent.children()}
+    unit = module
+    while unit in parents and isinstance(parents[unit], (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+        unit = parents[unit]
+    return unit
 
 
 def _attach_on_meta(model, adapters: list, weights, attach):
@@ -190,7 +223,12 @@ def _attach_on_meta(model, adapters: list, weights, attach):
                 break
             for full in skipped:
                 owner, _, pname = full.rpartition(".")
-                make_real(modules[owner], pname, modules[owner]._parameters[pname])
+                shared = modules[owner]._parameters[pname]
+                make_real(modules[owner], pname, shared)
+                for sub in peft_model.modules():  # a tied twin (lm_head of a tied embedding) takes the same tensor
+                    for other, p in list(sub._parameters.items()):
+                        if p is shared:
+                            sub._parameters[other] = modules[owner]._parameters[pname]
         else:
             raise BadInput.one(str(adapter.path), f"PEFT did not load {len(skipped)} saved tensors ({skipped[0]})",
                                "save the adapter again with PEFT's save_pretrained")

@@ -58,12 +58,14 @@ def read_tensor(f, entry: Entry):
     """One tensor, read with a plain file read (no memory map) straight into its own storage: no second copy."""
     import torch
 
+    import math
+
     dtype = getattr(torch, DTYPES[entry.dtype])
-    t = torch.empty(entry.shape, dtype=dtype)
     size = entry.end - entry.start
-    if t.numel() * t.element_size() != size:
+    if math.prod(entry.shape) * _itemsize(entry.dtype) != size:  # checked before allocating what the header says
         raise BadInput.one(str(getattr(f, "name", "?")), f"tensor {entry.name}: {size} bytes for shape "
                            f"{list(entry.shape)} in {entry.dtype}", "the file is damaged: copy or save the model again")
+    t = torch.empty(entry.shape, dtype=dtype)
     if not size:
         return t
     f.seek(entry.start)

@@ -209,3 +209,48 @@ def test_the_fp16_range_check_finds_the_same_peaks_layer_by_layer(tiny_base, tmp
         with pytest.raises(BadInput, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
             check_fp16_range(model, prompts, "here", weight_max=weights)
     assert torch.isfinite(tensors["model.layers.1.mlp.down_proj.weight"]).all()
+
+
+def test_a_trained_buffer_in_the_checkpoint_is_loaded_as_from_pretrained_loads_it(tmp_path):
+    """Gemma 4 keeps a trained scalar per layer as a persistent buffer (``layer_scalar``), not a parameter: left at its
+    initial 1.0 the layerwise model would be another model."""
+    import torch
+    from transformers import AutoTokenizer, Gemma4ForCausalLM, Gemma4TextConfig
+
+    from .conftest import EMBEDDED
+
+    tok = AutoTokenizer.from_pretrained(str(EMBEDDED / "base"))
+    config = Gemma4TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = Gemma4ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() == 2 else None
+        model.model.layers[0].layer_scalar.fill_(0.25)
+        model.model.layers[1].layer_scalar.fill_(3.0)
+    model.save_pretrained(str(tmp_path / "g4"))
+    tok.save_pretrained(str(tmp_path / "g4"))
+    streamed = layerwise.load(tmp_path / "g4")
+    assert float(streamed.model.layers[1].layer_scalar) == 3.0
+    same_logits(load_fp32(tmp_path / "g4"), streamed)
+
+
+def test_dora_on_lm_head_and_a_saved_tied_embedding_equal_peft(tmp_path):
+    """Outside the decoder layers the unit is PEFT's outermost wrapper (DoRA reads lm_head's base weight outside the
+    base layer's forward); a base weight the adapter saves reaches its tied twin too. Tolerance: none."""
+    from peft import PeftModel
+
+    from .conftest import make_base
+    from .test_merge_semantics import IDS, _logits, _make_adapter
+
+    untied = make_base(tmp_path / "untied", tie_word_embeddings=False)
+    tied = make_base(tmp_path / "tied", tie_word_embeddings=True)
+    for base, lora in ((untied, dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "lm_head"])),
+                       (tied, dict(r=4, lora_alpha=8, target_modules=["q_proj"], save_embedding_layers=True))):
+        adapter_dir = _make_adapter(base, tmp_path / f"adapter-{base.name}", **lora)
+        expected = _logits(PeftModel.from_pretrained(load_fp32(base), str(adapter_dir)).eval())
+        streamed = _logits(layerwise.load(base, [load_adapter(adapter_dir, base)]))
+        assert IDS.shape[0] == expected.shape[0]
+        assert np.array_equal(streamed, expected), (base.name, float(np.abs(streamed - expected).max()))

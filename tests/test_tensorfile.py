@@ -44,3 +44,14 @@ def test_refuses_a_truncated_or_foreign_file(tmp_path):
     (tmp_path / "n.safetensors").write_bytes(b"PK\x03\x04 not safetensors")
     with pytest.raises(BadInput, match="not a safetensors file"):
         tensorfile.read_header(tmp_path / "n.safetensors")
+
+
+def test_a_header_whose_shape_disagrees_with_its_bytes_is_refused_before_allocating(tmp_path):
+    """A damaged header claiming 10^12 floats for 8 bytes: refused by name, not a MemoryError."""
+    import dataclasses
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "x.safetensors"))
+    (entry,), _ = tensorfile.read_header(tmp_path / "x.safetensors")
+    lying = dataclasses.replace(entry, shape=(10**12,))
+    with open(tmp_path / "x.safetensors", "rb") as f, pytest.raises(BadInput, match=r"tensor w: 8 bytes for shape"):
+        tensorfile.read_tensor(f, lying)
