@@ -90,8 +90,6 @@ def meta_model(cls, path: Path, config, dtype, strict: bool = True):
 
 def _load_buffers(model, files: dict) -> set[str]:
     """Copy each buffer the checkpoint holds into the model (a trained per-layer scalar, say); return their names."""
-    import torch
-
     from .tensorfile import read_tensor
 
     loaded = set()
