@@ -29,7 +29,7 @@ DEVICE = "cpu"
 # Models whose fp32 weights exceed this (about 1.3B parameters) are run a unit at a time from disk (``layerwise``):
 # the whole model's logits bit for bit on the same batch (parity gives it every sequence in one batch, which moves
 # fp32 sums by a few ulps), one decoder layer in memory, but every forward reads the weights again (at Llama-3.1-8B
-# widths with 2 layers parity's reference took 194 s instead of 37 s), so smaller models, which fit the memory of
+# widths with 2 layers parity's reference took 157 s instead of 37 s), so smaller models, which fit the memory of
 # the CI runners users have (whole: 0.8 GB + 1.05x their fp32 bytes, memory.VALIDATE), stay whole. A fixed size, not
 # the machine's memory, picks it, so that a model is computed the same way on every machine.
 LAYERWISE_ABOVE = 5 * 1024**3
