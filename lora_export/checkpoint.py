@@ -21,6 +21,14 @@ def shard_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
+def tensor_index(model_dir: Path, shards: list[Path] | None = None) -> dict:
+    """Tensor name -> (safetensors file, its header entry) over every shard of a checkpoint (headers only)."""
+    from .tensorfile import read_header
+
+    return {e.name: (shard, e) for shard in (shard_files(model_dir) if shards is None else shards)
+            for e in read_header(shard)[0]}
+
+
 def parameter_count(model_dir: Path, unpack_4bit: bool = False) -> int:
     """Elements of every tensor in the checkpoint's shards, read from their headers (no weights loaded).
     ``unpack_4bit``: a pre-quantized base's packed uint8 tensors count two weights a byte (the weights it holds)."""

@@ -26,17 +26,17 @@ from .errors import BadInput
 
 FIX = "save the model again with save_pretrained (safetensors), every weight its config names in it"
 
+
 def checkpoint_index(path: Path) -> dict:
-    """Tensor name -> (safetensors file, its header entry) of a local checkpoint (one file or an index);
-    empty when the folder has no safetensors."""
-    from .checkpoint import shard_files
-    from .tensorfile import read_header
+    """``checkpoint.tensor_index``, or empty when the folder has no readable safetensors (the builder then reads it
+    its own way)."""
+    from .checkpoint import shard_files, tensor_index
 
     try:
         shards = shard_files(path)
     except Exception:  # no safetensors here
         return {}
-    return {e.name: (shard, e) for shard in shards for e in read_header(shard)[0]}
+    return tensor_index(path, shards)
 
 
 def auto_dtype(config, files: dict):

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .base import BLOCKSIZES, Nf4Settings, is_prequantized, quantization_config
-from .checkpoint import shard_files, shard_names, write_fp32_config, write_index
+from .checkpoint import shard_files, shard_names, tensor_index, write_fp32_config, write_index
 from .errors import BadInput, Problem, raise_if
 from .jsonfile import read_object
 from .progress import Progress, quiet
@@ -108,19 +108,12 @@ def quantization_of(adapter) -> tuple[list[str], Nf4Settings]:
 # --- pre-quantized bases -------------------------------------------------------------------------------------
 
 
-def _entries(base_dir: Path) -> dict:
-    """name -> (shard, header entry) over all shards."""
-    from .tensorfile import read_header
-
-    return {e.name: (shard, e) for shard in shard_files(base_dir) for e in read_header(shard)[0]}
-
-
 def prequantized_quantization(base_dir: Path) -> Quantization:
     """The settings of a pre-quantized 4-bit base, read from the quant_state stored with its weights."""
 
     where = str(Path(base_dir) / "config.json")
     qc = quantization_config(base_dir) or {}
-    entries = _entries(base_dir)
+    entries = tensor_index(base_dir)
     states = sorted(n for n in entries if QUANT_STATE in n)
     if not states:
         raise BadInput.one(where, "says the weights are bitsandbytes 4-bit, but no weight has a quant_state",
@@ -195,7 +188,7 @@ def dequantize_base(base_dir: Path, out_dir: Path, progress: Progress = quiet) -
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries = _entries(base_dir)
+    entries = tensor_index(base_dir)
     parts = {}  # weight name -> its quant-state component names
     for name in entries:
         if QUANT_STATE in name:
@@ -464,7 +457,7 @@ def checkpoint_dtype(base_dir: Path) -> str:
     for key in ("dtype", "torch_dtype"):
         if str(cfg.get(key, "")).replace("torch.", "") in DTYPES:
             return str(cfg[key]).replace("torch.", "")
-    for _, e in _entries(base_dir).values():
+    for _, e in tensor_index(base_dir).values():
         if e.dtype in SAFETENSORS_DTYPES:
             return SAFETENSORS_DTYPES[e.dtype]
     return "float32"
