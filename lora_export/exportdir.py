@@ -131,11 +131,24 @@ def context_of(base: Path) -> tuple[int, int]:
 
 
 def export_bytes(base: Path, target) -> int:
-    """Disk an export needs at its peak: the merged and as-trained fp32 checkpoints (scratch) and 2.2 x the ONNX output
-    (the graph builder's own temporaries and our re-save), from the parameter count in the shard headers."""
+    """Disk an export needs at its peak: the merged fp32 checkpoint and, below the layerwise size
+    (``reference.as_trained_dir``), the as-trained one (scratch), a pre-quantized base's dequantized copy, and 2.2 x
+    the ONNX output (the graph builder's own temporaries and our re-save), from the parameter count in the headers."""
     from .checkpoint import parameter_count
+    from .reference import layerwise_for
 
     params = parameter_count(base, unpack_4bit=True)
     scheme = target.quantization.scheme
     weights = BYTES_PER_WEIGHT[scheme if scheme != "none" else target.precision]
-    return int((12 if is_prequantized(base) else 8) * params + 2.2 * weights * params)  # + its dequantized copy
+    fp32_copies = 1 + (not layerwise_for(params)) + is_prequantized(base)
+    return int(4 * fp32_copies * params + 2.2 * weights * params)
+
+
+def export_disk_note(base: Path) -> str:
+    """What ``export_bytes`` counts, for the free-disk refusal."""
+    from .checkpoint import parameter_count
+    from .reference import layerwise_for
+
+    copies = "the merged fp32 checkpoint" if layerwise_for(parameter_count(base, unpack_4bit=True)) else \
+        "the merged and the as-trained fp32 checkpoints"
+    return copies + (", the base dequantized" if is_prequantized(base) else "") + " plus 2.2 x the export"

@@ -104,9 +104,11 @@ def _load_buffers(model, files: dict) -> set[str]:
     return loaded
 
 
-def read_into(module, sources: dict) -> None:
+def read_into(module, sources: dict, rounding: tuple[frozenset, object] | None = None) -> None:
     """Give each of ``module``'s meta parameters named in ``sources`` ((submodule, parameter name) -> (file, entry))
-    its tensor, read with a plain read (a memory map would keep every page read in RSS), in the parameter's dtype."""
+    its tensor, read with a plain read (a memory map would keep every page read in RSS), in the parameter's dtype.
+    ``rounding``: (checkpoint tensor names, Nf4Settings): those tensors go through ``nf4math.round_trip`` as read, the
+    base as a QLoRA adapter was trained against (what ``merge`` writes as the base as trained, bit for bit)."""
     import torch
 
     from .tensorfile import read_tensor
@@ -118,6 +120,10 @@ def read_into(module, sources: dict) -> None:
                 continue
             with open(where[0], "rb") as f:
                 t = read_tensor(f, where[1]).to(p.dtype)
+            if rounding is not None and where[1].name in rounding[0]:
+                from .nf4math import round_trip
+
+                t = round_trip(t, rounding[1])
             sub._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
 
 
@@ -139,9 +145,11 @@ def _layers(model, count: int):
     return next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count), None)
 
 
-def load(checkpoint: Path, adapters: Sequence = (), weights: Sequence[float] | None = None):
+def load(checkpoint: Path, adapters: Sequence = (), weights: Sequence[float] | None = None, rounding=None):
     """The fp32 model of ``checkpoint`` (with ``adapters`` attached through PEFT, unmerged, as
-    ``adapters.attach`` does), reading each unit's weights at its forward. Raises BadInput where it cannot."""
+    ``adapters.attach`` does), reading each unit's weights at its forward. Raises BadInput where it cannot.
+    ``rounding``: (module names, Nf4Settings), ``quantized_base.quantization_of``: each of those modules' weight is
+    dequant(NF4(W)) as read, the base as trained computed from the base itself (no fp32 copy of it on disk)."""
     import torch
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
@@ -150,6 +158,13 @@ def load(checkpoint: Path, adapters: Sequence = (), weights: Sequence[float] | N
     if isinstance(model, str):
         raise BadInput.one(str(checkpoint), f"parity cannot read this checkpoint a layer at a time: {model}", FIX)
     keys = model.checkpoint_keys
+    rounded = None
+    if rounding is not None:
+        missing = [m for m in rounding[0] if f"{m}.weight" not in keys]
+        if missing:
+            raise BadInput.one(str(checkpoint), f"has no weight for the 4-bit module {missing[0]} the adapter was "
+                               "trained against", "export with the base the adapter was trained on")
+        rounded = (frozenset(keys[f"{m}.weight"][1].name for m in rounding[0]), rounding[1])
     named = dict(model.named_parameters(remove_duplicate=False))
     by_id = {id(named[n]): where for n, where in keys.items()}  # PEFT keeps the base's parameter objects
     if adapters:
@@ -166,7 +181,7 @@ def load(checkpoint: Path, adapters: Sequence = (), weights: Sequence[float] | N
     outside = [m for m in model.modules() if m not in inside and any((m, n) in sources for n in m._parameters)]
     units = list(layers or []) + list(dict.fromkeys(_outermost_wrapper(model, m) for m in outside))
     for unit in units:
-        unit.register_forward_pre_hook(lambda m, _args: read_into(m, sources))
+        unit.register_forward_pre_hook(lambda m, _args: read_into(m, sources, rounded))
         unit.register_forward_hook(lambda m, _args, _out: drop(m, sources))
     model.layerwise_units = len(units)
     return model.eval()

@@ -228,6 +228,9 @@ class Models:
     # run the reference (PEFT), the other PyTorch models, and the export each in a child process of its own
     # (the loaders must then pickle): the caller stays light, and no stage's memory is stacked on another's
     isolate: bool = False
+    # the reference's greedy tokens verified from the export's own greedy run (``verified_greedy``) instead of
+    # decoded token by token: for a layerwise reference, where every decode step reads all the weights again
+    draft: bool = False
 
 
 def _open(model):
@@ -239,17 +242,60 @@ def _call(fn, *args, progress: Progress = quiet):
 
 
 def reference_stage(reference, seqs: list[list[int]], steps: int, budget: int, store: Path,
-                    progress: Progress = quiet):
-    """The reference generates its greedy continuations (one batch, KV cache, last-position logits only); its
-    logits for every position come from a teacher-forced pass and go to a file. Returns (tokens, store state)."""
-    progress(f"parity: the reference generates {len(seqs)} sequences x {steps} tokens")
+                    draft: list[list[int]] | None = None, progress: Progress = quiet):
+    """The reference's greedy continuations and its logits for every position (to a file). Without ``draft``: it
+    generates them (one batch, KV cache, last-position logits only), then one teacher-forced pass gives the logits.
+    With ``draft`` (another model's greedy tokens): ``verified_greedy``. Returns (tokens, store state)."""
     model, ref_store = _open(reference), LogitStore(store)
-    tokens = greedy_tokens(model, seqs, steps)
-    for i, rows in teacher_forced(model, [p + t[:-1] for p, t in zip(seqs, tokens)], budget):
-        ref_store.put(i, rows)
+    if draft is None:
+        progress(f"parity: the reference generates {len(seqs)} sequences x {steps} tokens")
+        tokens = greedy_tokens(model, seqs, steps)
+        for i, rows in teacher_forced(model, [p + t[:-1] for p, t in zip(seqs, tokens)], budget):
+            ref_store.put(i, rows)
+    else:
+        tokens = verified_greedy(model, seqs, draft, budget, ref_store, progress)
     state = ref_store.state()
     ref_store.close()
     return tokens, state
+
+
+def verified_greedy(model, seqs: list[list[int]], draft: list[list[int]], budget: int, store: LogitStore,
+                    progress: Progress = quiet) -> list[list[int]]:
+    """The model's greedy continuations found by checking a guess instead of decoding token by token.
+
+    One teacher-forced pass over prompt + guess gives the model's argmax at every position. Where it equals the
+    guess at every position but the last (the last token is no input), the argmax row is the model's greedy
+    continuation: up to any position its inputs were the model's own choices. The logits of that pass are then the
+    ones greedy decoding reads, and go to ``store``.
+    Elsewhere the argmax row becomes the next guess, agreeing with greedy decoding at least one token further, so a
+    sequence needs at most as many passes as it has tokens. A layerwise model reads all its weights once per pass,
+    so a good guess (the export's own greedy run) turns one read per token into one or two reads in all."""
+    tokens, todo, passes = [list(d) for d in draft], list(range(len(seqs))), 0
+    while todo:
+        passes += 1
+        progress(f"parity: the reference checks {len(todo)} greedy continuation(s) of {len(tokens[todo[0]])} tokens "
+                 f"in one teacher-forced pass (pass {passes})")
+        left = []
+        for j, rows in teacher_forced(model, [seqs[i] + tokens[i][:-1] for i in todo], budget):
+            i = todo[j]
+            own = rows[len(seqs[i]) - 1:].argmax(-1).tolist()
+            if own[:-1] != tokens[i][:-1]:
+                left.append(i)
+            else:  # (the last token is no input: a guess wrong only there is mended without another pass)
+                store.put(i, rows)
+            tokens[i] = own
+        todo = sorted(left)
+    return tokens
+
+
+def draft_stage(candidate, shapes: list[Shape], steps: int, progress: Progress = quiet) -> list[list[int]]:
+    """The export's own greedy continuations, each shape as its batches (the reference's guess, ``draft``)."""
+    progress("parity: the export's greedy continuations, for the reference to check in one pass")
+    model, tokens = _open(candidate), []
+    for shape in shapes:
+        for batch in shape.batches:
+            tokens += [g.tokens for g in generate(model, [list(p) for p in batch], steps)]
+    return tokens
 
 
 def comparison_stages(merged, base, seqs: list[list[int]], tokens: list[list[int]], budget: int, ref_state: tuple,
@@ -316,6 +362,9 @@ def measure(models: Models, shapes: list[Shape], steps: int, work_dir: Path, pro
 
     1. The reference generates its greedy continuations (one batch, KV cache, last-position logits only),
        then its logits come from one teacher-forced pass over prompt + continuation; they go to a file.
+       With ``models.draft``, the export first decodes greedily and the reference checks those tokens in one
+       teacher-forced pass (``verified_greedy``): its greedy continuations as computed without the KV cache,
+       in one or two reads of its weights instead of one per token.
     2. The merged and the unadapted model (PyTorch) each take the same teacher-forced pass, compared with
        the reference as they go (the merged logits go to a file too, for the export stage).
     3. The export runs each shape as its batches, prompt pass then decode steps through its KV cache,
@@ -326,7 +375,9 @@ def measure(models: Models, shapes: list[Shape], steps: int, work_dir: Path, pro
     seqs, budget = _sequences(shapes), max(1, LOGIT_BUDGET_BYTES // (4 * vocab_size))
     stores = (work_dir / "reference.f32", work_dir / "merged.f32")
     try:
-        tokens, ref_state = run(reference_stage, models.reference, seqs, steps, budget, stores[0], progress=progress)
+        draft = run(draft_stage, models.candidate, shapes, steps, progress=progress) if models.draft else None
+        tokens, ref_state = run(reference_stage, models.reference, seqs, steps, budget, stores[0], draft,
+                                progress=progress)
         stages, merged_state = {}, None
         if models.merged is not None or models.base is not None:
             stages, merged_state = run(comparison_stages, models.merged, models.base, seqs, tokens, budget, ref_state,

@@ -57,6 +57,7 @@ from .exportdir import (
     check_report_path,
     context_of,
     export_bytes,
+    export_disk_note,
     locate,
 )
 from .families import family_note
@@ -82,7 +83,7 @@ from .quantized_base import check_request as check_quant_request
 from .reference import COMPUTE_DTYPE as REFERENCE_DTYPE
 from .reference import DEVICE as REFERENCE_DEVICE
 from .reference import describe as describe_reference
-from .reference import layerwise_for, reference_model, torch_model
+from .reference import as_trained_dir, layerwise_for, reference_model, torch_model
 from .sidepath import build_unmerged, check_side_path, unmerged_source
 from .targets import (
     check_against_context,
@@ -176,7 +177,7 @@ def check_inputs(req: ExportRequest) -> tuple[Path, object, Path, str | None]:
     check_against_context(target, context_of(base)[0], str(base / "config.json"))
     out = Path(req.out)
     check_new_output(out)
-    check_free_disk(out, export_bytes(base, target), "the merged and the as-trained fp32 checkpoints plus 2.2 x the export")
+    check_free_disk(out, export_bytes(base, target), export_disk_note(base))
     check_memory("export", base, target, str(base / "config.json"))
     return base, target, out, untested
 
@@ -293,7 +294,7 @@ def prepare(req: ExportRequest, base: Path, target, work: Path, progress: Progre
     plain = plain_base(base, work, progress)
     progress(f"merging {len(adapters)} adapter(s) in fp32 into the {merge_base} base, shard by shard")
     merged = merge(plain, adapters, work / "checkpoint", merge_base, weights, progress=progress,
-                   as_trained_dir=work / "as-trained")
+                   as_trained_dir=as_trained_dir(work, parameter_count(plain)))
     if target.precision == "fp16":
         progress("checking that weights and activations fit fp16")
         if layerwise_for(parameter_count(merged.checkpoint)):  # one decoder layer in memory, as parity's models
@@ -398,6 +399,7 @@ def validate(export_dir: Path, report_json: Path | None = None, junit: Path | No
             merged=functools.partial(torch_model, merged.checkpoint, by_layer),
             base=functools.partial(torch_model, prepared.base or base, by_layer),
             isolate=True,
+            draft=by_layer,  # a layerwise reference checks the export's greedy tokens rather than decode its own
         )
         per_shape, stages, retention = parity.measure(models, shapes, steps, Path(tmp), progress=progress,
                                                       vocab_size=vocab_size)
@@ -429,7 +431,7 @@ def validation_inputs(export_dir: Path, manifest: ExportManifest, base: Path, pr
         plain = plain_base(base, tmp, progress)
         progress("merging again into a temporary folder (the reference's base and the merge/export breakdown)")
         merged = merge(plain, adapters, tmp / "merged", manifest.merge_base, weights,
-                       as_trained_dir=tmp / "as-trained")
+                       as_trained_dir=as_trained_dir(tmp, parameter_count(plain)))
         source = (merged.checkpoint if manifest.graph == "merged"  # what the graph was built from (see export)
                   else unmerged_source(plain, adapters[0], manifest.merge_base, tmp))
         prepared = Prepared(adapters=tuple(adapters), weights=tuple(weights), merge_base=manifest.merge_base,

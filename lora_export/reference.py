@@ -2,7 +2,7 @@
 
 For a QLoRA adapter that is: every 4-bit layer's weight exactly as trained (its NF4/FP4 codes and block
 scales, made by bitsandbytes from the base with the settings recorded at training time), dequantized
-*once* into an fp32 ``nn.Linear``; the other weights as in the base; the adapter(s) attached unmerged
+into an fp32 ``nn.Linear`` (once; for a model read a layer at a time, at each read, with the same numbers); the other weights as in the base; the adapter(s) attached unmerged
 through PEFT; everything computed in fp32 on the CPU. For a plain LoRA adapter: the fp32 base plus the
 adapter(s). Several adapters are all active at once, each output scaled by its weight (PEFT's unmerged
 linear combination).
@@ -39,6 +39,12 @@ LAYERWISE_LOGIT_BYTES = 1 << 30  # logits one pass of a layerwise model may prod
 def layerwise_for(params: int) -> bool:
     """Whether parity runs a model of ``params`` weights layer by layer from disk."""
     return 4 * params > LAYERWISE_ABOVE
+
+
+def as_trained_dir(work: Path, params: int) -> Path | None:
+    """Where the merge writes the base as trained (fp32) for the reference to load, or None above the layerwise
+    size: a layerwise reference dequantizes each 4-bit layer as it reads it (4 bytes per weight less disk)."""
+    return None if layerwise_for(params) else Path(work) / "as-trained"
 
 
 def dequantize_layers(model, modules: Sequence[str], nf4: Nf4Settings) -> None:
@@ -87,15 +93,16 @@ def describe(adapters: Sequence[Adapter]) -> str:
 
 def reference_model(base: Path, adapters, weights, as_trained: Path | None, layerwise: bool = False):
     """The reference as a ``runtime.TorchCausalLM`` (what parity measures the export against); ``layerwise``: its
-    weights read a unit at a time at its forward (``layerwise.load``) from ``as_trained`` (or a plain base)."""
+    weights read a unit at a time at its forward (``layerwise.load``) from ``as_trained``, or from the base, each
+    4-bit layer dequantized as it is read (a layerwise export writes no as-trained copy: ``as_trained_dir``)."""
     from .runtime import TorchCausalLM
 
     adapters = list(adapters)
     if layerwise:
-        source = as_trained or base
-        if source == base and adapters[0].trained_on_4bit and not adapters[0].quantization.prequantized:
-            raise ValueError(f"{base}: a layerwise reference of a 4-bit base reads the base as trained (as_trained)")
-        return _layerwise(source, adapters, weights)
+        if as_trained is None and adapters[0].trained_on_4bit and not adapters[0].quantization.prequantized:
+            # no fp32 copy of the base as trained (32 GB at 8B): each 4-bit layer rounded as it is read
+            return _layerwise(base, adapters, weights, quantization_of(adapters[0]))
+        return _layerwise(as_trained or base, adapters, weights)
     return TorchCausalLM(load_adapted(base, adapters, weights, as_trained=as_trained))
 
 
@@ -106,10 +113,10 @@ def torch_model(checkpoint: Path, layerwise: bool = False):
     return _layerwise(checkpoint, (), None) if layerwise else TorchCausalLM(load_fp32(checkpoint))
 
 
-def _layerwise(checkpoint: Path, adapters, weights):
+def _layerwise(checkpoint: Path, adapters, weights, rounding=None):
     from . import layerwise
     from .runtime import TorchCausalLM
 
-    model = TorchCausalLM(layerwise.load(checkpoint, adapters, weights))
+    model = TorchCausalLM(layerwise.load(checkpoint, adapters, weights, rounding))
     model.rows_per_pass = LAYERWISE_LOGIT_BYTES // (4 * model.model.config.get_text_config().vocab_size)
     return model

@@ -111,3 +111,19 @@ def test_records_and_checks_of_the_base(tiny_base, fp32_export, tmp_path):
     assert locate(moved, fp32_export.out, "base model").resolve() == tiny_base.resolve()
     with pytest.raises(BadInput, match="the base model this export was made from is gone"):
         locate(replace(moved, relative_path="../nowhere"), fp32_export.out, "base model")
+
+
+def test_the_free_disk_estimate_counts_the_as_trained_copy_only_below_the_layerwise_size(tiny_base, monkeypatch):
+    """Above the layerwise size the reference rounds the 4-bit layers as it reads them: no as-trained fp32 copy is
+    written, and the disk check stops asking for its 4 bytes per weight."""
+    from lora_export import reference
+    from lora_export.checkpoint import parameter_count
+    from lora_export.exportdir import export_bytes, export_disk_note
+    from lora_export.targets import load_target
+
+    target = load_target("ort-cpu-int4")
+    params = parameter_count(tiny_base, unpack_4bit=True)
+    whole, note = export_bytes(tiny_base, target), export_disk_note(tiny_base)
+    monkeypatch.setattr(reference, "LAYERWISE_ABOVE", 0)
+    assert abs(whole - export_bytes(tiny_base, target) - 4 * params) <= 1
+    assert "as-trained" in note and "as-trained" not in export_disk_note(tiny_base)

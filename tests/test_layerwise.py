@@ -46,6 +46,35 @@ def test_a_plain_checkpoint_and_an_adapted_one_equal_the_whole_model(tiny_base, 
     assert np.abs(plain[0] - adapted[0]).max() > 1e-3
 
 
+def test_a_qlora_reference_rounds_each_4bit_layer_as_read_like_the_whole_one(tiny_base, tiny_adapter, tmp_path):
+    """Above the layerwise size no fp32 copy of the base as trained is written (``reference.as_trained_dir``): the
+    layerwise reference round-trips each 4-bit layer through NF4 as it reads it. Bit for bit the whole reference
+    (tolerance: none), which dequantizes once, and the one read from the merge's as-trained copy."""
+    from lora_export.merge import merge
+    from lora_export.reference import as_trained_dir, load_adapted, reference_model
+
+    adapter = load_adapter(tiny_adapter, tiny_base)
+    assert adapter.trained_on_4bit and not adapter.quantization.prequantized
+    assert as_trained_dir(tmp_path, 2 << 30) is None and as_trained_dir(tmp_path, 1 << 20) == tmp_path / "as-trained"
+    on_the_fly = reference_model(tiny_base, [adapter], None, None, layerwise=True).model
+    same_logits(load_adapted(tiny_base, [adapter]), on_the_fly)
+    copy = merge(tiny_base, [adapter], tmp_path / "merged", "original", as_trained_dir=tmp_path / "as-trained")
+    same_logits(reference_model(tiny_base, [adapter], None, copy.as_trained, layerwise=True).model,
+                reference_model(tiny_base, [adapter], None, None, layerwise=True).model)
+    # the rounding is really there: the base unrounded gives other logits
+    rounded = dict(teacher_forced(TorchCausalLM(on_the_fly), SEQS, 64))
+    unrounded = dict(teacher_forced(TorchCausalLM(layerwise.load(tiny_base, [adapter])), SEQS, 64))
+    assert np.abs(rounded[0] - unrounded[0]).max() > 1e-4
+
+
+def test_a_4bit_module_the_checkpoint_lacks_is_refused_by_name(tiny_base):
+    from lora_export.base import Nf4Settings
+    from lora_export.errors import BadInput
+
+    with pytest.raises(BadInput, match=r"4-bit module model\.layers\.7\.mlp\.up_proj"):
+        layerwise.load(tiny_base, rounding=(["model.layers.7.mlp.up_proj"], Nf4Settings()))
+
+
 def test_two_weighted_adapters_equal_the_whole_model(tiny_base, tiny_adapter, tmp_path):
     from .test_merge_semantics import LLAMA_LINEAR, _make_adapter
 
@@ -110,7 +139,8 @@ def test_a_bf16_checkpoint_is_computed_in_fp32_like_load_fp32(tiny_base, tmp_pat
 def test_validate_reads_its_models_layer_by_layer_above_the_size(fp32_export, tmp_path, monkeypatch):
     """The whole command with every PyTorch model layerwise (the size limit set to 0 here; 5 GiB of fp32 weights by
     default): the same verdict, and the same numbers within 1e-5 (tolerance: a layerwise model takes all parity's
-    sequences in one batch, the whole model a few at a time, and batching moves fp32 sums by a few ulps)."""
+    sequences in one batch, the whole model a few at a time, and batching moves fp32 sums by a few ulps). The layerwise
+    reference checks the export's greedy tokens in one pass instead of decoding its own: the same greedy figures."""
     from lora_export import pipeline, reference
 
     lines: list[str] = []
@@ -121,12 +151,16 @@ def test_validate_reads_its_models_layer_by_layer_above_the_size(fp32_export, tm
     shutil.copytree(fp32_export.out, export_dir)
     report = pipeline.validate(export_dir, progress=lines.append)
     assert any("one decoder layer at a time" in line for line in lines)
+    # the reference checked the export's greedy tokens rather than decode its own: one pass (fp32: the same tokens)
+    assert [line for line in lines if "teacher-forced pass" in line][-1].endswith("(pass 1)")
     before = fp32_export.parity
     assert report.passed == before.passed and report.passed
     for stage in ("merge", "export", "total", "adapter"):
         a, b = report.stages[stage], before.stages[stage]
         assert abs(a.max_abs_diff - b.max_abs_diff) <= 1e-5 and abs(a.mean_kl - b.mean_kl) <= 1e-5, stage
         assert a.top1_agreement == b.top1_agreement
+    for shape, m in report.shapes.items():
+        assert m.greedy_min_identical == before.shapes[shape].greedy_min_identical, shape
     assert report.adapter_retention == pytest.approx(before.adapter_retention, abs=1e-5)
 
 

@@ -178,3 +178,35 @@ def test_the_merge_stage_is_judged_and_its_failure_says_why():
     assert good.passed and not bad.passed
     (failure,) = bad.failures
     assert failure.shape == "merge" and "--merge-base" in str(failure)
+
+
+VERIFY_SEQS = [[1, 5, 9, 200, 7, 3, 88, 13], [1, 44, 2], [1, 9, 9, 9, 9, 9, 9, 9, 9, 10, 11, 12, 13, 14]]
+
+
+@pytest.mark.parametrize("guess", ["greedy", "last token off", "first token off", "random"])
+def test_verified_greedy_gives_the_greedy_continuations_and_their_logits(tiny_base, tmp_path, guess):
+    """A layerwise reference checks a guess (the export's greedy tokens) in teacher-forced passes instead of decoding
+    token by token: whatever the guess, the tokens are greedy decoding's and the stored rows are the teacher-forced
+    logits on them (tolerance: none; the tiny model's greedy tokens have no near ties), in one pass for a right guess
+    and at most one per token otherwise."""
+    from lora_export.base import load_fp32
+    from lora_export.parity import verified_greedy
+    from lora_export.runtime import LogitStore, TorchCausalLM, greedy_tokens, teacher_forced
+
+    model, steps = TorchCausalLM(load_fp32(tiny_base)), 8
+    want = greedy_tokens(model, VERIFY_SEQS, steps)
+    rng = np.random.default_rng(0)
+    draft = {"greedy": want, "last token off": [t[:-1] + [(t[-1] + 1) % 1000] for t in want],
+             "first token off": [[(t[0] + 1) % 1000] + t[1:] for t in want],
+             "random": [rng.integers(0, 1000, steps).tolist() for _ in want]}[guess]
+    lines: list[str] = []
+    store = LogitStore(tmp_path / "ref.f32")
+    tokens = verified_greedy(model, VERIFY_SEQS, [list(d) for d in draft], 64, store, lines.append)
+    assert tokens == want
+    passes = [line for line in lines if "teacher-forced pass" in line]
+    # a guess wrong in its last token only (no input) needs no second pass
+    assert (len(passes) == 1) == (guess in ("greedy", "last token off")) and len(passes) <= steps
+    expected = dict(teacher_forced(model, [p + t[:-1] for p, t in zip(VERIFY_SEQS, want)], 64))
+    for i, rows in expected.items():
+        assert np.array_equal(store[i], rows), i
+    store.close()
