@@ -55,7 +55,8 @@ EXPORT = {  # (backend, quantized weights[, precision]) -> the graph build and t
     # embedding kept in the graph and lm_head quantized whole: `export --target ort-cpu-int4` at 8B widths cut to 2
     # layers (5948 MB of fp32 weights, a 2101 MB vocab x hidden matrix) peaked at 11457 MB, in the build
     # (benchmarks/results/export_scale-8b-2l-int4.md): 0.6 GB + 0.17 x 5.95 GB + 5.0 x 2.10 GB = 12.1 GB estimated
-    # (+6%). At 8B the build: 16.6 GB. int8 and nf4: unmeasured, given int4's.
+    # (+6%). At 8B the build: 16.6 GB; the whole 8B export then peaked at 15815 MB, in its build (+5%; benchmarks/
+    # results/export_scale-8b.md). int8 and nf4: unmeasured, given int4's.
     ("genai-builder", True): Cost(0.6 * GB, 0.17, 5.0),
     # the same in a graph of fp16 activations (ort-cuda-int4): the embedding and lm_head's input in fp16, 9235 MB
     # at 8B widths, 2 layers (benchmarks/results/export_scale-8b-2l-layerwise.md):
