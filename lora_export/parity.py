@@ -249,9 +249,8 @@ def reference_stage(reference, seqs: list[list[int]], steps: int, budget: int, s
     model, ref_store = _open(reference), LogitStore(store)
     if draft is None:
         progress(f"parity: the reference generates {len(seqs)} sequences x {steps} tokens")
-        tokens = greedy_tokens(model, seqs, steps)
-        for i, rows in teacher_forced(model, [p + t[:-1] for p, t in zip(seqs, tokens)], budget):
-            ref_store.put(i, rows)
+        tokens = [[] for _ in seqs]
+        _decode_into(model, seqs, list(range(len(seqs))), steps, budget, ref_store, tokens)
     else:
         tokens = verified_greedy(model, seqs, draft, budget, ref_store, progress)
     state = ref_store.state()
@@ -268,10 +267,16 @@ def verified_greedy(model, seqs: list[list[int]], draft: list[list[int]], budget
     continuation: up to any position its inputs were the model's own choices. The logits of that pass are then the
     ones greedy decoding reads, and go to ``store``.
     Elsewhere the argmax row becomes the next guess, agreeing with greedy decoding at least one token further, so a
-    sequence needs at most as many passes as it has tokens. A layerwise model reads all its weights once per pass,
-    so a good guess (the export's own greedy run) turns one read per token into one or two reads in all."""
+    sequence needs at most as many passes as it has tokens (past that, as a guard, it is decoded). A layerwise model
+    reads all its weights once per pass, so a guess that agrees (an export that keeps the model: the export's own
+    greedy run) turns one read per token into one or two reads in all; one that departs early costs about a pass per
+    token after the departure, as decoding would (the argmax row after it is a guess from the wrong tokens)."""
     tokens, todo, passes = [list(d) for d in draft], list(range(len(seqs))), 0
     while todo:
+        if passes == len(tokens[todo[0]]):  # (a guard: batches of other widths can move a near tie by an ulp)
+            progress(f"parity: {len(todo)} continuation(s) not settled in {passes} passes: the reference decodes them")
+            _decode_into(model, [seqs[i] for i in todo], todo, passes, budget, store, tokens)
+            break
         passes += 1
         progress(f"parity: the reference checks {len(todo)} greedy continuation(s) of {len(tokens[todo[0]])} tokens "
                  f"in one teacher-forced pass (pass {passes})")
@@ -286,6 +291,16 @@ def verified_greedy(model, seqs: list[list[int]], draft: list[list[int]], budget
             tokens[i] = own
         todo = sorted(left)
     return tokens
+
+
+def _decode_into(model, seqs: list[list[int]], keys: list[int], steps: int, budget: int, store: LogitStore,
+                 tokens: list[list[int]]) -> None:
+    """Greedy decoding through the KV cache, then one teacher-forced pass for the logits (the path without a guess),
+    for the sequences ``keys``; their tokens and rows go to ``tokens`` and ``store``."""
+    decoded = greedy_tokens(model, seqs, steps)
+    for j, rows in teacher_forced(model, [p + t[:-1] for p, t in zip(seqs, decoded)], budget):
+        tokens[keys[j]] = decoded[j]
+        store.put(keys[j], rows)
 
 
 def draft_stage(candidate, shapes: list[Shape], steps: int, progress: Progress = quiet) -> list[list[int]]:

@@ -140,7 +140,8 @@ def test_validate_reads_its_models_layer_by_layer_above_the_size(fp32_export, tm
     """The whole command with every PyTorch model layerwise (the size limit set to 0 here; 5 GiB of fp32 weights by
     default): the same verdict, and the same numbers within 1e-5 (tolerance: a layerwise model takes all parity's
     sequences in one batch, the whole model a few at a time, and batching moves fp32 sums by a few ulps). The layerwise
-    reference checks the export's greedy tokens in one pass instead of decoding its own: the same greedy figures."""
+    reference checks the export's greedy tokens in one pass instead of decoding its own, and rounds the 4-bit layers
+    as it reads them (no as-trained copy): the same greedy figures."""
     from lora_export import pipeline, reference
 
     lines: list[str] = []
@@ -149,7 +150,19 @@ def test_validate_reads_its_models_layer_by_layer_above_the_size(fp32_export, tm
     import shutil
 
     shutil.copytree(fp32_export.out, export_dir)
-    report = pipeline.validate(export_dir, progress=lines.append)
+    # the adapters checked and merged here, in this process, where the limit is 0 (validate's own merge runs in a child
+    # process, which would see 5 GiB): no as-trained copy, so the reference rounds each 4-bit layer as it reads it
+    from lora_export.base import check_base
+    from lora_export.exportdir import context_of, locate
+    from lora_export.manifests import read_export_manifest
+    from lora_export.parity import MIN_STEPS
+
+    manifest = read_export_manifest(export_dir)
+    base = check_base(locate(manifest.base, export_dir, "base model"))
+    prepared, _ = pipeline.validation_inputs(export_dir, manifest, base, None, tmp_path / "merge", None,
+                                             context_of(base)[0], MIN_STEPS)
+    assert prepared.merged.as_trained is None and not (tmp_path / "merge" / "as-trained").exists()
+    report = pipeline.validate(export_dir, progress=lines.append, prepared=prepared)
     assert any("one decoder layer at a time" in line for line in lines)
     # the reference checked the export's greedy tokens rather than decode its own: one pass (fp32: the same tokens)
     assert [line for line in lines if "teacher-forced pass" in line][-1].endswith("(pass 1)")
