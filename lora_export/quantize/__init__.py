@@ -34,6 +34,8 @@ def source_check(export_dir, source, progress=None) -> tuple:
 
     from .survival import off_source
 
+    if progress is not None:  # (a stage of its own: at 8B it re-quantizes every MatMul, minutes)
+        progress(f"checking the graph's quantized weights against {Path(source).name} quantized again")
     compared, off, worst = off_source(Path(export_dir) / "model.onnx", Path(source))
     if progress is not None:
         progress(f"quantized weights against {Path(source).name} quantized again: {off} of {compared} MatMuls off "
