@@ -2,10 +2,10 @@
 
 For a QLoRA adapter that is: every 4-bit layer's weight exactly as trained (its NF4/FP4 codes and block
 scales, made by bitsandbytes from the base with the settings recorded at training time), dequantized
-into an fp32 ``nn.Linear`` (once; for a model read a layer at a time, at each read, with the same numbers); the other weights as in the base; the adapter(s) attached unmerged
-through PEFT; everything computed in fp32 on the CPU. For a plain LoRA adapter: the fp32 base plus the
-adapter(s). Several adapters are all active at once, each output scaled by its weight (PEFT's unmerged
-linear combination).
+into an fp32 ``nn.Linear`` (once; for a model read a layer at a time, at each read, with the same numbers); the
+other weights as in the base; the adapter(s) attached unmerged through PEFT; everything computed in fp32 on the
+CPU. For a plain LoRA adapter: the fp32 base plus the adapter(s). Several adapters are all active at once, each
+output scaled by its weight (PEFT's unmerged linear combination).
 
 bitsandbytes only quantizes and dequantizes here; none of its matmul kernels runs. Its kernels are picked
 by hardware (bf16 through ``gemv_4bit`` on CPUs with AVX512-BF16 at inference, a batch-1 kernel and the
@@ -47,6 +47,12 @@ def as_trained_dir(work: Path, params: int) -> Path | None:
     return None if layerwise_for(params) else Path(work) / "as-trained"
 
 
+def rounds_base(adapter: Adapter) -> bool:
+    """Whether the base as trained is the base's 4-bit layers rounded through NF4/FP4 (a pre-quantized base comes
+    dequantized: nothing to round)."""
+    return adapter.trained_on_4bit and not adapter.quantization.prequantized
+
+
 def dequantize_layers(model, modules: Sequence[str], nf4: Nf4Settings) -> None:
     """Replace each named linear layer's weight by dequant(quant_4bit(W)), once, in place (fp32)."""
     import torch
@@ -61,7 +67,7 @@ def dequantize_layers(model, modules: Sequence[str], nf4: Nf4Settings) -> None:
 def load_base_as_trained(base_dir: Path, adapter: Adapter):
     """The base exactly as the adapter saw it in training, as a plain fp32 transformers model."""
     model = load_fp32(base_dir)
-    if adapter.trained_on_4bit and not adapter.quantization.prequantized:  # (a pre-quantized base comes dequantized)
+    if rounds_base(adapter):
         dequantize_layers(model, *quantization_of(adapter))
     return model
 
@@ -99,7 +105,7 @@ def reference_model(base: Path, adapters, weights, as_trained: Path | None, laye
 
     adapters = list(adapters)
     if layerwise:
-        if as_trained is None and adapters[0].trained_on_4bit and not adapters[0].quantization.prequantized:
+        if as_trained is None and rounds_base(adapters[0]):
             # no fp32 copy of the base as trained (32 GB at 8B): each 4-bit layer rounded as it is read
             return _layerwise(base, adapters, weights, quantization_of(adapters[0]))
         return _layerwise(as_trained or base, adapters, weights)
